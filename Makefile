@@ -1,0 +1,32 @@
+# Two commands on a fresh machine:  make test   and   make demo
+# Each creates the local virtualenv .venv on first use (about 2 minutes with a warm pip cache).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test test-fast demo clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q torch==$(TORCH_VERSION)
+	# sam2 is an sdist that declares torchvision (not needed, and absent here): no deps,
+	# no CUDA extension, built against the torch above.
+	SAM2_BUILD_CUDA=0 $(PIP) install -q --no-deps --no-build-isolation sam2==1.1.0
+	$(PIP) install -q -r requirements.txt -r requirements-dev.txt
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest Testing
+
+demo: venv
+	$(PY) training/demo.py
+
+clean:
+	rm -rf $(VENV) demo_output build *.egg-info

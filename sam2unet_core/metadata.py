@@ -1,0 +1,193 @@
+"""Model metadata: everything besides the weights that is needed to rebuild a model and
+prepare its input.
+
+The metadata travels as JSON inside our safetensors checkpoints (header key ``sam2unet``),
+so one file rebuilds the network (``architecture``), its input preparation
+(``preprocessing``, ``input_size``) and the meaning of its outputs (``labels``).
+
+Label convention:
+    * ``num_classes == 1``: one sigmoid channel; voxels with p > 0.5 get label value 1.
+    * ``num_classes == K > 1``: K softmax channels, channel 0 is background; the argmax
+      is the label value, so ``labels`` describes values 1..K-1.
+
+Preprocessing (applied per 2D slice or image, in this order):
+    1. ``intensity``: maps raw values to about [0, 1]. One of
+       ``{"kind": "ct_window", "center": 40, "width": 400}`` (HU window, clipped),
+       ``{"kind": "percentile", "lower": 0.5, "upper": 99.5}`` (per volume, clipped),
+       ``{"kind": "zscore"}`` (per volume mean/std, then not clipped),
+       ``{"kind": "scale", "divisor": 255}`` (8-bit images such as endoscopy frames).
+    2. ``mean``/``std``: per-channel normalisation after step 1 (ImageNet for the polyp
+       models); empty lists mean none.
+    3. ``context_slices`` c: the model sees 2c+1 neighbouring slices as channels (2.5D).
+       A grey model with ``in_channels == 3`` and c == 0 gets the slice repeated 3 times.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = [
+    "Architecture",
+    "LabelInfo",
+    "ModelMetadata",
+    "INTENSITY_KINDS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "FORMAT_VERSION",
+]
+
+FORMAT_VERSION = 1
+BACKBONES = ("hiera_t", "hiera_s", "hiera_b+", "hiera_l")
+INTENSITY_KINDS = {
+    "ct_window": ("center", "width"),
+    "percentile": ("lower", "upper"),
+    "zscore": (),
+    "scale": ("divisor",),
+}
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+# Colours for labels without one (RGB 0-255): distinct, readable on grey images.
+DEFAULT_COLORS = [
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
+]
+
+
+@dataclass
+class Architecture:
+    """Hyper-parameters that rebuild the network; see ``sam2unet_core.SAM2UNet``."""
+
+    backbone: str = "hiera_l"
+    num_classes: int = 1
+    in_channels: int = 3
+    freeze_encoder: bool = True  # frozen Hiera trunk + trainable adapters (the paper)
+
+    def validate(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone {self.backbone!r} is not one of {BACKBONES}")
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if self.in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {self.in_channels}")
+
+
+@dataclass
+class LabelInfo:
+    """One output label value with its display name and RGB colour (0-255)."""
+
+    value: int
+    name: str
+    color: tuple[int, int, int]
+
+
+@dataclass
+class ModelMetadata:
+    """All that a checkpoint says besides its weights. See the module docstring."""
+
+    architecture: Architecture = field(default_factory=Architecture)
+    labels: list[LabelInfo] = field(default_factory=list)
+    input_size: int = 352  # square side in pixels the slices are resized to
+    intensity: dict[str, Any] = field(default_factory=lambda: {"kind": "scale", "divisor": 255.0})
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    context_slices: int = 0
+    provenance: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if not self.labels:
+            self.labels = default_labels(self.architecture.num_classes)
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first inconsistent field."""
+        self.architecture.validate()
+        arch = self.architecture
+        expected_values = list(range(1, max(arch.num_classes, 2)))
+        values = [label.value for label in self.labels]
+        if values != expected_values:
+            raise ValueError(
+                f"labels must describe values {expected_values} for num_classes="
+                f"{arch.num_classes}, got {values}"
+            )
+        if self.input_size % 32 != 0 or self.input_size <= 0:
+            raise ValueError(f"input_size must be a positive multiple of 32, got {self.input_size}")
+        kind = self.intensity.get("kind")
+        if kind not in INTENSITY_KINDS:
+            raise ValueError(f"intensity kind {kind!r} is not one of {sorted(INTENSITY_KINDS)}")
+        missing = [key for key in INTENSITY_KINDS[kind] if key not in self.intensity]
+        if missing:
+            raise ValueError(f"intensity {kind!r} needs {missing}, got {self.intensity}")
+        if self.context_slices < 0:
+            raise ValueError(f"context_slices must be >= 0, got {self.context_slices}")
+        if len(self.mean) != len(self.std) or len(self.mean) not in (0, arch.in_channels):
+            raise ValueError(
+                f"mean/std must be empty or have in_channels={arch.in_channels} entries, "
+                f"got {len(self.mean)} and {len(self.std)}"
+            )
+        stack = 2 * self.context_slices + 1
+        if arch.in_channels != stack and not (arch.in_channels == 3 and stack == 1):
+            raise ValueError(
+                f"in_channels={arch.in_channels} does not fit context_slices="
+                f"{self.context_slices} (expects {stack} channels, or 3 for a repeated slice)"
+            )
+
+    @property
+    def class_names(self) -> list[str]:
+        return [label.name for label in self.labels]
+
+    # ------------------------------------------------------------ conversion
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["labels"] = [
+            {"value": lab.value, "name": lab.name, "color": list(lab.color)} for lab in self.labels
+        ]
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelMetadata":
+        data = copy.deepcopy(data)
+        version = data.pop("format_version", FORMAT_VERSION)
+        if version > FORMAT_VERSION:
+            raise ValueError(
+                f"metadata format_version {version} is newer than this sam2unet_core "
+                f"understands ({FORMAT_VERSION}); upgrade sam2unet_core"
+            )
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown metadata fields {unknown}; known: {sorted(known)}")
+        arch = Architecture(**data.pop("architecture", {}))
+        labels = [
+            LabelInfo(int(lab["value"]), str(lab["name"]), tuple(int(c) for c in lab["color"]))
+            for lab in data.pop("labels", [])
+        ]
+        meta = cls(architecture=arch, labels=labels, **data)
+        meta.validate()
+        return meta
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelMetadata":
+        return cls.from_dict(json.loads(text))
+
+
+def default_labels(num_classes: int, names: list[str] | None = None) -> list[LabelInfo]:
+    """Labels 1..K-1 (or 1 for a binary model) named ``names`` or ``label_<v>``."""
+    values = list(range(1, max(num_classes, 2)))
+    if names is not None and len(names) != len(values):
+        raise ValueError(f"{len(values)} label names expected, got {len(names)}: {names}")
+    return [
+        LabelInfo(
+            value=v,
+            name=names[i] if names else f"label_{v}",
+            color=DEFAULT_COLORS[i % len(DEFAULT_COLORS)],
+        )
+        for i, v in enumerate(values)
+    ]

@@ -1,0 +1,128 @@
+"""SAM2-UNet: a U-shaped decoder on the adapter-tuned Hiera encoder of SAM 2
+(Xiong et al. 2024, arXiv 2408.08870).
+
+Differences from the official code, all opt-in except the first:
+    * the unused fourth up block is left out (DDP then needs no find_unused_parameters);
+    * ``num_classes > 1`` gives softmax logits with background as channel 0;
+    * ``in_channels != 3`` (grey CT/MR, 2.5D slice stacks) replaces the patch embedding;
+    * ``freeze_encoder=False`` trains the whole encoder (use it without SAM 2 weights).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..metadata import Architecture, ModelMetadata
+from .blocks import HieraBlockAdapter, RFBModified, UpBlock
+from .hiera import build_hiera_trunk, stage_channels
+
+__all__ = ["SAM2UNet"]
+
+DECODER_CHANNELS = 64  # RFB output and U-decoder width of the paper
+ADAPTER_BOTTLENECK = 32
+INPUT_MULTIPLE = 32  # the deepest Hiera stage has stride 32
+
+
+class SAM2UNet(nn.Module):
+    """SAM2-UNet segmentation network.
+
+    Args:
+        backbone: Hiera size, one of ``hiera_t``, ``hiera_s``, ``hiera_b+``, ``hiera_l``.
+        num_classes: 1 for a binary sigmoid output, K > 1 for K softmax classes
+            (background included).
+        in_channels: input channels; 3 for RGB or a repeated grey slice, 1 for grey,
+            k for a 2.5D stack of k neighbouring slices.
+        freeze_encoder: freeze the Hiera trunk and train the adapters (the paper). With
+            ``in_channels != 3`` the new patch embedding stays trainable.
+
+    Input ``(B, in_channels, H, W)`` with H and W multiples of 32. In training mode the
+    forward returns ``(main, aux1, aux2)``, in eval mode ``main`` only; each is a logit
+    map ``(B, num_classes, H, W)``. ``aux1``/``aux2`` come from the stride-16 and stride-8
+    decoder levels (deep supervision).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "hiera_l",
+        num_classes: int = 1,
+        in_channels: int = 3,
+        freeze_encoder: bool = True,
+    ) -> None:
+        super().__init__()
+        architecture = Architecture(backbone, num_classes, in_channels, freeze_encoder)
+        architecture.validate()
+        self.metadata = ModelMetadata(architecture=architecture)
+
+        self.encoder = build_hiera_trunk(backbone)
+        self.encoder.blocks = nn.ModuleList(
+            HieraBlockAdapter(block, ADAPTER_BOTTLENECK) for block in self.encoder.blocks
+        )
+        if in_channels != 3:
+            rgb = self.encoder.patch_embed.proj
+            self.encoder.patch_embed.proj = nn.Conv2d(
+                in_channels, rgb.out_channels, rgb.kernel_size, rgb.stride, rgb.padding
+            )
+
+        c1, c2, c3, c4 = stage_channels(backbone)
+        width = DECODER_CHANNELS
+        self.rfb1 = RFBModified(c1, width)
+        self.rfb2 = RFBModified(c2, width)
+        self.rfb3 = RFBModified(c3, width)
+        self.rfb4 = RFBModified(c4, width)
+        self.up1 = UpBlock(2 * width, width)
+        self.up2 = UpBlock(2 * width, width)
+        self.up3 = UpBlock(2 * width, width)
+        self.side1 = nn.Conv2d(width, num_classes, kernel_size=1)
+        self.side2 = nn.Conv2d(width, num_classes, kernel_size=1)
+        self.head = nn.Conv2d(width, num_classes, kernel_size=1)
+
+        self.set_encoder_trainable(not freeze_encoder)
+
+    @property
+    def architecture(self) -> Architecture:
+        return self.metadata.architecture
+
+    def set_encoder_trainable(self, trainable: bool) -> None:
+        """Train the whole trunk (True) or only adapters, decoder and a new patch embedding."""
+        for name, param in self.encoder.named_parameters():
+            is_adapter = ".prompt_learn." in name
+            is_new_stem = name.startswith("patch_embed.") and self.architecture.in_channels != 3
+            param.requires_grad = trainable or is_adapter or is_new_stem
+        self.architecture.freeze_encoder = not trainable
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless ``x`` is ``(B, in_channels, H, W)`` with H, W % 32 == 0."""
+        expected_c = self.architecture.in_channels
+        if x.ndim != 4 or x.shape[1] != expected_c:
+            raise ValueError(
+                f"SAM2UNet expects input (B, {expected_c}, H, W), got {tuple(x.shape)}"
+            )
+        height, width = x.shape[-2:]
+        if height % INPUT_MULTIPLE or width % INPUT_MULTIPLE:
+            raise ValueError(
+                f"SAM2UNet input sides must be multiples of {INPUT_MULTIPLE}, got {height}x{width}; "
+                f"resize or pad to e.g. {_round_up(height)}x{_round_up(width)}"
+            )
+
+    def forward(
+        self, x: torch.Tensor
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self.check_input(x)
+        size = x.shape[-2:]
+        x1, x2, x3, x4 = self.encoder(x)  # strides 4, 8, 16, 32
+        x1, x2, x3, x4 = self.rfb1(x1), self.rfb2(x2), self.rfb3(x3), self.rfb4(x4)
+        d3 = self.up1(x4, x3)  # stride 16
+        d2 = self.up2(d3, x2)  # stride 8
+        d1 = self.up3(d2, x1)  # stride 4
+        main = F.interpolate(self.head(d1), size=size, mode="bilinear", align_corners=False)
+        if not self.training:
+            return main
+        aux1 = F.interpolate(self.side1(d3), size=size, mode="bilinear", align_corners=False)
+        aux2 = F.interpolate(self.side2(d2), size=size, mode="bilinear", align_corners=False)
+        return main, aux1, aux2
+
+
+def _round_up(side: int) -> int:
+    return -(-side // INPUT_MULTIPLE) * INPUT_MULTIPLE
