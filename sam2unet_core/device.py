@@ -1,0 +1,91 @@
+"""Pick the torch device and the autocast precision, and describe what is available.
+
+``resolve_device("auto")`` prefers CUDA, then Apple MPS, then CPU. Asking for a device that
+is not there raises ``ValueError`` explaining why (CPU-only torch build, no GPU found).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["DeviceInfo", "available_devices", "resolve_device", "autocast_dtype", "describe_device"]
+
+DEVICE_CHOICES = ("auto", "cuda", "cpu", "mps")
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """One usable device: ``name`` for torch (``cuda:0``), a human ``description``."""
+
+    name: str
+    kind: str
+    description: str
+    memory_gb: float | None = None
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def available_devices() -> list[DeviceInfo]:
+    """Every device this torch build can use, GPUs first, CPU last."""
+    found = []
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            memory = props.total_memory / 1024**3
+            found.append(DeviceInfo(
+                f"cuda:{index}", "cuda", f"{props.name} ({memory:.1f} GB, CUDA {torch.version.cuda})",
+                memory,
+            ))
+    if _mps_available():
+        found.append(DeviceInfo("mps", "mps", "Apple GPU (MPS)"))
+    found.append(DeviceInfo("cpu", "cpu", f"CPU ({torch.get_num_threads()} threads)"))
+    return found
+
+
+def resolve_device(requested: str | torch.device = "auto") -> torch.device:
+    """Turn ``auto``/``cuda``/``cuda:N``/``mps``/``cpu`` into an available torch.device."""
+    name = str(requested).lower()
+    if name == "auto":
+        return torch.device(available_devices()[0].name)
+    kind = name.split(":")[0]
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            cause = ("this torch build has no CUDA support (CPU-only wheel)"
+                     if torch.version.cuda is None else "no CUDA GPU is visible to the driver")
+            raise ValueError(f"device {requested!r} requested but {cause}; use --device cpu")
+        device = torch.device(name)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {requested!r}: only {torch.cuda.device_count()} CUDA device(s) found"
+            )
+        return device
+    if kind == "mps":
+        if not _mps_available():
+            raise ValueError(f"device {requested!r} requested but Apple MPS is not available")
+        return torch.device("mps")
+    if kind == "cpu":
+        return torch.device("cpu")
+    raise ValueError(f"unknown device {requested!r}; expected one of {DEVICE_CHOICES} or cuda:N")
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 on CUDA GPUs that support it, else fp16 on CUDA; None (fp32) on CPU and MPS."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def describe_device(device: torch.device) -> str:
+    """One line for logs and the Slicer panel, e.g. ``cuda:0: NVIDIA H100 (79.1 GB ...), bf16``."""
+    for info in available_devices():
+        if info.name == str(device) or (device.type == "cuda" and device.index is None
+                                        and info.name == "cuda:0"):
+            precision = autocast_dtype(device)
+            mode = "fp32" if precision is None else str(precision).replace("torch.", "")
+            return f"{info.name}: {info.description}, {mode}"
+    return str(device)

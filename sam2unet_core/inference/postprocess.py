@@ -1,0 +1,40 @@
+"""Label-map clean-up with MONAI transforms, applied on the whole 3D label volume."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["POSTPROCESS_STEPS", "postprocess_labels"]
+
+POSTPROCESS_STEPS = ("largest_component", "fill_holes")
+
+
+def postprocess_labels(
+    labels_kji: np.ndarray, steps: Sequence[str], values: Sequence[int]
+) -> np.ndarray:
+    """Apply ``steps`` in order to a ``(K, J, I)`` label array, each label value separately.
+
+    * ``largest_component``: keep the largest connected component of each label
+      (MONAI ``KeepLargestConnectedComponent``, full 3D connectivity).
+    * ``fill_holes``: fill enclosed background inside each label (MONAI ``FillHoles``).
+
+    Returns an array of the input's dtype and shape.
+    """
+    from monai.transforms import FillHoles, KeepLargestConnectedComponent
+
+    transforms = {
+        "largest_component": KeepLargestConnectedComponent(
+            applied_labels=list(values), is_onehot=False, independent=True
+        ),
+        "fill_holes": FillHoles(applied_labels=list(values)),
+    }
+    unknown = [step for step in steps if step not in transforms]
+    if unknown:
+        raise ValueError(f"unknown post-processing {unknown}; expected {POSTPROCESS_STEPS}")
+    tensor = torch.from_numpy(labels_kji.astype(np.int64))[None]  # (1, K, J, I) channel-first
+    for step in steps:
+        tensor = transforms[step](tensor)
+    return torch.as_tensor(tensor)[0].numpy().astype(labels_kji.dtype)

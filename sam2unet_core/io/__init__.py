@@ -1,0 +1,28 @@
+"""Medical image input/output: one :class:`Volume` type, readers and writers.
+
+See :mod:`sam2unet_core.io.volume` for the axis-order (KJI arrays, IJK indices) and
+coordinate (LPS inside, RAS in nibabel) conventions.
+"""
+
+from .dicom import DicomSeries, list_dicom_series, read_dicom_series
+from .readers import IMAGE_SUFFIXES, read_volume, split_suffix
+from .volume import Volume, affine_lps, affine_ras, label_dtype
+from .writers import LABEL_FORMATS, atomic_write, output_suffix, write_labels, write_probabilities
+
+__all__ = [
+    "Volume",
+    "DicomSeries",
+    "IMAGE_SUFFIXES",
+    "LABEL_FORMATS",
+    "affine_lps",
+    "affine_ras",
+    "atomic_write",
+    "label_dtype",
+    "list_dicom_series",
+    "output_suffix",
+    "read_dicom_series",
+    "read_volume",
+    "split_suffix",
+    "write_labels",
+    "write_probabilities",
+]

@@ -1,0 +1,88 @@
+"""Conversions between :class:`Volume` and the image objects of SimpleITK and nibabel.
+
+SimpleITK already uses our conventions (KJI arrays, LPS geometry). nibabel indexes arrays
+``[i, j, k]`` and maps indices to RAS; the conversion transposes the array and flips the
+affine's x and y rows, here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+from .volume import Volume, affine_ras, geometry_from_affine_ras
+
+__all__ = ["volume_from_sitk", "volume_to_sitk", "volume_from_nifti", "volume_to_nifti"]
+
+
+def volume_from_sitk(image: sitk.Image, source: Path | None = None) -> Volume:
+    """SimpleITK 2D or 3D image (scalar or vector pixels) -> :class:`Volume`.
+
+    2D images become one-slice volumes (K == 1, spacing 1 mm along k, direction embedded).
+    """
+    dim = image.GetDimension()
+    if dim not in (2, 3):
+        raise ValueError(f"{source}: expected a 2D or 3D image, got {dim} dimensions")
+    array = sitk.GetArrayFromImage(image)  # (K, J, I) or (J, I) [+ C]
+    components = image.GetNumberOfComponentsPerPixel()
+    spacing = np.ones(3)
+    origin = np.zeros(3)
+    direction = np.eye(3)
+    spacing[:dim] = image.GetSpacing()
+    origin[:dim] = image.GetOrigin()
+    direction[:dim, :dim] = np.asarray(image.GetDirection()).reshape(dim, dim)
+    if dim == 2:
+        array = array[np.newaxis]  # (J, I[, C]) -> (1, J, I[, C])
+    if components == 1 and array.ndim == 4:
+        array = array[..., 0]
+    return Volume(array, spacing, origin, direction, source=source)
+
+
+def volume_to_sitk(volume: Volume) -> sitk.Image:
+    """:class:`Volume` -> 3D SimpleITK image with the same geometry."""
+    is_vector = volume.array_kji.ndim == 4
+    image = sitk.GetImageFromArray(np.ascontiguousarray(volume.array_kji), isVector=is_vector)
+    image.SetSpacing(volume.spacing_ijk.tolist())
+    image.SetOrigin(volume.origin_lps.tolist())
+    image.SetDirection(volume.direction_lps.ravel().tolist())
+    return image
+
+
+def volume_from_nifti(image: nib.spatialimages.SpatialImage, source: Path | None = None) -> Volume:
+    """nibabel image -> :class:`Volume`.
+
+    Accepts 2D, 3D and 4D arrays whose 4th axis has length 1. The data array is
+    ``[i, j, k]``; it is transposed (a view, no copy) to ``[k, j, i]``. Scaling
+    (scl_slope/scl_inter) is applied by nibabel.
+    """
+    data = np.asanyarray(image.dataobj)
+    if data.ndim == 2:
+        data = data[:, :, np.newaxis]
+    if data.ndim > 3:
+        extra = data.shape[3:]
+        if int(np.prod(extra)) != 1:
+            raise ValueError(
+                f"{source}: expected a 3D volume, got shape {data.shape} "
+                f"({int(np.prod(extra))} volumes/channels); split it into 3D files first"
+            )
+        data = data.reshape(data.shape[:3])
+    if data.ndim != 3:
+        raise ValueError(f"{source}: expected a 3D volume, got shape {data.shape}")
+    spacing, origin, direction = geometry_from_affine_ras(image.affine)
+    return Volume(data.transpose(2, 1, 0), spacing, origin, direction, source=source)
+
+
+def volume_to_nifti(volume: Volume) -> nib.Nifti1Image:
+    """:class:`Volume` -> NIfTI-1 image, qform and sform both set (code 1, scanner) to the
+    volume's geometry. A ``(K, J, I, C)`` array is written as ``(I, J, K, C)``."""
+    array = volume.array_kji
+    axes = (2, 1, 0) if array.ndim == 3 else (2, 1, 0, 3)
+    affine = affine_ras(volume)
+    image = nib.Nifti1Image(np.ascontiguousarray(array.transpose(axes)), affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    image.header.set_xyzt_units("mm", "sec")
+    return image

@@ -1,0 +1,117 @@
+"""Read any supported image into a :class:`Volume`; the reader is chosen by file ending.
+
+==========================  =========================================================
+input                       reader
+==========================  =========================================================
+``.nii``, ``.nii.gz``       nibabel (any sform/qform, scaling applied), RAS -> LPS
+``.nrrd``, ``.nhdr``        SimpleITK
+``.mha``, ``.mhd``          SimpleITK
+``.png``, ``.jpg``/``.jpeg`` Pillow; grey -> ``(1, H, W)``, colour -> ``(1, H, W, 3)``
+a folder                    DICOM series (:mod:`sam2unet_core.io.dicom`)
+``.dcm``                    one DICOM file (a slice or a multi-frame image)
+==========================  =========================================================
+
+Every reader raises ``ValueError`` naming the file and the cause when it cannot read it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Protocol
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+from PIL import Image, UnidentifiedImageError
+
+from .convert import volume_from_nifti, volume_from_sitk
+from .dicom import read_dicom_file, read_dicom_series
+from .volume import Volume
+
+__all__ = ["read_volume", "VolumeReader", "READERS", "IMAGE_SUFFIXES", "split_suffix"]
+
+
+class VolumeReader(Protocol):
+    def __call__(self, path: Path) -> Volume: ...
+
+
+def _read_nifti(path: Path) -> Volume:
+    try:
+        image = nib.load(path)
+        return volume_from_nifti(image, source=path)
+    except (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable NIfTI file ({err})") from err
+
+
+def _read_sitk(path: Path) -> Volume:
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        first_line = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown error"
+        raise ValueError(f"{path}: SimpleITK cannot read it ({first_line})") from err
+    return volume_from_sitk(image, source=path)
+
+
+def _read_picture(path: Path) -> Volume:
+    """PNG/JPG: column index i, row index j, spacing 1, identity direction."""
+    try:
+        with Image.open(path) as picture:
+            picture.load()
+            if picture.mode in ("L", "I", "I;16", "F"):
+                array = np.asarray(picture)
+            else:
+                array = np.asarray(picture.convert("RGB"))  # palette, RGBA, CMYK -> RGB
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{path}: not a readable PNG/JPEG image ({err})") from err
+    return Volume(array[np.newaxis], source=path)  # (H, W[, 3]) -> (1, H, W[, 3])
+
+
+READERS: dict[str, Callable[[Path], Volume]] = {
+    ".nii.gz": _read_nifti,
+    ".nii": _read_nifti,
+    ".nrrd": _read_sitk,
+    ".nhdr": _read_sitk,
+    ".mha": _read_sitk,
+    ".mhd": _read_sitk,
+    ".png": _read_picture,
+    ".jpg": _read_picture,
+    ".jpeg": _read_picture,
+    ".dcm": read_dicom_file,
+}
+IMAGE_SUFFIXES = tuple(READERS)
+
+
+def split_suffix(path: Path) -> tuple[str, str]:
+    """``("CASE_0000", ".nii.gz")`` for ``CASE_0000.nii.gz``; suffix "" when unknown.
+
+    Slicer segmentations (``.seg.nrrd``) are outputs, not images: their suffix is reported
+    as ``.seg.nrrd`` so that callers can leave them out.
+    """
+    name = path.name
+    lower = name.lower()
+    for suffix in (".seg.nrrd", *IMAGE_SUFFIXES):
+        if lower.endswith(suffix):
+            return name[: -len(suffix)], suffix
+    return name, ""
+
+
+def read_volume(path: str | Path, series_uid: str | None = None) -> Volume:
+    """Read an image file or a DICOM folder as a :class:`Volume`.
+
+    Args:
+        path: a file with a supported ending, or a folder of DICOM files.
+        series_uid: for DICOM folders with several series, the SeriesInstanceUID to read
+            (default: the series with the most files).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return read_dicom_series(path, series_uid)
+    _, suffix = split_suffix(path)
+    if suffix not in READERS:
+        raise ValueError(
+            f"{path}: unsupported file type; expected one of {', '.join(IMAGE_SUFFIXES)} "
+            "or a folder of DICOM files"
+        )
+    return READERS[suffix](path)

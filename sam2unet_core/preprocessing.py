@@ -1,0 +1,149 @@
+"""Input preparation shared by inference and training: intensity normalisation, 2.5D slice
+stacks, per-channel mean/std and resizing. Pure functions on numpy arrays / torch tensors.
+
+The ``intensity`` specs are those of :class:`sam2unet_core.metadata.ModelMetadata`. Per-volume
+statistics (percentiles, mean/std) are computed once with :func:`fit_intensity` and then
+applied batch by batch with :func:`apply_intensity`, so a large volume is never copied to
+float as a whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "IntensityMapping",
+    "fit_intensity",
+    "apply_intensity",
+    "normalize_intensity",
+    "context_indices",
+    "stack_slices",
+    "normalize_channels",
+    "resize_batch",
+]
+
+MAX_STATISTICS_SAMPLES = 4_000_000  # voxels used for percentiles / mean / std
+
+
+@dataclass(frozen=True)
+class IntensityMapping:
+    """``y = (x - offset) / scale``, then clipped to [0, 1] when ``clip``."""
+
+    offset: float
+    scale: float
+    clip: bool
+
+
+def _sample(array: np.ndarray) -> np.ndarray:
+    """A deterministic, evenly strided subset of at most MAX_STATISTICS_SAMPLES values."""
+    flat = array.reshape(-1)
+    step = max(1, flat.size // MAX_STATISTICS_SAMPLES)
+    return flat[::step].astype(np.float64)
+
+
+def fit_intensity(array: np.ndarray, intensity: dict[str, Any]) -> IntensityMapping:
+    """Derive the mapping of one volume (any shape) from an ``intensity`` spec.
+
+    * ``ct_window`` (center c, width w): ``(x - (c - w/2)) / w``, clipped.
+    * ``percentile`` (lower, upper in %): the volume's percentiles map to 0 and 1, clipped.
+    * ``zscore``: ``(x - mean) / std`` of the volume, not clipped.
+    * ``scale`` (divisor): ``x / divisor``, not clipped.
+    """
+    kind = intensity.get("kind")
+    if kind == "ct_window":
+        center, width = float(intensity["center"]), float(intensity["width"])
+        if width <= 0:
+            raise ValueError(f"ct_window width must be > 0, got {width}")
+        return IntensityMapping(center - width / 2, width, clip=True)
+    if kind == "percentile":
+        low, high = np.percentile(
+            _sample(array), [float(intensity["lower"]), float(intensity["upper"])]
+        )
+        return IntensityMapping(float(low), float(max(high - low, 1e-6)), clip=True)
+    if kind == "zscore":
+        values = _sample(array)
+        return IntensityMapping(float(values.mean()), float(max(values.std(), 1e-6)), clip=False)
+    if kind == "scale":
+        return IntensityMapping(0.0, float(intensity["divisor"]), clip=False)
+    raise ValueError(f"unknown intensity kind {kind!r}; expected ct_window, percentile, "
+                     "zscore or scale")
+
+
+def apply_intensity(array: np.ndarray, mapping: IntensityMapping) -> np.ndarray:
+    """Apply ``mapping`` to an array of any shape; returns float32 of the same shape."""
+    out = (np.asarray(array, dtype=np.float32) - np.float32(mapping.offset)) / np.float32(
+        mapping.scale
+    )
+    if mapping.clip:
+        np.clip(out, 0.0, 1.0, out=out)
+    return out
+
+
+def normalize_intensity(array: np.ndarray, intensity: dict[str, Any]) -> np.ndarray:
+    """Fit and apply in one call (for slices or small volumes); float32, same shape."""
+    return apply_intensity(array, fit_intensity(array, intensity))
+
+
+def context_indices(centers: Sequence[int], context: int, num_slices: int) -> np.ndarray:
+    """Slice indices ``(B, 2*context+1)`` around each center, clamped at the volume edges
+    (edge slices are repeated), ordered from ``center - context`` to ``center + context``."""
+    offsets = np.arange(-context, context + 1)
+    return np.clip(np.asarray(centers)[:, np.newaxis] + offsets, 0, num_slices - 1)
+
+
+def stack_slices(
+    slices: np.ndarray, centers: Sequence[int], context: int, in_channels: int
+) -> np.ndarray:
+    """Build model channels from a stack of 2D slices.
+
+    Args:
+        slices: ``(S, H, W)`` grey slices, or ``(S, H, W, C)`` colour images.
+        centers: indices of the B slices to predict.
+        context: c neighbours on each side (2.5D); the channels are slices
+            ``center-c .. center+c``.
+        in_channels: channels the model expects. Grey input with ``2c+1 == 1`` and
+            ``in_channels == 3`` repeats the slice three times.
+
+    Returns:
+        ``(B, in_channels, H, W)`` array of the slices' dtype.
+    """
+    if slices.ndim == 4:  # colour: channels come from the pixels
+        if context != 0 or slices.shape[3] != in_channels:
+            raise ValueError(
+                f"colour images have {slices.shape[3]} channels; the model expects "
+                f"{in_channels} channels with {context} context slices"
+            )
+        return np.moveaxis(slices[np.asarray(centers)], 3, 1)  # (B, H, W, C) -> (B, C, H, W)
+    stack = slices[context_indices(centers, context, slices.shape[0])]  # (B, 2c+1, H, W)
+    if stack.shape[1] == in_channels:
+        return stack
+    if stack.shape[1] == 1 and in_channels == 3:
+        return np.repeat(stack, 3, axis=1)
+    raise ValueError(
+        f"{2 * context + 1} stacked slices cannot feed a model with {in_channels} channels"
+    )
+
+
+def normalize_channels(
+    batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """``(batch - mean) / std`` per channel of a ``(B, C, H, W)`` tensor; no-op when empty."""
+    if not mean:
+        return batch
+    shape = (1, len(mean), 1, 1)
+    mean_t = torch.as_tensor(mean, dtype=batch.dtype, device=batch.device).view(shape)
+    std_t = torch.as_tensor(std, dtype=batch.dtype, device=batch.device).view(shape)
+    return (batch - mean_t) / std_t
+
+
+def resize_batch(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of ``(B, C, H, W)`` to ``(B, C, *size)`` (align_corners=False);
+    returns the input unchanged when it already has that size."""
+    if tuple(batch.shape[-2:]) == tuple(size):
+        return batch
+    return F.interpolate(batch, size=size, mode="bilinear", align_corners=False)
