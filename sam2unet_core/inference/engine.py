@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..device import autocast_dtype, describe_device, resolve_device
-from ..io.orientation import plane_view
+from ..io.orientation import PlaneView, plane_view
 from ..io.volume import Volume, label_dtype
 from ..metadata import ModelMetadata
 from ..preprocessing import (
@@ -176,11 +176,10 @@ class Predictor:
         unknown = [step for step in postprocess if step not in POSTPROCESS_STEPS]
         if unknown:
             raise ValueError(f"unknown post-processing {unknown}; expected {POSTPROCESS_STEPS}")
-        plane = "axial" if volume.shape_kji[0] == 1 else axis
-        view = plane_view(np.eye(3) if volume.shape_kji[0] == 1 else volume.direction_lps, plane)
+        view = _plane_view(volume, axis)
         image = view.to_plane(volume.array_kji)  # (S, H, W[, C]), no copy
         num_slices, height, width = image.shape[:3]
-        first, stop = self._view_range(slice_range, num_slices, view)
+        first, stop = _view_range(slice_range, num_slices, view)
 
         labels = np.zeros(volume.shape_kji, dtype=label_dtype(max(self.num_classes - 1, 1)))
         labels_view = view.to_plane(labels)  # writes land in `labels`
@@ -224,25 +223,42 @@ class Predictor:
             labels = postprocess_labels(labels, postprocess, values)
             times.postprocess = time.perf_counter() - tick
         self.last_times = times
-        result = volume.with_array(labels, meta={**volume.meta, "axis": plane})
+        result = volume.with_array(labels, meta={**volume.meta, "axis": view.plane})
         if probabilities is None:
             return result
         return result, volume.with_array(probabilities)
 
     @staticmethod
-    def _view_range(
-        slice_range: tuple[int, int] | None, num_slices: int, view
-    ) -> tuple[int, int]:
-        """Array-order ``(start, stop)`` -> view-order ``(first, stop)``, checked."""
-        if slice_range is None:
-            return 0, num_slices
-        start, stop = (int(v) for v in slice_range)
-        if not 0 <= start < stop <= num_slices:
-            raise ValueError(
-                f"slice range {start}:{stop} is outside the {num_slices} slices of this "
-                f"volume along the {view.plane} axis (expected 0 <= start < stop <= "
-                f"{num_slices})"
-            )
-        if view.slice_axis_flipped:
-            return num_slices - stop, num_slices - start
-        return start, stop
+    def count_slices(
+        volume: Volume, axis: str = "axial", slice_range: tuple[int, int] | None = None
+    ) -> int:
+        """How many slices ``predict`` will run for these arguments (checks the range)."""
+        view = _plane_view(volume, axis)
+        num_slices = volume.shape_kji[view.slice_array_axis]
+        first, stop = _view_range(slice_range, num_slices, view)
+        return stop - first
+
+
+def _plane_view(volume: Volume, axis: str) -> PlaneView:
+    """The slicing of ``volume`` along ``axis``; a 2D image (K == 1) is one axial slice."""
+    if volume.shape_kji[0] == 1:
+        return plane_view(np.eye(3), "axial")
+    return plane_view(volume.direction_lps, axis)
+
+
+def _view_range(
+    slice_range: tuple[int, int] | None, num_slices: int, view: PlaneView
+) -> tuple[int, int]:
+    """Array-order ``(start, stop)`` -> view-order ``(first, stop)``, checked."""
+    if slice_range is None:
+        return 0, num_slices
+    start, stop = (int(v) for v in slice_range)
+    if not 0 <= start < stop <= num_slices:
+        raise ValueError(
+            f"slice range {start}:{stop} is outside the {num_slices} slices of this "
+            f"volume along the {view.plane} axis (expected 0 <= start < stop <= "
+            f"{num_slices})"
+        )
+    if view.slice_axis_flipped:
+        return num_slices - stop, num_slices - start
+    return start, stop

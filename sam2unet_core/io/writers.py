@@ -29,6 +29,7 @@ from .volume import Volume
 
 __all__ = [
     "atomic_write",
+    "PARTIAL_PREFIX",
     "write_labels",
     "write_probabilities",
     "LABEL_FORMATS",
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 LABEL_FORMATS = ("nii.gz", "nii", "seg.nrrd", "nrrd", "mha", "dcm", "png")
 MANUFACTURER = "sam2unet_core"
+PARTIAL_PREFIX = ".partial-"  # temporary files of atomic_write start with this
 
 
 def output_suffix(fmt: str) -> str:
@@ -59,14 +61,12 @@ def _suffix_of(path: Path) -> str:
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(temporary_path)`` and rename the result to ``path``.
 
-    The temporary file sits next to ``path`` with the same ending (writers pick the format
-    from it) and is removed if ``write`` fails.
+    The temporary file ``.partial-<pid>-<name>`` sits next to ``path`` and ends like it
+    (writers pick the format from the ending); it is removed if ``write`` fails.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = _suffix_of(path)
-    stem = path.name[: -len(suffix)]
-    temporary = path.with_name(f".{stem}.partial-{os.getpid()}{suffix}")
+    temporary = path.with_name(f"{PARTIAL_PREFIX}{os.getpid()}-{path.name}")
     try:
         write(temporary)
         os.replace(temporary, path)

@@ -1,0 +1,310 @@
+"""``sam2unet-predict``: segment a file or a folder of cases with a SAM2-UNet checkpoint.
+
+nnU-Net style: ``CASE_0000.nii.gz`` inputs give ``CASE.nii.gz`` outputs; ``--num-parts N
+--part-id K`` splits a folder over N independent processes; finished cases are skipped on
+a rerun; a case that fails is reported (file and cause) and the run goes on, then exits 1.
+Every output is written atomically. ``predict_summary.json`` (per part:
+``predict_summary_partK_of_N.json``) lists each case with its status and timings.
+
+``--progress jsonl`` prints one JSON event per line on stdout (start, case_start, slices,
+case_done, case_error, done) for the 3D Slicer module; ``bar`` shows tqdm bars on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+from ..device import DEVICE_CHOICES, describe_device
+from ..inference.postprocess import POSTPROCESS_STEPS
+from ..io.cases import Case, find_cases, select_part
+from ..io.dicom import list_dicom_series
+from ..io.orientation import PLANES
+from ..io.readers import read_volume
+from ..io.volume import Volume
+from ..io.writers import LABEL_FORMATS, atomic_write, output_suffix, write_labels, write_probabilities
+
+__all__ = ["main", "build_parser"]
+
+logger = logging.getLogger(__name__)
+
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
+PROBABILITY_FOLDER = "probabilities"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sam2unet-predict",
+        description="Segment CT/MR volumes or 2D images with a SAM2-UNet checkpoint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("-i", "--input", required=True, type=Path,
+                        help="image file, DICOM folder, or folder of cases")
+    parser.add_argument("-o", "--output", required=True, type=Path, help="output folder")
+    parser.add_argument("-m", "--model", type=Path,
+                        help="checkpoint (.safetensors, official SAM2-UNet .pth)")
+    parser.add_argument("--device", default="auto", help=f"one of {DEVICE_CHOICES} or cuda:N")
+    parser.add_argument("--batch-size", type=int, default=8, help="slices per forward pass")
+    parser.add_argument("--axis", default="axial", choices=sorted(PLANES),
+                        help="anatomical plane of the 2D slices")
+    parser.add_argument("--format", choices=LABEL_FORMATS, default=None,
+                        help="output format (default: nii.gz for volumes, png for PNG/JPG)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="redo cases whose output exists (default: skip them)")
+    parser.add_argument("--num-parts", type=int, default=1,
+                        help="split the cases into this many parts (one per GPU/machine)")
+    parser.add_argument("--part-id", type=int, default=0, help="which part this run does")
+    parser.add_argument("--slice-range", default=None, metavar="START:STOP",
+                        help="only these slices (half-open indices along the chosen axis)")
+    parser.add_argument("--series-uid", default=None,
+                        help="DICOM SeriesInstanceUID to read (default: the largest series)")
+    parser.add_argument("--list-series", action="store_true",
+                        help="list the DICOM series of the input and exit")
+    parser.add_argument("--tta", action="store_true", help="average over flipped inputs")
+    parser.add_argument("--postprocess", nargs="*", default=[], choices=POSTPROCESS_STEPS,
+                        help="label clean-up steps, applied in order")
+    parser.add_argument("--save-probabilities", action="store_true",
+                        help=f"also write float probability maps to {PROBABILITY_FOLDER}/")
+    parser.add_argument("--no-mixed-precision", action="store_true",
+                        help="run fp32 on CUDA too (default: bf16/fp16 autocast on CUDA)")
+    parser.add_argument("--progress", choices=("bar", "jsonl", "none"), default="bar",
+                        help="progress display: tqdm bars on stderr, JSON lines on stdout, none")
+    return parser
+
+
+def _parse_slice_range(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        start, stop = (int(part) for part in text.split(":"))
+    except ValueError as err:
+        raise ValueError(f"--slice-range must look like START:STOP, got {text!r}") from err
+    return start, stop
+
+
+class Reporter:
+    """Progress output: JSON lines on stdout, or tqdm bars on stderr and a line per case."""
+
+    def __init__(self, mode: str, num_cases: int) -> None:
+        self.mode = mode
+        self.case_bar = None
+        self.slice_bar = None
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self._tqdm = tqdm
+            self.case_bar = tqdm(total=num_cases, unit="case", file=sys.stderr, position=0)
+
+    def event(self, **fields: Any) -> None:
+        if self.mode == "jsonl":
+            print(json.dumps(fields), flush=True)
+
+    def say(self, line: str) -> None:
+        if self.mode == "bar":
+            self._tqdm.write(line)
+        elif self.mode == "none":
+            print(line, flush=True)
+
+    def slices(self, case: str, total: int) -> Callable[[int, int], None]:
+        if self.mode == "bar":
+            self.slice_bar = self._tqdm(total=total, unit="slice", desc=case, leave=False,
+                                        file=sys.stderr, position=1)
+
+        def update(done: int, total_: int) -> None:
+            self.event(event="slices", case=case, done=done, total=total_)
+            if self.slice_bar is not None:
+                self.slice_bar.update(done - self.slice_bar.n)
+
+        return update
+
+    def case_finished(self) -> None:
+        if self.slice_bar is not None:
+            self.slice_bar.close()
+            self.slice_bar = None
+        if self.case_bar is not None:
+            self.case_bar.update(1)
+
+    def close(self) -> None:
+        if self.case_bar is not None:
+            self.case_bar.close()
+
+
+def _outputs(case: Case, output: Path, fmt: str | None, probabilities: bool) -> list[Path]:
+    """Label path first, then the probability map path when asked for."""
+    chosen = fmt or ("png" if case.path.suffix.lower() in PICTURE_SUFFIXES else "nii.gz")
+    paths = [output / (case.name + output_suffix(chosen))]
+    if probabilities:
+        paths.append(output / PROBABILITY_FOLDER / f"{case.name}.nii.gz")
+    return paths
+
+
+def _summary_path(output: Path, num_parts: int, part_id: int) -> Path:
+    if num_parts == 1:
+        return output / "predict_summary.json"
+    return output / f"predict_summary_part{part_id}_of_{num_parts}.json"
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2)))
+
+
+def _list_series(input_path: Path) -> int:
+    for series in list_dicom_series(input_path):
+        print(series.summary())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.list_series:
+        return _list_series(args.input)
+    if args.model is None:
+        parser.error("-m/--model is required")
+    try:
+        slice_range = _parse_slice_range(args.slice_range)
+        cases = select_part(find_cases(args.input), args.num_parts, args.part_id)
+    except ValueError as err:
+        parser.error(str(err))
+
+    from ..inference.engine import Predictor
+
+    try:
+        predictor = Predictor(args.model, device=args.device, batch_size=args.batch_size,
+                              mixed_precision=not args.no_mixed_precision)
+    except (ValueError, OSError) as err:
+        print(f"error: cannot load model {args.model}: {err}", file=sys.stderr)
+        return 2
+    args.output.mkdir(parents=True, exist_ok=True)
+    reporter = Reporter(args.progress, len(cases))
+    reporter.event(event="start", cases=len(cases))
+    summary: dict[str, Any] = {
+        "model": str(args.model),
+        "device": describe_device(predictor.device),
+        "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "cases": [],
+    }
+    run_started = time.perf_counter()
+    interrupted = False
+    try:
+        _run_cases(cases, args, predictor, reporter, slice_range, summary["cases"])
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        reporter.close()
+    counts = {status: sum(c["status"] == status for c in summary["cases"])
+              for status in ("ok", "failed", "skipped")}
+    summary.update(counts, interrupted=interrupted,
+                   seconds=round(time.perf_counter() - run_started, 3))
+    _write_json(_summary_path(args.output, args.num_parts, args.part_id), summary)
+    reporter.event(event="done", **counts)
+    if args.progress != "jsonl":
+        print(f"{counts['ok']} done, {counts['skipped']} skipped (already done), "
+              f"{counts['failed']} failed; summary in {args.output}", file=sys.stderr)
+    for case in summary["cases"]:
+        if case["status"] == "failed":
+            print(f"FAILED {case['case']}: {case['error']}", file=sys.stderr)
+    if interrupted:
+        return 130
+    return 1 if counts["failed"] else 0
+
+
+def _run_cases(
+    cases: list[Case],
+    args: argparse.Namespace,
+    predictor: Any,
+    reporter: Reporter,
+    slice_range: tuple[int, int] | None,
+    records: list[dict[str, Any]],
+) -> None:
+    """Predict every case, reading the next case in a background thread meanwhile."""
+    todo = []
+    for case in cases:
+        paths = _outputs(case, args.output, args.format, args.save_probabilities)
+        if not args.overwrite and all(p.exists() for p in paths):
+            logger.info("%s: already done (%s), skipped", case.name, paths[0])
+            records.append({"case": case.name, "input": str(case.path), "status": "skipped",
+                            "output": str(paths[0])})
+            reporter.case_finished()
+        else:
+            todo.append((case, paths))
+
+    def read(case: Case) -> tuple[Volume, float]:
+        started = time.perf_counter()
+        return read_volume(case.path, series_uid=args.series_uid), time.perf_counter() - started
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reader") as pool:
+        pending: Future | None = pool.submit(read, todo[0][0]) if todo else None
+        for index, (case, paths) in enumerate(todo):
+            current = pending
+            pending = pool.submit(read, todo[index + 1][0]) if index + 1 < len(todo) else None
+            record: dict[str, Any] = {"case": case.name, "input": str(case.path)}
+            started = time.perf_counter()
+            try:
+                volume, read_seconds = current.result()
+                record.update(_predict_case(case, volume, paths, args, predictor, reporter,
+                                            slice_range))
+                record["timings"] = {"read": round(read_seconds, 3), **record["timings"]}
+                record["status"] = "ok"
+                seconds = time.perf_counter() - started + read_seconds
+                record["seconds"] = round(seconds, 3)
+                reporter.event(event="case_done", case=case.name, output=str(paths[0]),
+                               seconds=record["seconds"], timings=record["timings"])
+                stages = ", ".join(f"{k} {v:.2f}s" for k, v in record["timings"].items())
+                reporter.say(f"{case.name}: {seconds:.2f}s ({stages}) -> {paths[0]}")
+            except Exception as err:  # noqa: BLE001 - one bad case must not stop the batch
+                message = str(err) if str(case.path) in str(err) else f"{case.path}: {err}"
+                logger.debug("case %s failed", case.name, exc_info=True)
+                record.update(status="failed", error=message)
+                reporter.event(event="case_error", case=case.name, error=message)
+                reporter.say(f"{case.name}: FAILED: {message}")
+            records.append(record)
+            reporter.case_finished()
+
+
+def _predict_case(
+    case: Case,
+    volume: Volume,
+    paths: list[Path],
+    args: argparse.Namespace,
+    predictor: Any,
+    reporter: Reporter,
+    slice_range: tuple[int, int] | None,
+) -> dict[str, Any]:
+    """Segment one read volume and write its outputs; returns the record fields."""
+    if paths[0].name.endswith(".dcm") and not volume.is_dicom:
+        raise ValueError(f"{case.path}: --format dcm (DICOM SEG) needs DICOM input; "
+                         "use --format nii.gz or seg.nrrd")
+    axis = "axial" if volume.shape_kji[0] == 1 else args.axis
+    total = predictor.count_slices(volume, axis, slice_range)
+    reporter.event(event="case_start", case=case.name, slices=total)
+    result = predictor.predict(
+        volume, axis=axis, slice_range=slice_range, tta=args.tta,
+        postprocess=args.postprocess, return_probabilities=args.save_probabilities,
+        progress=reporter.slices(case.name, total),
+    )
+    labels, probabilities = result if args.save_probabilities else (result, None)
+    started = time.perf_counter()
+    write_labels(labels, paths[0], predictor.metadata.labels)
+    if probabilities is not None:
+        write_probabilities(probabilities, paths[1])
+    timings = {k: round(v, 3) for k, v in predictor.last_times.as_dict().items()}
+    timings["write"] = round(time.perf_counter() - started, 3)
+    record: dict[str, Any] = {"output": str(paths[0]), "timings": timings,
+                              "shape_kji": list(volume.shape_kji), "slices": total}
+    if "series_uid" in volume.meta:
+        record["series_uid"] = volume.meta["series_uid"]
+        record["series_in_folder"] = volume.meta.get("series_in_folder")
+    return record
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""Find the cases of a batch run in an input file or folder (nnU-Net naming).
+
+* a file -> one case;
+* a folder of image files -> one case per file; nnU-Net channel suffixes are removed
+  (``CASE_0000.nii.gz`` -> ``CASE``); other channels (``CASE_0001``) are not used by our
+  single-channel models and are reported;
+* a folder whose sub-folders hold DICOM files -> one case per sub-folder (its largest
+  series unless a SeriesInstanceUID is given);
+* a folder holding DICOM files itself (and no image files) -> one case, the folder.
+
+Partial outputs (``.partial-*``), hidden files and Slicer ``.seg.nrrd`` files are ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .readers import split_suffix
+
+__all__ = ["Case", "find_cases", "case_name", "select_part"]
+
+logger = logging.getLogger(__name__)
+
+_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One input to segment: ``name`` gives the output file name, ``path`` is read."""
+
+    name: str
+    path: Path
+
+
+def case_name(path: Path) -> str:
+    """Output name of an input: ``CASE_0000.nii.gz`` -> ``CASE``, ``scan.nrrd`` -> ``scan``,
+    a DICOM folder -> the folder's name."""
+    if path.is_dir():
+        return path.name
+    stem, _ = split_suffix(path)
+    match = _CHANNEL.match(stem)
+    return match.group("case") if match else stem
+
+
+def _channel(path: Path) -> int | None:
+    match = _CHANNEL.match(split_suffix(path)[0])
+    return int(match.group("channel")) if match else None
+
+
+def _is_dicom_file(path: Path) -> bool:
+    """DICOM files carry ``DICM`` after a 128-byte preamble (or end in .dcm)."""
+    if path.suffix.lower() == ".dcm":
+        return True
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _holds_dicom(folder: Path) -> bool:
+    for root, dirs, names in os.walk(folder):
+        dirs.sort()
+        if any(_is_dicom_file(Path(root) / name) for name in sorted(names)):
+            return True
+    return False
+
+
+def _visible(path: Path) -> bool:
+    return not path.name.startswith(".")
+
+
+def find_cases(input_path: Path) -> list[Case]:
+    """Cases of ``input_path`` sorted by name. Raises ``ValueError`` when there are none or
+    when two inputs would write the same output name."""
+    input_path = Path(input_path)
+    if not input_path.exists():
+        raise ValueError(f"{input_path}: no such file or folder")
+    if input_path.is_file():
+        return [Case(case_name(input_path), input_path)]
+    entries = sorted(p for p in input_path.iterdir() if _visible(p))
+    images = [p for p in entries if p.is_file() and split_suffix(p)[1] not in ("", ".seg.nrrd", ".dcm")]
+    folders = [p for p in entries if p.is_dir() and _holds_dicom(p)]
+    loose_dicom = [p for p in entries if p.is_file() and _is_dicom_file(p)]
+    if not images and not folders and loose_dicom:
+        return [Case(input_path.name, input_path)]
+    skipped_channels = [p.name for p in images if (_channel(p) or 0) > 0]
+    if skipped_channels:
+        logger.warning(
+            "%s: ignoring extra channel files %s; these models read one image per case "
+            "(the _0000 file)", input_path, ", ".join(skipped_channels)
+        )
+    cases = [Case(case_name(p), p) for p in images if (_channel(p) or 0) == 0]
+    cases += [Case(p.name, p) for p in folders]
+    if not cases:
+        raise ValueError(
+            f"{input_path}: no images found (expected .nii.gz, .nii, .nrrd, .mha, .mhd, "
+            ".png, .jpg files or DICOM folders)"
+        )
+    by_name: dict[str, Path] = {}
+    for case in cases:
+        if case.name in by_name:
+            raise ValueError(
+                f"{input_path}: {by_name[case.name].name} and {case.path.name} would both "
+                f"write the output '{case.name}'; rename one of them"
+            )
+        by_name[case.name] = case.path
+    return sorted(cases, key=lambda c: c.name)
+
+
+def select_part(cases: list[Case], num_parts: int, part_id: int) -> list[Case]:
+    """Every ``num_parts``-th case starting at ``part_id`` (nnU-Net's split), so parts
+    run on different GPUs or machines share nothing and cover every case once."""
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise ValueError(f"part_id must be in [0, {num_parts}), got {part_id}")
+    return cases[part_id::num_parts]
