@@ -1,0 +1,169 @@
+"""Training configuration: dataclasses read from YAML, with ``section.key=value`` overrides.
+
+Defaults are the paper's recipe (AdamW lr 1e-3, weight decay 5e-4, cosine to 1e-7 over
+20 epochs, batch 12, 352 px, flips). Every field is documented next to its default; see
+``training/configs/*.yaml`` for complete examples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "DataConfig",
+    "AugmentConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TrainConfig",
+    "load_config",
+    "apply_overrides",
+]
+
+
+@dataclass
+class DataConfig:
+    kind: str = "polyp"  # "polyp": image/mask folders; "volume": nnU-Net/MSD dataset folder
+    root: str = ""  # polyp: folder with images/ and masks/; volume: folder with dataset.json
+    val_root: str = ""  # polyp: a separate validation folder (images/, masks/); "" = split off
+    val_fraction: float = 0.1  # share of training cases held out for validation when no val_root
+    val_cases: list[str] = field(default_factory=list)  # volume: explicit validation case names
+    input_size: int = 352  # square side the images/slices are resized to (multiple of 32)
+    intensity: dict[str, Any] = field(default_factory=lambda: {"kind": "scale", "divisor": 255.0})
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # after intensity
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    context_slices: int = 0  # volume: 2.5D, the model sees 2c+1 neighbouring slices
+    slice_axis: int = 0  # volume: array (KJI) axis to slice along; 0 = k (axial for most scans)
+    image_channel: int = 0  # volume: which channel of multi-modal images to use
+    foreground_fraction: float = 0.5  # volume: share of samples drawn from foreground slices
+    samples_per_epoch: int = 0  # volume: 0 = number of slices in the training cases
+    cache: str = "memory"  # volume: "memory" (CacheDataset), "disk" (PersistentDataset), "none"
+    cache_dir: str = ""  # disk cache folder; "" = <output>/cache
+    num_workers: int = 2  # DataLoader worker processes
+
+
+@dataclass
+class AugmentConfig:
+    flip_prob: float = 0.5  # per axis (the paper: horizontal and vertical flips)
+    rotate_deg: float = 0.0  # random rotation in [-r, r] degrees; 0 = off
+    scale_range: float = 0.0  # random zoom in [1 - s, 1 + s]; 0 = off
+    intensity_prob: float = 0.0  # chance of random intensity scale/shift/contrast; 0 = off
+    multiscale: list[float] = field(default_factory=list)  # e.g. [0.75, 1.0, 1.25]; [] = off
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "hiera_l"  # hiera_t, hiera_s, hiera_b+, hiera_l
+    sam2_checkpoint: str = ""  # official SAM 2/2.1 checkpoint; "" = random init, train all
+    label_names: list[str] = field(default_factory=list)  # polyp: names of labels 1..K-1
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 5e-4
+    min_lr: float = 1e-7  # cosine schedule end
+    epochs: int = 20
+    batch_size: int = 12  # per process
+
+
+@dataclass
+class RunConfig:
+    output: str = "runs/sam2unet"  # checkpoints, resume state, TensorBoard logs
+    seed: int = 0
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
+    amp: str = "auto"  # auto: bf16 autocast on CUDA; "bf16"; "off"
+    resume_every_steps: int = 0  # also save resume state every N steps (0 = off)
+    resume_every_minutes: float = 5.0  # ... and every N minutes within an epoch (0 = off)
+    stop_after_steps: int = 0  # stop as if killed after N steps in this run (0 = off)
+    val_batch_size: int = 16
+    log_every_steps: int = 10  # TensorBoard scalars
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad value."""
+        if self.data.kind not in ("polyp", "volume"):
+            raise ValueError(f"data.kind must be 'polyp' or 'volume', got {self.data.kind!r}")
+        if not self.data.root:
+            raise ValueError("data.root is not set: give the dataset folder")
+        if self.data.input_size <= 0 or self.data.input_size % 32:
+            raise ValueError(f"data.input_size must be a positive multiple of 32, got {self.data.input_size}")
+        if self.data.cache not in ("memory", "disk", "none"):
+            raise ValueError(f"data.cache must be memory, disk or none, got {self.data.cache!r}")
+        if not 0.0 <= self.data.foreground_fraction <= 1.0:
+            raise ValueError(f"data.foreground_fraction must be in [0, 1], got {self.data.foreground_fraction}")
+        if self.run.amp not in ("auto", "bf16", "off"):
+            raise ValueError(f"run.amp must be auto, bf16 or off, got {self.run.amp!r}")
+        if self.optim.epochs < 1 or self.optim.batch_size < 1:
+            raise ValueError(f"optim.epochs and optim.batch_size must be >= 1, got {self.optim}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"unknown config keys {[f'{where}{k}' for k in unknown]}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise ValueError(f"config section {where}{name} must be a mapping, got {value!r}")
+            kwargs[name] = _from_dict(type(default), value, f"{where}{name}.")
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set ``section.key=value`` overrides (values parsed as YAML) in a nested dict."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not of the form section.key=value")
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section")
+        node[leaf] = yaml.safe_load(text)
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config (or start from the defaults when ``path`` is None), apply the
+    overrides, validate and return it."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ValueError(f"cannot read config {path}: {err}") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"config {path} must be a mapping of sections, got {type(data).__name__}")
+    data = apply_overrides(data, overrides or [])
+    config = _from_dict(TrainConfig, data, "")
+    config.validate()
+    return config

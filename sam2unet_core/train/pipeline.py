@@ -1,0 +1,157 @@
+"""Build the training and validation datasets of a config (polyp folders or volumes).
+
+Deterministic loading and intensity normalisation are cached per case with MONAI
+(``CacheDataset`` in memory, ``PersistentDataset`` on disk); slice choice, 2.5D stacking,
+resizing and augmentation run per sample (see :mod:`.datasets` for the seeding).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.transforms import Compose
+
+from .config import TrainConfig
+from .datasets import Case, SeededSamples, find_polyp_cases, read_volume_dataset, slice_plan, split_cases
+from .transforms import (
+    IntensityNormalized,
+    LoadCased,
+    NormalizeChannelsd,
+    ResizeToNetworkd,
+    StackSlicesd,
+    augmentation_transforms,
+)
+
+__all__ = ["TrainingData", "build_training_data"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingData:
+    train: SeededSamples  # items {"image": (C, n, n), "label": (1, n, n)}
+    val: torch.utils.data.Dataset  # items as train plus "case": index into val_names
+    val_names: list[str]
+    num_classes: int  # model channels: 1 (binary) or K
+    in_channels: int
+    label_names: list[str]  # names of label values 1..K-1 (one name when binary)
+    facts: dict[str, Any] = field(default_factory=dict)  # for the checkpoint's provenance
+
+
+def _cached(cases: list[Case], transform: Compose, config: TrainConfig, part: str) -> torch.utils.data.Dataset:
+    items = [c.as_dict() for c in cases]
+    mode = config.data.cache
+    if mode == "memory":
+        return CacheDataset(items, transform, num_workers=config.data.num_workers or None,
+                            copy_cache=False, progress=False)
+    if mode == "disk":
+        cache_dir = Path(config.data.cache_dir or Path(config.run.output) / "cache") / part
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        return PersistentDataset(items, transform, cache_dir=cache_dir)
+    return Dataset(items, transform)
+
+
+class _PickImage:
+    """Sample ``index`` is case ``index`` (2D sets: one sample per image and epoch)."""
+
+    def __init__(self, base: torch.utils.data.Dataset) -> None:
+        self.base = base
+
+    def __call__(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
+        return dict(self.base[index])
+
+
+class _PickSlice:
+    """A random case, then with probability ``foreground_fraction`` a slice holding
+    foreground (if the case has any), else any slice."""
+
+    def __init__(self, base: torch.utils.data.Dataset, plan: list[tuple[int, np.ndarray]],
+                 foreground_fraction: float) -> None:
+        self.base, self.plan, self.foreground_fraction = base, plan, foreground_fraction
+
+    def __call__(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
+        case = int(rng.integers(len(self.plan)))
+        num_slices, foreground = self.plan[case]
+        if len(foreground) and rng.random() < self.foreground_fraction:
+            chosen = int(foreground[rng.integers(len(foreground))])
+        else:
+            chosen = int(rng.integers(num_slices))
+        return {**self.base[case], "slice": chosen}
+
+
+class _AllSlices(torch.utils.data.Dataset):
+    """Every slice of every validation case, prepared without augmentation."""
+
+    def __init__(self, base: torch.utils.data.Dataset, transform: Compose) -> None:
+        self.base, self.transform = base, transform
+        self.index = [(case, s) for case in range(len(base)) for s in range(base[case]["label"].shape[0])]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        case, chosen = self.index[item]
+        out = self.transform({**self.base[case], "slice": chosen})
+        return {"image": out["image"], "label": out["label"], "case": case}
+
+
+def _check_labels(base: torch.utils.data.Dataset, cases: list[Case], num_values: int) -> None:
+    for i, case in enumerate(cases):
+        values = np.unique(base[i]["label"])
+        if values.min() < 0 or values.max() >= num_values:
+            raise ValueError(f"{case.label} holds label values {values.tolist()}; dataset.json "
+                             f"declares values 0..{num_values - 1}")
+
+
+def build_training_data(config: TrainConfig) -> TrainingData:
+    """Datasets of ``config.data`` (see the module docstring)."""
+    data, seed = config.data, config.run.seed
+    picture = data.kind == "polyp"
+    if picture:
+        cases = find_polyp_cases(data.root)
+        if data.val_root:
+            train_cases, val_cases = cases, find_polyp_cases(data.val_root)
+        else:
+            train_cases, val_cases = split_cases(cases, data.val_fraction, seed)
+        num_classes, in_channels, context = 1, 3, 0
+        label_names = config.model.label_names or ["polyp"]
+    else:
+        dataset = read_volume_dataset(data.root)
+        train_cases, val_cases = split_cases(dataset.cases, data.val_fraction, seed, data.val_cases)
+        num_values = len(dataset.label_names)
+        num_classes = 1 if num_values == 2 else num_values
+        context = data.context_slices
+        in_channels = 3 if context == 0 else 2 * context + 1
+        label_names = dataset.label_names[1:]
+    load = [LoadCased(picture, data.slice_axis, data.image_channel), IntensityNormalized(data.intensity)]
+    if picture:  # cache pictures at network size
+        load += [StackSlicesd(0, in_channels), ResizeToNetworkd(data.input_size)]
+    logger.info("loading %d training and %d validation cases", len(train_cases), len(val_cases))
+    train_base = _cached(train_cases, Compose(load), config, "train")
+    val_base = _cached(val_cases, Compose(load), config, "val")
+    normalize = NormalizeChannelsd(data.mean, data.std)
+    augment = augmentation_transforms(config.augment)
+    if picture:
+        train = SeededSamples(len(train_base), _PickImage(train_base), Compose([*augment, normalize]), seed)
+        val: torch.utils.data.Dataset = _AllSlices(val_base, Compose([normalize]))
+    else:
+        _check_labels(train_base, train_cases, num_values)
+        _check_labels(val_base, val_cases, num_values)
+        plan = slice_plan([train_base[i]["label"] for i in range(len(train_base))])
+        length = data.samples_per_epoch or sum(n for n, _ in plan)
+        slice_steps = [StackSlicesd(context, in_channels), ResizeToNetworkd(data.input_size)]
+        train = SeededSamples(length, _PickSlice(train_base, plan, data.foreground_fraction),
+                              Compose([*slice_steps, *augment, normalize]), seed)
+        val = _AllSlices(val_base, Compose([*slice_steps, normalize]))
+    facts = {
+        "dataset": str(Path(data.root).resolve()),
+        "train_cases": [c.name for c in train_cases],
+        "val_cases": [c.name for c in val_cases],
+    }
+    return TrainingData(train, val, [c.name for c in val_cases], num_classes, in_channels, label_names, facts)

@@ -1,0 +1,168 @@
+"""MONAI dictionary transforms for training: loading, core preprocessing, augmentation.
+
+The input preparation is the core's (``sam2unet_core.preprocessing``), wrapped in MONAI
+``MapTransform``s, so training sees exactly what inference feeds the model:
+intensity per volume -> 2.5D slice stack -> bilinear resize -> per-channel mean/std.
+Augmentation runs between the resize and the mean/std step.
+
+Sample dicts hold ``"image"`` and ``"label"``:
+    * loaded: image ``(S, A, B)`` (or ``(1, H, W, 3)`` for colour pictures) with the slicing
+      axis first (KJI when ``slice_axis == 0``), label ``(S, A, B)`` int64;
+    * after :class:`StackSlicesd`: image ``(C, A, B)`` float32, label ``(1, A, B)``;
+    * after :class:`ResizeToNetworkd`: ``(C, n, n)`` and ``(1, n, n)`` torch tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.transforms import (
+    MapTransform,
+    RandAdjustContrastd,
+    RandFlipd,
+    RandRotated,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    RandZoomd,
+    Transform,
+)
+
+from sam2unet_core.io.readers import read_volume
+from sam2unet_core.preprocessing import normalize_channels, normalize_intensity, resize_batch, stack_slices
+
+from .config import AugmentConfig
+
+__all__ = [
+    "LoadCased",
+    "IntensityNormalized",
+    "StackSlicesd",
+    "ResizeToNetworkd",
+    "NormalizeChannelsd",
+    "augmentation_transforms",
+]
+
+
+class LoadCased(MapTransform):
+    """Read an image/label pair with ``sam2unet_core.io`` and put the slicing axis first.
+
+    Pictures (PNG/JPEG, K == 1) keep a colour axis: image ``(1, H, W[, 3])``; the mask
+    becomes {0, 1} (pixels > 127, or > 0 for 0/1 masks; any channel of an RGB mask).
+    Volumes: image ``(S, A, B)`` float32 = the KJI array with axis ``slice_axis`` moved first
+    (channel ``channel`` of multi-modal images); label the same shape, int64.
+    """
+
+    def __init__(self, picture: bool, slice_axis: int = 0, channel: int = 0) -> None:
+        super().__init__(keys=("image", "label"))
+        if slice_axis not in (0, 1, 2):
+            raise ValueError(f"slice_axis must be 0, 1 or 2 (a KJI array axis), got {slice_axis}")
+        self.picture, self.slice_axis, self.channel = picture, slice_axis, channel
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image, label = read_volume(d["image"]), read_volume(d["label"])
+        if image.shape_kji != label.shape_kji:
+            raise ValueError(f"label {d['label']} has shape {label.shape_kji}, image {d['image']} has {image.shape_kji}")
+        labels = label.array_kji
+        if self.picture:
+            mask = labels.max(axis=-1) if labels.ndim == 4 else labels  # (1, H, W)
+            d["image"] = image.array_kji.astype(np.float32)
+            d["label"] = (mask > (127 if mask.max() > 1 else 0)).astype(np.int64)
+            return d
+        array = image.array_kji
+        if array.ndim == 4:
+            if not 0 <= self.channel < array.shape[3]:
+                raise ValueError(f"{d['image']} has {array.shape[3]} channels, data.image_channel={self.channel}")
+            array = array[..., self.channel]
+        if labels.ndim != 3 or not np.allclose(labels, np.round(labels)):
+            raise ValueError(f"{d['label']} is not a label map (one channel of integer values expected)")
+        d["image"] = np.moveaxis(array.astype(np.float32), self.slice_axis, 0)
+        d["label"] = np.moveaxis(np.round(labels).astype(np.int64), self.slice_axis, 0)
+        return d
+
+
+class IntensityNormalized(MapTransform):
+    """Map the whole image to about [0, 1] with the core's ``intensity`` rule."""
+
+    def __init__(self, intensity: dict[str, Any]) -> None:
+        super().__init__(keys=("image",))
+        self.intensity = dict(intensity)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        d["image"] = normalize_intensity(d["image"], self.intensity)
+        return d
+
+
+class StackSlicesd(MapTransform):
+    """Cut slice ``d["slice"]`` (0 for pictures) out of a loaded image as model channels
+    (core ``stack_slices``: 2c+1 neighbours, edge slices repeated; a grey slice repeated to
+    3 channels for 3-channel models) and the matching label slice ``(1, A, B)``."""
+
+    def __init__(self, context_slices: int, in_channels: int) -> None:
+        super().__init__(keys=("image", "label"))
+        self.context_slices, self.in_channels = context_slices, in_channels
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        index = int(d.get("slice", 0))
+        d["image"] = np.ascontiguousarray(stack_slices(d["image"], [index], self.context_slices, self.in_channels)[0])
+        d["label"] = np.ascontiguousarray(d["label"][index][np.newaxis])
+        return d
+
+
+class ResizeToNetworkd(Transform):
+    """Resize to ``size x size``: image bilinear (core ``resize_batch``), label nearest.
+    Returns float32 torch tensors ``(C, n, n)`` and ``(1, n, n)``."""
+
+    def __init__(self, size: int) -> None:
+        self.size = (size, size)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image = torch.as_tensor(np.asarray(d["image"]), dtype=torch.float32)[None]
+        label = torch.as_tensor(np.asarray(d["label"]), dtype=torch.float32)[None]
+        d["image"] = resize_batch(image, self.size)[0]
+        d["label"] = F.interpolate(label, size=self.size, mode="nearest")[0]
+        return d
+
+
+class NormalizeChannelsd(Transform):
+    """Per-channel ``(x - mean) / std`` of the image (core ``normalize_channels``); the last
+    step: image and label leave it as plain float32 tensors."""
+
+    def __init__(self, mean: list[float], std: list[float]) -> None:
+        self.mean, self.std = list(mean), list(std)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        # MONAI's random transforms return MetaTensors: back to plain tensors for collation.
+        image = torch.as_tensor(d["image"], dtype=torch.float32).as_subclass(torch.Tensor)
+        d["image"] = normalize_channels(image[None], self.mean, self.std)[0]
+        d["label"] = torch.as_tensor(d["label"], dtype=torch.float32).as_subclass(torch.Tensor)
+        return d
+
+
+def augmentation_transforms(aug: AugmentConfig) -> list[MapTransform]:
+    """Random flips, rotation, zoom and intensity changes of ``(C, n, n)`` samples at network
+    size (intensities about [0, 1]); labels follow spatial changes with nearest sampling."""
+    keys = ("image", "label")
+    steps: list[MapTransform] = []
+    if aug.flip_prob > 0:
+        steps += [RandFlipd(keys, prob=aug.flip_prob, spatial_axis=0), RandFlipd(keys, prob=aug.flip_prob, spatial_axis=1)]
+    if aug.rotate_deg > 0:
+        steps.append(RandRotated(keys, range_x=float(np.deg2rad(aug.rotate_deg)), prob=0.5,
+                                 mode=("bilinear", "nearest"), padding_mode="zeros"))
+    if aug.scale_range > 0:
+        steps.append(RandZoomd(keys, prob=0.5, min_zoom=1 - aug.scale_range, max_zoom=1 + aug.scale_range,
+                               mode=("bilinear", "nearest"), padding_mode="constant"))
+    if aug.intensity_prob > 0:
+        steps += [
+            RandScaleIntensityd("image", factors=0.1, prob=aug.intensity_prob),
+            RandShiftIntensityd("image", offsets=0.1, prob=aug.intensity_prob),
+            RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=aug.intensity_prob),
+        ]
+    return steps
