@@ -208,3 +208,21 @@ def test_metadata_validation_names_the_bad_field():
 def test_loaded_model_runs_on_the_requested_device(tiny_checkpoint):
     model = load_model(tiny_checkpoint, device="cpu")
     assert next(model.parameters()).device.type == "cpu"
+
+
+def test_fuzz_findings_corrupt_pickles_and_non_tensor_entries_give_checkpoint_errors(tmp_path, official_sam2unet_checkpoint):
+    """Regressions from Testing/fuzz/fuzz_inputs.py: corrupt pickle data made torch.load raise
+    IndexError/KeyError/UnicodeDecodeError, and string values reached the layout checks."""
+    data = bytearray(official_sam2unet_checkpoint.read_bytes())
+    pickle_start = data.index(b"data.pkl") + len(b"data.pkl") + 30  # inside the pickle stream
+    for position in (0, pickle_start, pickle_start + 7):
+        broken = bytearray(data)
+        broken[position] ^= 0x81
+        path = tmp_path / f"flip{position}.pth"
+        path.write_bytes(bytes(broken))
+        with pytest.raises(CheckpointError, match=f"flip{position}"):
+            read_metadata(path)
+    path = tmp_path / "strings.pth"
+    torch.save({"head.weight": "not a tensor", "encoder.blocks.0.x": torch.zeros(1)}, path)
+    with pytest.raises(CheckpointError, match="not named tensors"):
+        load_model(path)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .metadata import Architecture, ModelMetadata, default_labels
@@ -56,7 +56,10 @@ class CheckpointError(ValueError):
 
 # --------------------------------------------------------------------------- reading
 def _read_torch_file(path: Path) -> dict[str, Any]:
-    """Load a ``.pt``/``.pth`` file without executing any pickled code."""
+    """Load a ``.pt``/``.pth`` file without executing any pickled code.
+
+    Returns a dict of tensors, or SAM 2's ``{"model": dict of tensors, ...}``.
+    """
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -64,19 +67,29 @@ def _read_torch_file(path: Path) -> dict[str, Any]:
             f"{path}: refused to load: the file holds pickled objects other than tensors "
             f"(possibly code). Only plain state dicts are accepted. ({err})"
         ) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {err}") from err
+    except Exception as err:  # noqa: BLE001 - corrupt bytes make the unpickler raise anything
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
+            f"{type(err).__name__}: {err}"
+        ) from err
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(data).__name__}")
+    tensors = data["model"] if isinstance(data.get("model"), dict) else data
+    bad = [str(k) for k, v in tensors.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    if bad:
+        raise CheckpointError(f"{path}: entries that are not named tensors: {bad[:5]}")
     return data
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], ModelMetadata]:
+    metadata = read_metadata(path)
     try:
         state = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {err}") from err
-    return state, read_metadata(path)
+    except Exception as err:  # noqa: BLE001 - the Rust reader raises several kinds on bad bytes
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file (truncated or corrupt?): {err}"
+        ) from err
+    return state, metadata
 
 
 def checkpoint_kind(state: dict[str, Any]) -> str:
@@ -102,7 +115,7 @@ def read_metadata(path: str | os.PathLike) -> ModelMetadata:
         try:
             with safe_open(str(path), framework="pt") as f:
                 header = f.metadata() or {}
-        except (SafetensorError, OSError, ValueError) as err:
+        except Exception as err:  # noqa: BLE001 - the Rust reader raises several kinds on bad bytes
             raise CheckpointError(f"{path}: not a readable safetensors file: {err}") from err
         if METADATA_KEY not in header:
             raise CheckpointError(
@@ -261,7 +274,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> S
         if kind == "sam2":
             model = build_model(_sam2_metadata(_sam2_trunk_state(state, path), path))
             load_sam2_trunk(model, path)
-            logger.warning("%s is a SAM 2 checkpoint: the decoder is untrained", path)
+            logger.warning("%s is a SAM 2 / SAM 2.1 checkpoint: the decoder is untrained", path)
         elif kind == "official_sam2unet":
             model = build_model(_official_metadata(state, path))
             state = {k: v for k, v in state.items() if not k.startswith(OFFICIAL_UNUSED_PREFIX)}
