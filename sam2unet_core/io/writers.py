@@ -41,6 +41,10 @@ logger = logging.getLogger(__name__)
 LABEL_FORMATS = ("nii.gz", "nii", "seg.nrrd", "nrrd", "mha", "dcm", "png")
 MANUFACTURER = "sam2unet_core"
 PARTIAL_PREFIX = ".partial-"  # temporary files of atomic_write start with this
+_TYPE2_PATIENT_STUDY = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
+    "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName",
+)
 
 
 def output_suffix(fmt: str) -> str:
@@ -151,6 +155,10 @@ def _write_dicom_seg(volume: Volume, path: Path, labels: Sequence[LabelInfo]) ->
             f"{volume.source} is not DICOM. Use --format nii.gz or seg.nrrd."
         )
     sources = [pydicom.dcmread(f) for f in volume.dicom_files]
+    for source in sources:  # anonymised files often drop these type 2 (may be empty) fields
+        for keyword in _TYPE2_PATIENT_STUDY:
+            if keyword not in source:
+                setattr(source, keyword, "")
     algorithm = hd.AlgorithmIdentificationSequence(
         name="SAM2-UNet", family=codes.cid7162.ArtificialIntelligence, version="1"
     )
