@@ -1,0 +1,521 @@
+"""SAM2-UNet segmentation in 3D Slicer: Module, parameter node, Widget, Logic and Test.
+
+The work is done in ``SAM2UNetSlicerLib`` (no Slicer imports there, so plain pytest runs it);
+this file only wires it to Slicer's GUI, scene and settings.
+"""
+
+import importlib
+import importlib.util
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import qt
+import vtk
+
+import slicer
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Minimum, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+from SAM2UNetSlicerLib.DeviceProbe import parseProbeOutput
+from SAM2UNetSlicerLib.InstallLogic import (
+    DEFAULT_CORE_SOURCE,
+    TORCH_REQUIREMENT,
+    PipStepSequence,
+    TorchAction,
+    constraintLines,
+    installedVersions,
+    pipCommand,
+    planInstall,
+    readRequirements,
+)
+from SAM2UNetSlicerLib.ModelInfo import describeMetadata, readCheckpointMetadata
+from SAM2UNetSlicerLib.Parameters import Device, RunParameters, SliceAxis, sliceCountAlongAxis
+from SAM2UNetSlicerLib.ProcessRunner import SubprocessRunner, findPythonSlicer
+from SAM2UNetSlicerLib.SegmentationLogic import RunResult, RunStatus, SegmentationLogic
+
+SETTINGS_CHECKPOINT = "SAM2UNetSlicer/CheckpointPath"
+SETTINGS_CORE_SOURCE = "SAM2UNetSlicer/CoreSource"
+POLL_INTERVAL_MS = 100
+
+
+#
+# Module
+#
+
+
+class SAM2UNetSlicer(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("SAM2-UNet")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []  # PyTorchUtils is used when present, not required to load
+        self.parent.contributors = ["sam2unet_core developers"]
+        self.parent.helpText = _(
+            "Segment a volume slice by slice with a SAM2-UNet checkpoint (U-shaped decoder on the "
+            "adapter-tuned Hiera encoder of Segment Anything 2). Runs in the background with "
+            "progress and Cancel; segments are named and coloured from the checkpoint."
+        )
+        self.parent.acknowledgementText = _(
+            "SAM2-UNet: Xiong et al. 2024 (arXiv 2408.08870). Segment Anything 2: Meta AI."
+        )
+
+
+#
+# Parameter node
+#
+
+
+@parameterNodeWrapper
+class SAM2UNetSlicerParameterNode:
+    """Choices of the panel, saved with the scene.
+
+    inputVolume - volume to segment. outputSegmentation - target; None creates
+    "<volume> segmentation". checkpointPath - SAM2-UNet checkpoint (.safetensors, .pt, .pth).
+    device, sliceAxis - see SAM2UNetSlicerLib.Parameters. useSliceRange, sliceStart, sliceEnd -
+    0-based inclusive slice range along sliceAxis. show3D - build the 3D surface.
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    outputSegmentation: vtkMRMLSegmentationNode
+    checkpointPath: Path
+    device: Device
+    sliceAxis: SliceAxis
+    useSliceRange: bool = False
+    sliceStart: Annotated[int, Minimum(0)] = 0
+    sliceEnd: Annotated[int, Minimum(0)] = 0
+    show3D: bool = False
+
+
+def _checkpointOf(parameterNode) -> Optional[Path]:
+    """The chosen checkpoint, or None (an empty Path field reads back as ".")."""
+    path = parameterNode.checkpointPath
+    return None if str(path) in ("", ".") else path
+
+
+#
+# Widget
+#
+
+
+class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._installing = None  # PipStepSequence while pip runs
+        self._probeLines = []
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/SAM2UNetSlicer.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = SAM2UNetSlicerLogic()
+        segmentation = self.logic.segmentation
+        segmentation.onLog = self._log
+        segmentation.onProgress = self._onProgress
+        segmentation.onFinished = self._onSegmentationFinished
+        self._probeRunner = SubprocessRunner()
+
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_INTERVAL_MS)
+        self._timer.connect("timeout()", self._poll)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.installButton.connect("clicked(bool)", self.onInstallButton)
+        self.ui.refreshDevicesButton.connect("clicked(bool)", self.probeDevices)
+        self.ui.checkpointPathLineEdit.connect("currentPathChanged(QString)", self.onCheckpointChanged)
+        self.ui.inputSelector.connect("currentNodeChanged(vtkMRMLNode*)", self._updateSliceLimits)
+        self.ui.sliceAxisComboBox.connect("currentIndexChanged(int)", self._updateSliceLimits)
+        self.ui.coreSourceLineEdit.text = qt.QSettings().value(SETTINGS_CORE_SOURCE, DEFAULT_CORE_SOURCE)
+        self.ui.coreSourceLineEdit.connect("editingFinished()", self._saveCoreSource)
+        self.ui.progressBar.setValue(0)
+
+        self.initializeParameterNode()
+        self.probeDevices()
+
+    def cleanup(self) -> None:
+        self.logic.segmentation.cancel()
+        self._probeRunner.cancel()
+        self._timer.stop()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.logic.segmentation.cancel()  # its nodes are about to disappear
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode:
+                self._parameterNode.inputVolume = firstVolumeNode
+        if _checkpointOf(self._parameterNode) is None:
+            remembered = qt.QSettings().value(SETTINGS_CHECKPOINT, "")
+            if remembered and Path(remembered).is_file():
+                self._parameterNode.checkpointPath = Path(remembered)
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self._updateSliceLimits()
+            self.onCheckpointChanged()
+            self._checkCanApply()
+
+    # ------------------------------------------------------------------ panel state
+    def _busy(self) -> bool:
+        return self.logic.segmentation.isRunning() or self._installing is not None
+
+    def _checkCanApply(self, caller=None, event=None) -> None:
+        parameterNode = self._parameterNode
+        reasons = []
+        if self._busy():
+            reasons.append(_("a run or an installation is in progress"))
+        if not parameterNode or not parameterNode.inputVolume:
+            reasons.append(_("select an input volume"))
+        checkpoint = _checkpointOf(parameterNode) if parameterNode else None
+        if checkpoint is None or not checkpoint.is_file():
+            reasons.append(_("choose a model checkpoint file"))
+        if parameterNode and parameterNode.useSliceRange and parameterNode.sliceEnd < parameterNode.sliceStart:
+            reasons.append(_("the last slice must not come before the first"))
+        self.ui.segmentButton.enabled = not reasons
+        self.ui.segmentButton.toolTip = _("Segment the input volume") if not reasons else "; ".join(reasons)
+        self.ui.cancelButton.enabled = self._busy()
+        self.ui.installButton.enabled = not self._busy()
+        self.ui.sliceStartSpinBox.enabled = bool(parameterNode and parameterNode.useSliceRange)
+        self.ui.sliceEndSpinBox.enabled = bool(parameterNode and parameterNode.useSliceRange)
+
+    def _updateSliceLimits(self, *unused) -> None:
+        """Limit the slice range to the slices of the input along the chosen axis."""
+        parameterNode = self._parameterNode
+        if not parameterNode or not parameterNode.inputVolume or not parameterNode.inputVolume.GetImageData():
+            return
+        volume = parameterNode.inputVolume
+        ijkToRas = vtk.vtkMatrix4x4()
+        volume.GetIJKToRASMatrix(ijkToRas)
+        count = sliceCountAlongAxis(slicer.util.arrayFromVTKMatrix(ijkToRas),
+                                    volume.GetImageData().GetDimensions(), parameterNode.sliceAxis)
+        self.ui.sliceStartSpinBox.maximum = count - 1
+        self.ui.sliceEndSpinBox.maximum = count - 1
+        self.ui.sliceRangeLabel.text = _("of {count} slices (0-based, inclusive)").format(count=count)
+
+    def onCheckpointChanged(self, *unused) -> None:
+        checkpoint = _checkpointOf(self._parameterNode) if self._parameterNode else None
+        if checkpoint is None:
+            self.ui.modelInfoLabel.text = _("No model chosen")
+            return
+        try:
+            metadata = readCheckpointMetadata(checkpoint)
+        except ModuleNotFoundError:
+            self.ui.modelInfoLabel.text = _("Model details appear once the dependencies are installed (Segment installs them).")
+            return
+        except ValueError as err:
+            self.ui.modelInfoLabel.text = str(err)
+            return
+        self.ui.modelInfoLabel.text = describeMetadata(metadata)
+        qt.QSettings().setValue(SETTINGS_CHECKPOINT, str(checkpoint))
+        self.ui.checkpointPathLineEdit.addCurrentPathToHistory()
+
+    def _saveCoreSource(self) -> None:
+        qt.QSettings().setValue(SETTINGS_CORE_SOURCE, self.ui.coreSourceLineEdit.text.strip() or DEFAULT_CORE_SOURCE)
+
+    def _log(self, text: str) -> None:
+        self.ui.logTextEdit.appendPlainText(text)
+
+    def _onProgress(self, done: int, total: int) -> None:
+        self.ui.progressBar.setRange(0, total)  # (0, 0): busy indicator until the size is known
+        self.ui.progressBar.setValue(done)
+        if total:
+            self.ui.statusLabel.text = _("Segmenting: slice {done} of {total}").format(done=done, total=total)
+
+    def _poll(self) -> None:
+        running = self.logic.segmentation.poll()  # its runner also runs the pip steps
+        running = self._probeRunner.poll() or running
+        if not running:
+            self._timer.stop()
+
+    # ------------------------------------------------------------------ devices
+    def probeDevices(self) -> None:
+        """Ask a child process which devices torch sees; the panel stays responsive."""
+        if self._probeRunner.isRunning():
+            return
+        self._probeLines = []
+        self.ui.deviceInfoLabel.text = _("Looking for GPUs...")
+        probeScript = Path(__file__).parent / "SAM2UNetSlicerLib" / "DeviceProbe.py"
+        try:
+            self._probeRunner.start([findPythonSlicer(), str(probeScript)], dict(os.environ),
+                                    self._probeLines.append, self._onProbeFinished)
+        except (OSError, RuntimeError) as err:
+            self.ui.deviceInfoLabel.text = _("Device probe failed: {error}").format(error=err)
+            return
+        self._timer.start()
+
+    def _onProbeFinished(self, returnCode: int) -> None:
+        self.ui.deviceInfoLabel.text = _("Found: {summary}").format(summary=parseProbeOutput(self._probeLines).summary())
+
+    # ------------------------------------------------------------------ segment
+    def onSegmentButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to prepare the dependencies.")):
+            if not self._ensureDependencies(then=self._startSegmentation):
+                return
+        self._startSegmentation()
+
+    def _startSegmentation(self) -> None:
+        parameterNode = self._parameterNode
+        sliceRange = (parameterNode.sliceStart, parameterNode.sliceEnd) if parameterNode.useSliceRange else None
+        params = RunParameters(_checkpointOf(parameterNode) or Path(), parameterNode.device,
+                               parameterNode.sliceAxis, sliceRange)
+        self.ui.logTextEdit.clear()
+        self.ui.timeLabel.text = ""
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
+            output = self.logic.segmentation.start(parameterNode.inputVolume, parameterNode.outputSegmentation,
+                                                   params, parameterNode.show3D)
+            parameterNode.outputSegmentation = output
+            self.ui.statusLabel.text = _("Starting...")
+            self._onProgress(0, 0)
+            self._timer.start()
+        self._checkCanApply()
+
+    def _onSegmentationFinished(self, result: RunResult) -> None:
+        self.ui.progressBar.setRange(0, 1)
+        self.ui.progressBar.setValue(1 if result.status is RunStatus.succeeded else 0)
+        self.ui.statusLabel.text = result.message
+        self.ui.timeLabel.text = _("{seconds:.1f} s").format(seconds=result.seconds)
+        self._log(f"{result.status.value}: {result.message} ({result.seconds:.1f} s)")
+        if result.status is RunStatus.failed:
+            slicer.util.errorDisplay(result.message, detailedText=self.ui.logTextEdit.toPlainText())
+        self._checkCanApply()
+
+    def onCancelButton(self) -> None:
+        if self._installing is not None:
+            self.logic.runner.cancel()
+            self._installing = None
+            self._log(_("Installation cancelled; packages installed so far stay."))
+        self.logic.segmentation.cancel()
+        self._checkCanApply()
+
+    # ------------------------------------------------------------------ dependencies
+    def onInstallButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to install the dependencies.")):
+            if self._ensureDependencies(then=None):
+                slicer.util.infoDisplay(_("All dependencies are already installed."))
+
+    def _ensureDependencies(self, then) -> bool:
+        """True when everything is installed; else asks, installs in the background and calls
+        ``then`` afterwards (if given). Returns False whenever ``then`` is not called now."""
+        requirements = readRequirements(Path(self.resourcePath("requirements.txt")))
+        pyTorchUtilsAvailable = importlib.util.find_spec("PyTorchUtils") is not None
+        plan = planInstall(requirements, installedVersions(),
+                           importlib.util.find_spec("sam2unet_core") is not None,
+                           pyTorchUtilsAvailable, self.ui.coreSourceLineEdit.text.strip() or DEFAULT_CORE_SOURCE)
+        if plan.isEmpty():
+            return True
+        if plan.torch is TorchAction.needPyTorchExtension:
+            slicer.util.errorDisplay(_(
+                "SAM2-UNet needs PyTorch. Install the 'PyTorch' extension with the Extensions Manager, "
+                "restart Slicer, then press Segment again."))
+            return False
+        if not slicer.util.confirmOkCancelDisplay(
+                _("SAM2-UNet needs these Python packages, which will be downloaded and installed into "
+                  "Slicer's Python (Slicer's own numpy and SimpleITK are kept):\n{plan}\n\nThis may take "
+                  "several minutes.").format(plan=plan.describe()),
+                windowTitle=_("Install SAM2-UNet dependencies")):
+            return False
+        if plan.torch is TorchAction.installWithPyTorchUtils:
+            self.ui.statusLabel.text = _("Installing PyTorch through the PyTorch extension...")
+            slicer.app.processEvents()
+            import PyTorchUtils
+
+            slicer.app.setOverrideCursor(qt.Qt.WaitCursor)
+            try:  # blocking: PyTorchUtils offers no background install
+                torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
+                                                                      torchVersionRequirement=TORCH_REQUIREMENT)
+            finally:
+                slicer.app.restoreOverrideCursor()
+            if torch is None:
+                raise RuntimeError(_("PyTorch was not installed; see the application log."))
+        if plan.steps:
+            self._startPipSteps(plan.steps, then)
+            return False
+        return True
+
+    def _startPipSteps(self, steps, then) -> None:
+        python = findPythonSlicer()
+        constraintsPath = Path(tempfile.mkdtemp(prefix="SAM2UNetSlicer-pip-")) / "constraints.txt"
+        constraintsPath.write_text("\n".join(constraintLines(installedVersions())) + "\n", encoding="utf-8")
+        commands = [(pipCommand(python, step, constraintsPath), {**os.environ, **step.env}) for step in steps]
+
+        def onDone(ok: bool, message: str) -> None:
+            self._installing = None
+            importlib.invalidate_caches()
+            self._onProgress(int(ok), 1)
+            self.ui.statusLabel.text = message.splitlines()[0]
+            self._log(message)
+            self._checkCanApply()
+            if not ok:
+                slicer.util.errorDisplay(_("Installing the dependencies failed. Check your internet "
+                                           "connection or the package source in Advanced, then try again."),
+                                         detailedText=self.ui.logTextEdit.toPlainText())
+                return
+            self.onCheckpointChanged()
+            if then is not None:
+                then()
+
+        self.ui.logTextEdit.clear()
+        self.ui.statusLabel.text = _("Installing Python packages...")
+        self._onProgress(0, 0)
+        self._installing = PipStepSequence(self.logic.runner, commands, self._log, onDone)
+        self._installing.start()
+        self._timer.start()
+        self._checkCanApply()
+
+
+#
+# Logic
+#
+
+
+class SAM2UNetSlicerLogic(ScriptedLoadableModuleLogic):
+    """Holds the parameter node and a ``SegmentationLogic`` bound to Slicer's modules."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.runner = SubprocessRunner()
+        self.segmentation = SegmentationLogic(slicer, vtk, self.runner)
+
+    def getParameterNode(self):
+        return SAM2UNetSlicerParameterNode(super().getParameterNode())
+
+    def segmentAndWait(self, inputVolume, outputSegmentation, params: RunParameters, show3D: bool = False,
+                       timeoutSeconds: float = 600.0, cancelAfterSeconds: Optional[float] = None) -> RunResult:
+        """Scripting and testing helper: run, keep the GUI alive, return the ``RunResult``."""
+        results = []
+        previous = self.segmentation.onFinished
+        self.segmentation.onFinished = results.append
+        try:
+            self.segmentation.start(inputVolume, outputSegmentation, params, show3D)
+            startTime = time.monotonic()
+            while not results:
+                elapsed = time.monotonic() - startTime
+                if cancelAfterSeconds is not None and elapsed > cancelAfterSeconds:
+                    self.segmentation.cancel()
+                elif elapsed > timeoutSeconds:
+                    self.segmentation.cancel()
+                    raise TimeoutError(f"segmentation took more than {timeoutSeconds} s")
+                self.segmentation.poll()
+                slicer.app.processEvents()
+                time.sleep(0.05)
+        finally:
+            self.segmentation.onFinished = previous
+        return results[0]
+
+
+#
+# Test
+#
+
+
+class SAM2UNetSlicerTest(ScriptedLoadableModuleTest):
+    """Self-test in a real Slicer: MRHead through a tiny random hiera_t model.
+
+    Needs torch and sam2unet_core in Slicer's Python (skipped otherwise) and downloads MRHead
+    through SampleData (cached afterwards).
+    """
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_segments_MRHead_into_named_coloured_segments()
+        self.setUp()
+        self.test_cancel_leaves_the_scene_as_it_was()
+
+    def _tinyCheckpoint(self) -> Path:
+        try:
+            import sam2unet_core
+            from sam2unet_core.metadata import Architecture, ModelMetadata, default_labels
+        except ImportError:
+            self.skipTest("sam2unet_core is not installed in Slicer's Python")
+        architecture = Architecture(backbone="hiera_t", num_classes=3, in_channels=3, freeze_encoder=False)
+        metadata = ModelMetadata(architecture=architecture, labels=default_labels(3, ["brain", "skin"]),
+                                 input_size=64, intensity={"kind": "percentile", "lower": 0.5, "upper": 99.5},
+                                 mean=[], std=[])
+        model = sam2unet_core.SAM2UNet(backbone="hiera_t", num_classes=3, in_channels=3, freeze_encoder=False)
+        path = Path(tempfile.mkdtemp(prefix="SAM2UNetSlicerTest-")) / "tiny.safetensors"
+        sam2unet_core.save_model(model, path, metadata)
+        return path
+
+    def _mrHead(self):
+        import SampleData
+
+        return SampleData.SampleDataLogic().downloadMRHead()
+
+    def test_segments_MRHead_into_named_coloured_segments(self):
+        checkpoint = self._tinyCheckpoint()
+        volume = self._mrHead()
+        logic = SAM2UNetSlicerLogic()
+        params = RunParameters(checkpoint, Device.cpu, SliceAxis.axial, (60, 63))
+        result = logic.segmentAndWait(volume, None, params, timeoutSeconds=300)
+        self.assertEqual(result.status, RunStatus.succeeded, result.message)
+        segmentationNode = result.segmentationNode
+        self.assertEqual(segmentationNode.GetName(), "MRHead segmentation")
+        segmentation = segmentationNode.GetSegmentation()
+        self.assertEqual([segmentation.GetSegment(i).GetName() for i in result.segmentIds], ["brain", "skin"])
+        self.assertEqual(len(result.segmentIds), segmentation.GetNumberOfSegments())
+        for segmentId in result.segmentIds:
+            mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volume)
+            self.assertEqual(mask.shape, slicer.util.arrayFromVolume(volume).shape)  # KJI, on the input grid
+        self.delayDisplay(f"Segmented in {result.seconds:.1f} s")
+
+    def test_cancel_leaves_the_scene_as_it_was(self):
+        checkpoint = self._tinyCheckpoint()
+        volume = self._mrHead()
+        nodeIdsBefore = {slicer.mrmlScene.GetNthNode(i).GetID() for i in range(slicer.mrmlScene.GetNumberOfNodes())}
+        logic = SAM2UNetSlicerLogic()
+        params = RunParameters(checkpoint, Device.cpu, SliceAxis.axial, None)
+        result = logic.segmentAndWait(volume, None, params, cancelAfterSeconds=1.0)
+        self.assertEqual(result.status, RunStatus.cancelled)
+        nodeIdsAfter = {slicer.mrmlScene.GetNthNode(i).GetID() for i in range(slicer.mrmlScene.GetNumberOfNodes())}
+        self.assertEqual(nodeIdsAfter, nodeIdsBefore)
+        self.assertIsNone(slicer.mrmlScene.GetFirstNodeByName("MRHead segmentation"))
+        logging.info("Cancel test passed")

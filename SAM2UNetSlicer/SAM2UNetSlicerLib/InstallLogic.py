@@ -1,0 +1,201 @@
+"""Decide and run the first-use installation of ``sam2unet_core`` into Slicer's Python.
+
+Rules:
+    * torch comes from the PyTorch extension (``PyTorchUtils.installTorch`` picks the CUDA
+      build that fits the driver); it is never pip-installed here.
+    * numpy, SimpleITK, torch and torchvision already in Slicer are never replaced: pip gets
+      a constraints file pinning their installed versions, so a dependency that would need
+      another version makes pip stop with a clear conflict instead of breaking Slicer.
+    * ``sam2unet_core`` and ``sam2`` go in with ``--no-deps`` (sam2 declares torchvision and a
+      torch pin; its CUDA extension is not needed: ``SAM2_BUILD_CUDA=0``), then the
+      remaining requirements of ``Resources/requirements.txt`` that are not yet satisfied.
+Every pip call runs in a background process through a ``ProcessRunnerProtocol``: the panel
+shows pip's output and stays responsive, on Slicer 5.10 and 5.12 alike.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.metadata
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .ProcessRunner import ProcessRunnerProtocol
+
+__all__ = [
+    "PROTECTED_PACKAGES",
+    "DEFAULT_CORE_SOURCE",
+    "TorchAction",
+    "PipStep",
+    "InstallPlan",
+    "readRequirements",
+    "installedVersions",
+    "planInstall",
+    "constraintLines",
+    "pipCommand",
+    "PipStepSequence",
+]
+
+PROTECTED_PACKAGES = ("numpy", "SimpleITK", "torch", "torchvision")
+DEFAULT_CORE_SOURCE = "sam2unet-core"  # a PyPI name, or a local wheel/source folder (offline)
+SAM2_REQUIREMENT = "sam2>=1.1.0"
+TORCH_REQUIREMENT = ">=2.5.1"  # what sam2 1.1.0 needs
+
+
+class TorchAction(enum.Enum):
+    ready = "ready"  # torch is importable
+    installWithPyTorchUtils = "installWithPyTorchUtils"
+    needPyTorchExtension = "needPyTorchExtension"  # tell the user to install the extension
+
+
+@dataclass
+class PipStep:
+    """One ``python -m pip`` call: ``pipArgs`` follow ``pip``; ``env`` adds variables."""
+
+    description: str
+    pipArgs: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class InstallPlan:
+    torch: TorchAction
+    steps: list[PipStep]
+
+    def isEmpty(self) -> bool:
+        return self.torch is TorchAction.ready and not self.steps
+
+    def describe(self) -> str:
+        """Text for the confirmation dialog."""
+        lines = []
+        if self.torch is TorchAction.installWithPyTorchUtils:
+            lines.append("PyTorch, through the PyTorch extension (a CUDA build when an NVIDIA GPU is found)")
+        for step in self.steps:
+            packages = [arg for arg in step.pipArgs[1:] if not arg.startswith("-")]
+            lines.append(f"{step.description}: {' '.join(packages)}")
+        return "\n".join(f"  - {line}" for line in lines)
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _requirementName(requirement: str) -> str:
+    match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement)
+    if not match:
+        raise ValueError(f"not a requirement: {requirement!r}")
+    return _canonical(match.group(1))
+
+
+def readRequirements(path: Path) -> list[str]:
+    """Requirement lines of a requirements file (comments, blank lines and options dropped)."""
+    lines = []
+    for raw in Path(path).read_text(encoding="utf-8").splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line and not line.startswith("-"):
+            lines.append(line)
+    return lines
+
+
+def installedVersions(names: Iterable[str] | None = None) -> dict[str, str]:
+    """Canonical distribution name -> version for what this Python has installed."""
+    versions = {}
+    for dist in importlib.metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            versions[_canonical(name)] = dist.version
+    if names is not None:
+        wanted = {_canonical(n) for n in names}
+        versions = {k: v for k, v in versions.items() if k in wanted}
+    return versions
+
+
+def _isSatisfied(requirement: str, installed: dict[str, str]) -> bool:
+    version = installed.get(_requirementName(requirement))
+    if version is None:
+        return False
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # no packaging module: presence is all we can check
+        return True
+    return Requirement(requirement).specifier.contains(version, prereleases=True)
+
+
+def planInstall(requirements: list[str], installed: dict[str, str], coreInstalled: bool,
+                pyTorchUtilsAvailable: bool, coreSource: str = DEFAULT_CORE_SOURCE) -> InstallPlan:
+    """What must be installed before the first run.
+
+    ``installed`` maps canonical names to versions (``installedVersions()``);
+    ``coreInstalled`` says whether ``sam2unet_core`` is importable.
+    """
+    if "torch" in installed:
+        torch = TorchAction.ready
+    elif pyTorchUtilsAvailable:
+        torch = TorchAction.installWithPyTorchUtils
+    else:
+        torch = TorchAction.needPyTorchExtension
+
+    steps = []
+    noDeps = [] if coreInstalled else [coreSource]
+    if not _isSatisfied(SAM2_REQUIREMENT, installed):
+        noDeps.append(SAM2_REQUIREMENT)
+    if noDeps:
+        steps.append(PipStep("SAM2-UNet packages (without their dependencies)",
+                             ["install", "--no-deps", "--no-build-isolation", *noDeps],
+                             {"SAM2_BUILD_CUDA": "0"}))
+    protected = {_canonical(name) for name in PROTECTED_PACKAGES}
+    missing = [req for req in requirements
+               if _requirementName(req) not in protected and not _isSatisfied(req, installed)]
+    if missing:
+        steps.append(PipStep("their dependencies", ["install", *missing]))
+    return InstallPlan(torch, steps)
+
+
+def constraintLines(installed: dict[str, str]) -> list[str]:
+    """Pins for the protected packages that are installed, e.g. ``numpy==1.26.4``."""
+    return [f"{name}=={installed[_canonical(name)]}" for name in PROTECTED_PACKAGES
+            if _canonical(name) in installed]
+
+
+def pipCommand(python: str, step: PipStep, constraintsPath: Path) -> list[str]:
+    return [python, "-m", "pip", *step.pipArgs, "-c", str(constraintsPath), "--disable-pip-version-check"]
+
+
+class PipStepSequence:
+    """Runs pip commands one after the other with one runner; stops at the first failure.
+
+    ``onDone(ok, message)`` is called once, on the polling thread.
+    """
+
+    def __init__(self, runner: ProcessRunnerProtocol, commands: list[tuple[list[str], dict[str, str]]],
+                 onLog: Callable[[str], None], onDone: Callable[[bool, str], None]) -> None:
+        self._runner = runner
+        self._commands = list(commands)
+        self._onLog = onLog
+        self._onDone = onDone
+        self._lastLines: list[str] = []
+
+    def start(self) -> None:
+        self._next()
+
+    def _next(self) -> None:
+        if not self._commands:
+            self._onDone(True, "Installation finished")
+            return
+        args, env = self._commands.pop(0)
+        self._onLog("$ " + " ".join(args))
+        self._runner.start(args, env, self._line, self._finished)
+
+    def _line(self, line: str) -> None:
+        self._lastLines = (self._lastLines + [line])[-5:]
+        self._onLog(line)
+
+    def _finished(self, returnCode: int) -> None:
+        if returnCode != 0:
+            self._commands = []
+            tail = "\n".join(self._lastLines)
+            self._onDone(False, f"pip stopped with exit code {returnCode}:\n{tail}")
+            return
+        self._next()
