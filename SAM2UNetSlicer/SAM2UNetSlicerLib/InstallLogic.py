@@ -30,6 +30,8 @@ __all__ = [
     "TorchAction",
     "PipStep",
     "InstallPlan",
+    "SAM2_REQUIREMENT",
+    "TORCH_REQUIREMENT",
     "readRequirements",
     "installedVersions",
     "planInstall",

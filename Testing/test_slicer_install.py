@@ -1,0 +1,142 @@
+"""Install decisions of SAM2UNetSlicer: what goes through PyTorchUtils, what through pip, and
+that Slicer's own numpy and SimpleITK are never replaced."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from packaging.requirements import Requirement
+
+from slicer_fakes import MODULE_DIR, FakeRunner
+from SAM2UNetSlicerLib.InstallLogic import (
+    DEFAULT_CORE_SOURCE,
+    PROTECTED_PACKAGES,
+    PipStepSequence,
+    TorchAction,
+    constraintLines,
+    installedVersions,
+    pipCommand,
+    planInstall,
+    readRequirements,
+)
+
+REQUIREMENTS = readRequirements(MODULE_DIR / "Resources" / "requirements.txt")
+FRESH_SLICER = {"numpy": "1.26.4", "simpleitk": "2.4.0", "pip": "24.0"}  # canonical names
+
+
+def everythingInstalled() -> dict[str, str]:
+    installed = dict(FRESH_SLICER, torch="2.5.1+cu124", sam2="1.1.0")
+    for requirement in REQUIREMENTS:
+        parsed = Requirement(requirement)
+        installed[parsed.name.lower()] = str(next(iter(parsed.specifier)).version)  # the minimum itself
+    return installed
+
+
+def allPipArguments(plan) -> list[str]:
+    return [arg for step in plan.steps for arg in step.pipArgs]
+
+
+def test_module_requirements_parse_and_leave_slicer_packages_alone() -> None:
+    assert REQUIREMENTS, "Resources/requirements.txt lists nothing"
+    names = {Requirement(line).name.lower() for line in REQUIREMENTS}
+    assert not names & {name.lower() for name in PROTECTED_PACKAGES}
+    assert "safetensors" in names and "hydra-core" in names
+
+
+def test_fresh_slicer_gets_torch_from_pytorchutils_then_two_pip_steps() -> None:
+    requirements = REQUIREMENTS + ["numpy>=2.0", "SimpleITK>=2.5", "torch>=2.6"]  # must never reach pip
+    plan = planInstall(requirements, FRESH_SLICER, coreInstalled=False, pyTorchUtilsAvailable=True)
+    assert plan.torch is TorchAction.installWithPyTorchUtils
+    noDeps, dependencies = plan.steps
+    assert noDeps.pipArgs[:3] == ["install", "--no-deps", "--no-build-isolation"]
+    assert DEFAULT_CORE_SOURCE in noDeps.pipArgs and "sam2>=1.1.0" in noDeps.pipArgs
+    assert noDeps.env == {"SAM2_BUILD_CUDA": "0"}
+    assert dependencies.pipArgs == ["install", *REQUIREMENTS]
+    lowered = [arg.lower() for arg in allPipArguments(plan)]
+    assert not [arg for arg in lowered if arg.startswith(("numpy", "simpleitk", "torch"))]
+    described = plan.describe()
+    assert "PyTorch extension" in described and "sam2unet-core" in described and "safetensors" in described
+
+
+def test_missing_torch_without_the_pytorch_extension_is_reported() -> None:
+    plan = planInstall(REQUIREMENTS, FRESH_SLICER, coreInstalled=False, pyTorchUtilsAvailable=False)
+    assert plan.torch is TorchAction.needPyTorchExtension
+
+
+def test_nothing_to_do_when_everything_is_installed_and_recent_enough() -> None:
+    plan = planInstall(REQUIREMENTS, everythingInstalled(), coreInstalled=True, pyTorchUtilsAvailable=False)
+    assert plan.isEmpty()
+    assert plan.steps == []
+
+
+def test_only_missing_or_too_old_packages_are_installed() -> None:
+    installed = everythingInstalled()
+    installed["nibabel"] = "4.0.2"  # requirements ask >=5.2
+    del installed["safetensors"]
+    plan = planInstall(REQUIREMENTS, installed, coreInstalled=True, pyTorchUtilsAvailable=True)
+    assert plan.torch is TorchAction.ready
+    [step] = plan.steps
+    assert [Requirement(arg).name for arg in step.pipArgs[1:]] == ["safetensors", "nibabel"]  # file order
+
+
+def test_offline_source_replaces_the_package_name(tmp_path: Path) -> None:
+    wheel = str(tmp_path / "sam2unet_core-0.1.0-py3-none-any.whl")
+    installed = dict(everythingInstalled())
+    plan = planInstall(REQUIREMENTS, installed, coreInstalled=False, pyTorchUtilsAvailable=True, coreSource=wheel)
+    [step] = plan.steps
+    assert step.pipArgs == ["install", "--no-deps", "--no-build-isolation", wheel]
+
+
+def test_constraints_pin_the_installed_protected_packages(tmp_path: Path) -> None:
+    lines = constraintLines({"numpy": "1.26.4", "simpleitk": "2.4.0", "torch": "2.5.1+cu124", "scipy": "1.13"})
+    assert lines == ["numpy==1.26.4", "SimpleITK==2.4.0", "torch==2.5.1+cu124"]
+    for line in lines:
+        Requirement(line)  # valid pip syntax
+    plan = planInstall(REQUIREMENTS, FRESH_SLICER, coreInstalled=False, pyTorchUtilsAvailable=True)
+    command = pipCommand("/opt/Slicer/bin/PythonSlicer", plan.steps[1], tmp_path / "c.txt")
+    assert command[:4] == ["/opt/Slicer/bin/PythonSlicer", "-m", "pip", "install"]
+    assert command[command.index("-c") + 1] == str(tmp_path / "c.txt")
+
+
+def test_installed_versions_reads_this_python() -> None:
+    versions = installedVersions(["NumPy", "pytest"])
+    assert versions["numpy"] == np.__version__
+    assert set(versions) == {"numpy", "pytest"}
+
+
+def test_pip_steps_run_in_order_and_report_success() -> None:
+    runner, logs, done = FakeRunner(), [], []
+    commands = [(["python", "-m", "pip", "install", "a"], {"X": "1"}), (["python", "-m", "pip", "install", "b"], {})]
+    sequence = PipStepSequence(runner, commands, logs.append, lambda ok, message: done.append((ok, message)))
+    sequence.start()
+    assert runner.args[-1] == "a" and runner.started[0][1] == {"X": "1"}
+    runner.emit("Successfully installed a-1.0")
+    runner.finish(0)
+    runner.poll()
+    assert runner.args[-1] == "b" and done == []
+    runner.finish(0)
+    runner.poll()
+    assert done == [(True, "Installation finished")]
+    assert logs[0] == "$ python -m pip install a" and "Successfully installed a-1.0" in logs
+
+
+def test_pip_failure_stops_the_sequence_with_the_last_output() -> None:
+    runner, done = FakeRunner(), []
+    commands = [(["pip", "install", "a"], {}), (["pip", "install", "b"], {})]
+    PipStepSequence(runner, commands, lambda line: None, lambda ok, message: done.append((ok, message))).start()
+    runner.emit("ERROR: Cannot install a because these package versions have conflicting dependencies.")
+    runner.finish(1)
+    runner.poll()
+    [(ok, message)] = done
+    assert not ok
+    assert "exit code 1" in message and "conflicting dependencies" in message
+    assert len(runner.started) == 1  # b never started
+
+
+@pytest.mark.parametrize("line", ["# comment", "", "   ", "-r other.txt", "--index-url https://x"])
+def test_requirement_files_skip_comments_and_options(tmp_path: Path, line: str) -> None:
+    path = tmp_path / "requirements.txt"
+    path.write_text(f"{line}\nscipy>=1.10  # trailing comment\n", encoding="utf-8")
+    assert readRequirements(path) == ["scipy>=1.10"]
