@@ -3,7 +3,7 @@
 2D (``image_metrics``): the metrics of the official SAM2-UNet ``eval.py`` through
 ``pysodmetrics``. ``mDice``/``mIoU`` are the *threshold-averaged* scores the paper reports:
 the prediction (grey values 0-255) is binarised at each of 256 thresholds, Dice/IoU is
-computed per threshold and averaged. ``Dice@0.5`` binarises at 128 (p > 0.5). Also the
+computed per threshold and averaged. ``Dice@0.5`` binarises at p > 0.5 (pixel > 127). Also the
 S-measure, weighted F-measure, mean E-measure and MAE. All these are per-image values whose
 mean over images equals the dataset value of the official script.
 
@@ -64,26 +64,29 @@ class DiceAccumulator:
         return float(np.mean(scores)) if scores else float("nan")
 
 
+def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Dice of two boolean masks; 1.0 when both are empty."""
+    total = int(pred.sum()) + int(gt.sum())
+    return 1.0 if total == 0 else 2.0 * float(np.logical_and(pred, gt).sum()) / total
+
+
 def image_metrics(pred_u8: np.ndarray, gt_u8: np.ndarray) -> dict[str, float]:
     """Metrics of one 2D prediction, as in the official ``eval.py``.
 
     Args:
         pred_u8: ``(H, W)`` uint8 probability map (0-255) or binary mask (0/255).
-        gt_u8: ``(H, W)`` uint8 mask; pixels > 127 are foreground (pysodmetrics' rule).
+        gt_u8: ``(H, W)`` uint8 mask; pixels > 128 are foreground (pysodmetrics' rule).
+
+    As in the official evaluation, pysodmetrics min-max normalises each prediction before
+    the threshold-averaged and structural metrics. ``Dice@0.5`` does not: it is the Dice of
+    ``pred > 127`` (p > 0.5, the model's label rule) against the mask.
     """
     import py_sod_metrics as sod
 
     if pred_u8.shape != gt_u8.shape:
         raise ValueError(f"prediction shape {pred_u8.shape} differs from ground truth {gt_u8.shape}")
     gray = dict(with_adaptive=False, with_dynamic=True)
-    binary = dict(with_adaptive=False, with_dynamic=False, with_binary=True, sample_based=True)
-    curves = sod.FmeasureV2(
-        metric_handlers={
-            "dice": sod.DICEHandler(**gray),
-            "iou": sod.IOUHandler(**gray),
-            "bidice": sod.DICEHandler(**binary),
-        }
-    )
+    curves = sod.FmeasureV2(metric_handlers={"dice": sod.DICEHandler(**gray), "iou": sod.IOUHandler(**gray)})
     others = {"sm": sod.Smeasure(), "wfm": sod.WeightedFmeasure(), "em": sod.Emeasure(), "mae": sod.MAE()}
     curves.step(pred=pred_u8, gt=gt_u8)
     for metric in others.values():
@@ -92,7 +95,7 @@ def image_metrics(pred_u8: np.ndarray, gt_u8: np.ndarray) -> dict[str, float]:
     return {
         "mDice": float(res["dice"]["dynamic"].mean()),
         "mIoU": float(res["iou"]["dynamic"].mean()),
-        "Dice@0.5": float(np.asarray(res["bidice"]["binary"]).mean()),
+        "Dice@0.5": _dice(pred_u8 > 127, gt_u8 > 128),
         "Smeasure": float(others["sm"].get_results()["sm"]),
         "wFmeasure": float(others["wfm"].get_results()["wfm"]),
         "meanEm": float(others["em"].get_results()["em"]["curve"].mean()),
@@ -135,7 +138,7 @@ def volume_metrics(
             score = 1.0 if both_empty else 0.0
             results[int(value)] = {"Dice": score, "HD95": 0.0 if both_empty else float("nan"), "SurfaceDice": score}
             continue
-        dice = 2.0 * np.logical_and(pred, gt).sum() / (n_pred + n_gt)
+        dice = _dice(pred, gt)
         # (B=1, C=1, *spatial) boolean tensors; MONAI ignores the background channel only
         # when include_background=False, so pass the foreground channel alone and keep it.
         pred_t = torch.from_numpy(pred)[None, None]

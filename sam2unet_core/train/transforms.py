@@ -50,7 +50,8 @@ class LoadCased(MapTransform):
     """Read an image/label pair with ``sam2unet_core.io`` and put the slicing axis first.
 
     Pictures (PNG/JPEG, K == 1) keep a colour axis: image ``(1, H, W[, 3])``; the mask
-    becomes {0, 1} (pixels > 127, or > 0 for 0/1 masks; any channel of an RGB mask).
+    becomes {0, 1}: pixels > 128 as in the evaluation (> 0 for 0/1 masks), any channel of
+    an RGB mask.
     Volumes: image ``(S, A, B)`` float32 = the KJI array with axis ``slice_axis`` moved first
     (channel ``channel`` of multi-modal images); label the same shape, int64.
     """
@@ -70,7 +71,7 @@ class LoadCased(MapTransform):
         if self.picture:
             mask = labels.max(axis=-1) if labels.ndim == 4 else labels  # (1, H, W)
             d["image"] = image.array_kji.astype(np.float32)
-            d["label"] = (mask > (127 if mask.max() > 1 else 0)).astype(np.int64)
+            d["label"] = (mask > (128 if mask.max() > 1 else 0)).astype(np.int64)
             return d
         array = image.array_kji
         if array.ndim == 4:
