@@ -229,11 +229,16 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         parameterNode = self._parameterNode
         if not parameterNode or not parameterNode.inputVolume or not parameterNode.inputVolume.GetImageData():
             return
+        try:
+            from sam2unet_core.io.orientation import plane_view  # the CLI's own rule
+        except ModuleNotFoundError:
+            self.ui.sliceRangeLabel.text = _("(checked when the run starts)")
+            return
         volume = parameterNode.inputVolume
         ijkToRas = vtk.vtkMatrix4x4()
         volume.GetIJKToRASMatrix(ijkToRas)
         count = sliceCountAlongAxis(slicer.util.arrayFromVTKMatrix(ijkToRas),
-                                    volume.GetImageData().GetDimensions(), parameterNode.sliceAxis)
+                                    volume.GetImageData().GetDimensions(), parameterNode.sliceAxis, plane_view)
         self.ui.sliceStartSpinBox.maximum = count - 1
         self.ui.sliceEndSpinBox.maximum = count - 1
         self.ui.sliceRangeLabel.text = _("of {count} slices (0-based, inclusive)").format(count=count)

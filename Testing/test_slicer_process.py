@@ -144,6 +144,9 @@ def test_predict_arguments_without_slice_range_and_environment_untouched(tmp_pat
     params = RunParameters(tmp_path / "m.safetensors", Device.mps, SliceAxis.sagittal)
     args = buildPredictArgs("python", tmp_path / "in.nrrd", tmp_path / "out", params)
     assert "--slice-range" not in args
+    ranged = buildPredictArgs("python", tmp_path / "in.nrrd", tmp_path / "out",
+                              RunParameters(tmp_path / "m.safetensors", sliceRange=(3, 5)))
+    assert ranged[ranged.index("--slice-range") + 1] == "3:6"  # inclusive 3..5 -> half-open 3:6
     assert args[args.index("--axis") + 1] == "sagittal" and args[args.index("--device") + 1] == "mps"
     base = {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0"}
     env = processEnvironment(base, Device.mps)
@@ -152,18 +155,21 @@ def test_predict_arguments_without_slice_range_and_environment_untouched(tmp_pat
     assert processEnvironment(base, Device.cpu)["CUDA_VISIBLE_DEVICES"] == ""
 
 
-def test_slice_count_follows_the_anatomical_axis_not_the_array_order() -> None:
+def test_slice_count_follows_the_anatomical_axis_as_the_cli_counts_it() -> None:
+    from sam2unet_core.io.orientation import plane_view
+
     dimensionsIjk = (256, 200, 40)
     axialAcquisition = np.diag([0.7, 0.7, 3.0, 1.0])
-    assert sliceCountAlongAxis(axialAcquisition, dimensionsIjk, SliceAxis.axial) == 40
-    assert sliceCountAlongAxis(axialAcquisition, dimensionsIjk, SliceAxis.coronal) == 200
-    assert sliceCountAlongAxis(axialAcquisition, dimensionsIjk, SliceAxis.sagittal) == 256
+    assert sliceCountAlongAxis(axialAcquisition, dimensionsIjk, SliceAxis.axial, plane_view) == 40
+    assert sliceCountAlongAxis(axialAcquisition, dimensionsIjk, SliceAxis.coronal, plane_view) == 200
+    assert sliceCountAlongAxis(axialAcquisition, dimensionsIjk, SliceAxis.sagittal, plane_view) == 256
     # Sagittal acquisition: I runs anterior-posterior, J superior-inferior, K left-right.
     sagittalAcquisition = np.array([[0, 0, -1.0, 0], [-1.0, 0, 0, 0], [0, -1.0, 0, 0], [0, 0, 0, 1]])
-    assert sliceCountAlongAxis(sagittalAcquisition, dimensionsIjk, SliceAxis.axial) == 200
-    assert sliceCountAlongAxis(sagittalAcquisition, dimensionsIjk, SliceAxis.sagittal) == 40
+    assert sliceCountAlongAxis(sagittalAcquisition, dimensionsIjk, SliceAxis.axial, plane_view) == 200
+    assert sliceCountAlongAxis(sagittalAcquisition, dimensionsIjk, SliceAxis.sagittal, plane_view) == 40
     # Oblique by 20 degrees: still the closest voxel axis.
-    assert sliceCountAlongAxis(slicer_fakes.obliqueIjkToRas(degrees=(20, 0, 0)), dimensionsIjk, SliceAxis.axial) == 40
+    oblique = slicer_fakes.obliqueIjkToRas(degrees=(20, 0, 0))
+    assert sliceCountAlongAxis(oblique, dimensionsIjk, SliceAxis.axial, plane_view) == 40
 
 
 def test_probe_output_parsing_and_summaries() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -45,16 +46,12 @@ class SliceAxis(enum.Enum):
         return self.name.capitalize()
 
 
-# RAS axis (0=R, 1=A, 2=S) that is normal to the slices of each anatomical axis.
-_NORMAL_RAS_AXIS = {SliceAxis.sagittal: 0, SliceAxis.coronal: 1, SliceAxis.axial: 2}
-
-
 @dataclass
 class RunParameters:
     """Everything ``sam2unet-predict`` needs besides the input and output paths.
 
-    ``sliceRange`` is ``(first, last)``, 0-based and inclusive, counted along ``sliceAxis``;
-    ``None`` segments every slice.
+    ``sliceRange`` is ``(first, last)``, 0-based and inclusive voxel indices along the volume
+    axis that ``sliceAxis`` selects; ``None`` segments every slice.
     """
 
     checkpointPath: Path
@@ -85,7 +82,8 @@ def buildPredictArgs(python: str, inputPath: Path, outputDir: Path, params: RunP
         "--progress", "jsonl",
     ]
     if params.sliceRange is not None:
-        args += ["--slice-range", str(params.sliceRange[0]), str(params.sliceRange[1])]
+        first, last = params.sliceRange
+        args += ["--slice-range", f"{first}:{last + 1}"]  # the CLI takes half-open START:STOP
     return args
 
 
@@ -100,15 +98,17 @@ def processEnvironment(baseEnvironment: dict[str, str], device: Device) -> dict[
     return env
 
 
-def sliceCountAlongAxis(ijkToRas: np.ndarray, dimensionsIjk: tuple[int, int, int], axis: SliceAxis) -> int:
-    """Number of slices of a volume along an anatomical axis.
+def sliceCountAlongAxis(ijkToRas: np.ndarray, dimensionsIjk: tuple[int, int, int], axis: SliceAxis,
+                        planeView: Callable[[np.ndarray, str], Any]) -> int:
+    """Number of slices of a volume along an anatomical axis, as ``sam2unet-predict`` counts them.
 
     ``ijkToRas`` is the 4x4 IJK-to-RAS matrix, ``dimensionsIjk`` the size along I, J, K (VTK
-    order, not the KJI order of numpy arrays). The voxel axis whose direction is closest to the
-    axis normal (S for axial, A for coronal, R for sagittal) counts the slices; this also works
-    for oblique volumes.
+    order, not the KJI order of numpy arrays). ``planeView`` is
+    ``sam2unet_core.io.orientation.plane_view`` (passed in: the same rule as the CLI, also
+    for oblique volumes); it takes the LPS direction matrix (columns i, j, k).
     """
-    directions = np.asarray(ijkToRas, dtype=float)[:3, :3]
-    directions = directions / np.linalg.norm(directions, axis=0, keepdims=True)  # unit column per IJK axis
-    voxelAxis = int(np.argmax(np.abs(directions[_NORMAL_RAS_AXIS[axis], :])))
-    return int(dimensionsIjk[voxelAxis])
+    matrix = np.asarray(ijkToRas, dtype=float)[:3, :3]
+    directionRas = matrix / np.linalg.norm(matrix, axis=0, keepdims=True)  # unit column per IJK axis
+    directionLps = np.diag([-1.0, -1.0, 1.0]) @ directionRas
+    shapeKji = tuple(int(d) for d in reversed(dimensionsIjk))
+    return shapeKji[planeView(directionLps, axis.value).slice_array_axis]
