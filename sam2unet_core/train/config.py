@@ -39,8 +39,7 @@ class DataConfig:
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # after intensity
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     context_slices: int = 0  # volume: 2.5D, the model sees 2c+1 neighbouring slices
-    slice_axis: int = 0  # volume: array (KJI) axis to slice along; 0 = k (axial for most scans)
-    image_channel: int = 0  # volume: which channel of multi-modal images to use
+    plane: str = "axial"  # volume: slice plane (axial, coronal, sagittal), as sam2unet-predict --axis
     foreground_fraction: float = 0.5  # volume: share of samples drawn from foreground slices
     samples_per_epoch: int = 0  # volume: 0 = number of slices in the training cases
     cache: str = "memory"  # volume: "memory" (CacheDataset), "disk" (PersistentDataset), "none"

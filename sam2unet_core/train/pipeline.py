@@ -129,7 +129,7 @@ def build_training_data(config: TrainConfig) -> TrainingData:
         context = data.context_slices
         in_channels = 3 if context == 0 else 2 * context + 1
         label_names = dataset.label_names[1:]
-    load = [LoadCased(picture, data.slice_axis, data.image_channel), IntensityNormalized(data.intensity)]
+    load = [LoadCased(picture, data.plane), IntensityNormalized(data.intensity)]
     if picture:  # cache pictures at network size
         load += [StackSlicesd(0, in_channels), ResizeToNetworkd(data.input_size)]
     logger.info("loading %d training and %d validation cases", len(train_cases), len(val_cases))
@@ -151,6 +151,7 @@ def build_training_data(config: TrainConfig) -> TrainingData:
         val = _AllSlices(val_base, Compose([*slice_steps, normalize]))
     facts = {
         "dataset": str(Path(data.root).resolve()),
+        "plane": data.plane if not picture else None,
         "train_cases": [c.name for c in train_cases],
         "val_cases": [c.name for c in val_cases],
     }

@@ -6,8 +6,8 @@ intensity per volume -> 2.5D slice stack -> bilinear resize -> per-channel mean/
 Augmentation runs between the resize and the mean/std step.
 
 Sample dicts hold ``"image"`` and ``"label"``:
-    * loaded: image ``(S, A, B)`` (or ``(1, H, W, 3)`` for colour pictures) with the slicing
-      axis first (KJI when ``slice_axis == 0``), label ``(S, A, B)`` int64;
+    * loaded: image ``(S, A, B)`` (or ``(1, H, W, 3)`` for colour pictures) = slices of the
+      chosen anatomical plane as the inference engine sees them, label ``(S, A, B)`` int64;
     * after :class:`StackSlicesd`: image ``(C, A, B)`` float32, label ``(1, A, B)``;
     * after :class:`ResizeToNetworkd`: ``(C, n, n)`` and ``(1, n, n)`` torch tensors.
 """
@@ -31,6 +31,7 @@ from monai.transforms import (
     Transform,
 )
 
+from sam2unet_core.io.orientation import PLANES, plane_view
 from sam2unet_core.io.readers import read_volume
 from sam2unet_core.preprocessing import normalize_channels, normalize_intensity, resize_batch, stack_slices
 
@@ -47,20 +48,21 @@ __all__ = [
 
 
 class LoadCased(MapTransform):
-    """Read an image/label pair with ``sam2unet_core.io`` and put the slicing axis first.
+    """Read an image/label pair with ``sam2unet_core.io``.
 
     Pictures (PNG/JPEG, K == 1) keep a colour axis: image ``(1, H, W[, 3])``; the mask
     becomes {0, 1}: pixels > 128 as in the evaluation (> 0 for 0/1 masks), any channel of
     an RGB mask.
-    Volumes: image ``(S, A, B)`` float32 = the KJI array with axis ``slice_axis`` moved first
-    (channel ``channel`` of multi-modal images); label the same shape, int64.
+    Volumes: the KJI arrays are viewed as ``(slice, row, column)`` stacks of the anatomical
+    ``plane`` exactly as the inference engine does (``io.orientation.plane_view``, from the
+    direction matrix): image float32, label int64, same shape.
     """
 
-    def __init__(self, picture: bool, slice_axis: int = 0, channel: int = 0) -> None:
+    def __init__(self, picture: bool, plane: str = "axial") -> None:
         super().__init__(keys=("image", "label"))
-        if slice_axis not in (0, 1, 2):
-            raise ValueError(f"slice_axis must be 0, 1 or 2 (a KJI array axis), got {slice_axis}")
-        self.picture, self.slice_axis, self.channel = picture, slice_axis, channel
+        if plane not in PLANES:
+            raise ValueError(f"plane must be one of {sorted(PLANES)}, got {plane!r}")
+        self.picture, self.plane = picture, plane
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -73,15 +75,14 @@ class LoadCased(MapTransform):
             d["image"] = image.array_kji.astype(np.float32)
             d["label"] = (mask > (128 if mask.max() > 1 else 0)).astype(np.int64)
             return d
-        array = image.array_kji
-        if array.ndim == 4:
-            if not 0 <= self.channel < array.shape[3]:
-                raise ValueError(f"{d['image']} has {array.shape[3]} channels, data.image_channel={self.channel}")
-            array = array[..., self.channel]
+        if image.num_channels != 1:
+            raise ValueError(f"{d['image']} has {image.num_channels} channels; training takes one "
+                             "modality per volume (write one channel per image file)")
         if labels.ndim != 3 or not np.allclose(labels, np.round(labels)):
             raise ValueError(f"{d['label']} is not a label map (one channel of integer values expected)")
-        d["image"] = np.moveaxis(array.astype(np.float32), self.slice_axis, 0)
-        d["label"] = np.moveaxis(np.round(labels).astype(np.int64), self.slice_axis, 0)
+        view = plane_view(image.direction_lps, self.plane)
+        d["image"] = np.ascontiguousarray(view.to_plane(image.array_kji.astype(np.float32)))
+        d["label"] = np.ascontiguousarray(view.to_plane(np.round(labels).astype(np.int64)))
         return d
 
 
