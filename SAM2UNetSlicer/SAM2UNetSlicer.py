@@ -8,6 +8,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -119,6 +120,8 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._installing = None  # PipStepSequence while pip runs
         self._probeLines = []
+        self._shownCheckpoint = None  # what modelInfoLabel describes
+        self._sliceLimitsFor = None  # (volume ID, axis) the slice spin boxes are limited for
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -145,9 +148,6 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.installButton.connect("clicked(bool)", self.onInstallButton)
         self.ui.refreshDevicesButton.connect("clicked(bool)", self.probeDevices)
-        self.ui.checkpointPathLineEdit.connect("currentPathChanged(QString)", self.onCheckpointChanged)
-        self.ui.inputSelector.connect("currentNodeChanged(vtkMRMLNode*)", self._updateSliceLimits)
-        self.ui.sliceAxisComboBox.connect("currentIndexChanged(int)", self._updateSliceLimits)
         self.ui.coreSourceLineEdit.text = qt.QSettings().value(SETTINGS_CORE_SOURCE, DEFAULT_CORE_SOURCE)
         self.ui.coreSourceLineEdit.connect("editingFinished()", self._saveCoreSource)
         self.ui.progressBar.setValue(0)
@@ -168,7 +168,7 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
         self.logic.segmentation.cancel()  # its nodes are about to disappear
@@ -192,20 +192,34 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-            self._updateSliceLimits()
-            self.onCheckpointChanged()
-            self._checkCanApply()
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+            self._shownCheckpoint = self._sliceLimitsFor = None
+            self._onParameterNodeModified()
+
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        """Parameter node changed (from the GUI or a script): refresh what depends on it."""
+        parameterNode = self._parameterNode
+        if parameterNode:
+            checkpoint = _checkpointOf(parameterNode)
+            if checkpoint != self._shownCheckpoint:
+                self._shownCheckpoint = checkpoint
+                self.onCheckpointChanged()
+            volume = parameterNode.inputVolume
+            limitsFor = (volume.GetID() if volume else None, parameterNode.sliceAxis)
+            if limitsFor != self._sliceLimitsFor:
+                self._sliceLimitsFor = limitsFor
+                self._updateSliceLimits()
+        self._checkCanApply()
 
     # ------------------------------------------------------------------ panel state
     def _busy(self) -> bool:
         return self.logic.segmentation.isRunning() or self._installing is not None
 
-    def _checkCanApply(self, caller=None, event=None) -> None:
+    def _checkCanApply(self) -> None:
         parameterNode = self._parameterNode
         reasons = []
         if self._busy():
@@ -224,7 +238,7 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.sliceStartSpinBox.enabled = bool(parameterNode and parameterNode.useSliceRange)
         self.ui.sliceEndSpinBox.enabled = bool(parameterNode and parameterNode.useSliceRange)
 
-    def _updateSliceLimits(self, *unused) -> None:
+    def _updateSliceLimits(self) -> None:
         """Limit the slice range to the slices of the input along the chosen axis."""
         parameterNode = self._parameterNode
         if not parameterNode or not parameterNode.inputVolume or not parameterNode.inputVolume.GetImageData():
@@ -243,7 +257,7 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.sliceEndSpinBox.maximum = count - 1
         self.ui.sliceRangeLabel.text = _("of {count} slices (0-based, inclusive)").format(count=count)
 
-    def onCheckpointChanged(self, *unused) -> None:
+    def onCheckpointChanged(self) -> None:
         checkpoint = _checkpointOf(self._parameterNode) if self._parameterNode else None
         if checkpoint is None:
             self.ui.modelInfoLabel.text = _("No model chosen")
@@ -267,6 +281,7 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.logTextEdit.appendPlainText(text)
 
     def _onProgress(self, done: int, total: int) -> None:
+        self.ui.progressBar.format = _("%v / %m slices")
         self.ui.progressBar.setRange(0, total)  # (0, 0): busy indicator until the size is known
         self.ui.progressBar.setValue(done)
         if total:
@@ -320,9 +335,13 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._timer.start()
         self._checkCanApply()
 
-    def _onSegmentationFinished(self, result: RunResult) -> None:
+    def _showDone(self, ok: bool) -> None:
+        self.ui.progressBar.format = "%p%"
         self.ui.progressBar.setRange(0, 1)
-        self.ui.progressBar.setValue(1 if result.status is RunStatus.succeeded else 0)
+        self.ui.progressBar.setValue(1 if ok else 0)
+
+    def _onSegmentationFinished(self, result: RunResult) -> None:
+        self._showDone(result.status is RunStatus.succeeded)
         self.ui.statusLabel.text = result.message
         self.ui.timeLabel.text = _("{seconds:.1f} s").format(seconds=result.seconds)
         self._log(f"{result.status.value}: {result.message} ({result.seconds:.1f} s)")
@@ -334,6 +353,8 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._installing is not None:
             self.logic.runner.cancel()
             self._installing = None
+            self._showDone(False)
+            self.ui.statusLabel.text = _("Installation cancelled")
             self._log(_("Installation cancelled; packages installed so far stay."))
         self.logic.segmentation.cancel()
         self._checkCanApply()
@@ -391,8 +412,9 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         def onDone(ok: bool, message: str) -> None:
             self._installing = None
+            shutil.rmtree(constraintsPath.parent, ignore_errors=True)
             importlib.invalidate_caches()
-            self._onProgress(int(ok), 1)
+            self._showDone(ok)
             self.ui.statusLabel.text = message.splitlines()[0]
             self._log(message)
             self._checkCanApply()
@@ -401,13 +423,15 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                            "connection or the package source in Advanced, then try again."),
                                          detailedText=self.ui.logTextEdit.toPlainText())
                 return
-            self.onCheckpointChanged()
+            self._shownCheckpoint = self._sliceLimitsFor = None  # now readable with sam2unet_core
+            self._onParameterNodeModified()
+            self.probeDevices()
             if then is not None:
                 then()
 
         self.ui.logTextEdit.clear()
         self.ui.statusLabel.text = _("Installing Python packages...")
-        self._onProgress(0, 0)
+        self.ui.progressBar.setRange(0, 0)  # busy: pip gives no overall progress
         self._installing = PipStepSequence(self.logic.runner, commands, self._log, onDone)
         self._installing.start()
         self._timer.start()

@@ -1,7 +1,7 @@
 """Turn the label map file written by ``sam2unet-predict`` into named, coloured segments.
 
 Conventions at this boundary:
-    * SimpleITK reads the file: arrays are KJI (slice, row, column), geometry is LPS.
+    * ``sam2unet_core.io.read_volume`` reads the file: arrays KJI, ``affine_ras`` gives RAS.
     * Slicer volumes: ``GetIJKToRASMatrix`` is RAS; ``arrayFromVolume``/``updateVolumeFromArray``
       are KJI; ``GetImageData().GetDimensions()`` is IJK.
 The label array is written onto a label volume cloned from the *input* volume, so the
@@ -30,7 +30,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _TEMPORARY_LABEL_NAME = "__SAM2UNetSlicer_labels__"
 
 
@@ -43,25 +42,14 @@ class LabelLike(Protocol):
 
 
 def readLabelFile(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read a 3D label map. Returns ``(labels_kji, ijkToRas)``: the array in KJI order and the
-    4x4 IJK-to-RAS matrix of the file (converted from ITK's LPS)."""
-    import SimpleITK as sitk  # in Slicer's Python; imported lazily (no work at import)
+    """Read a 3D label map with ``sam2unet_core``'s reader. Returns ``(labels_kji, ijkToRas)``:
+    the array in KJI order and the file's 4x4 IJK-to-RAS matrix."""
+    from sam2unet_core.io import affine_ras, read_volume  # installed with the module's dependencies
 
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as err:
-        raise RuntimeError(f"cannot read the label map {path}: {err}") from err
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError(
-            f"label map {path} has {image.GetDimension()} dimensions and "
-            f"{image.GetNumberOfComponentsPerPixel()} components; expected a 3D scalar image"
-        )
-    labelsKji = sitk.GetArrayFromImage(image)  # (K, J, I)
-    directionLps = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
-    ijkToLps = np.eye(4)
-    ijkToLps[:3, :3] = directionLps @ np.diag(image.GetSpacing())
-    ijkToLps[:3, 3] = image.GetOrigin()
-    return labelsKji, _LPS_TO_RAS @ ijkToLps
+    volume = read_volume(path)
+    if volume.array_kji.ndim != 3:
+        raise ValueError(f"label map {path} has array shape {volume.array_kji.shape}; expected (K, J, I)")
+    return volume.array_kji, affine_ras(volume)
 
 
 def volumeIjkToRas(slicer: Any, vtk: Any, volumeNode: Any) -> np.ndarray:
@@ -103,6 +91,8 @@ def importLabels(slicer: Any, vtk: Any, labelPath: Path, inputVolume: Any, segme
     whose name already exists is overwritten; others are added. On failure every segment this
     call added is removed again and the error is raised. Returns the segment IDs, in label order.
     """
+    from sam2unet_core.io import label_dtype
+
     labelsKji, labelIjkToRas = readLabelFile(labelPath)
     dimensionsIjk = inputVolume.GetImageData().GetDimensions()
     checkSameGrid(labelPath, labelsKji, labelIjkToRas, dimensionsIjk, volumeIjkToRas(slicer, vtk, inputVolume))
@@ -129,7 +119,7 @@ def importLabels(slicer: Any, vtk: Any, labelPath: Path, inputVolume: Any, segme
         # A label volume cloned from the input: same geometry and parent transform.
         labelNode = slicer.modules.volumes.logic().CreateAndAddLabelVolume(inputVolume, _TEMPORARY_LABEL_NAME)
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(inputVolume)
-        dtype = np.uint8 if labelsKji.max(initial=0) <= np.iinfo(np.uint8).max else np.uint16
+        dtype = label_dtype(int(labelsKji.max(initial=0)))  # never int64: Slicer refuses it
         slicer.util.updateVolumeFromArray(labelNode, labelsKji.astype(dtype, copy=False))
         if not slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelNode, segmentationNode, idArray):
             raise RuntimeError(f"Slicer could not import the label map {labelPath} into {segmentationNode.GetName()}")
