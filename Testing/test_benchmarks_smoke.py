@@ -1,0 +1,98 @@
+"""Smoke tests of the benchmark scripts on a tiny configuration (hiera_t, 64 px, one
+iteration): the printed table and the JSON fields exist and hold sane values. No timing is
+asserted (the machine is shared)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def benchmarks(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    import benchmarks.bench_model
+    import benchmarks.bench_volume
+    import benchmarks.common
+
+    return benchmarks
+
+
+def test_setting_names_parse_and_bad_ones_are_rejected(benchmarks) -> None:
+    setting = benchmarks.common.parse_setting("bf16-cl-compile-b8")
+    assert (setting.precision, setting.channels_last, setting.compile, setting.batch) == (
+        "bf16", True, True, 8)
+    assert setting.autocast_dtype is torch.bfloat16
+    assert benchmarks.common.parse_setting("tf32").tf32
+    for bad in ("fp64", "bf16-fast", "fp32-b0"):
+        with pytest.raises(ValueError, match=bad.split("-")[-1]):
+            benchmarks.common.parse_setting(bad)
+
+
+def test_agreement_counts_flipped_pixels(benchmarks) -> None:
+    reference = torch.full((1, 1, 4, 4), -1.0)
+    reference[..., :2, :2] = 2.0  # 4 foreground pixels
+    same = benchmarks.common.agreement(reference.clone(), reference)
+    assert same["dice"] == 1.0 and same["max_abs_logit_diff"] == 0.0
+    changed = reference.clone()
+    changed[0, 0, 0, 0] = -0.5  # one foreground pixel lost
+    result = benchmarks.common.agreement(changed, reference)
+    assert result["dice"] == pytest.approx(2 * 3 / 7)
+    assert result["pixels_differ"] == pytest.approx(1 / 16)
+    assert result["max_abs_logit_diff"] == pytest.approx(2.5)
+
+
+def test_bench_model_prints_every_setting_and_writes_json(benchmarks, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "model.json"
+    code = benchmarks.bench_model.main([
+        "--backbone", "hiera_t", "--size", "64", "--batch", "2", "--iters", "1", "--repeats", "1",
+        "--warmup", "0", "--settings", "fp32", "bf16-cl", "--peak-flops", "1e11",
+        "--train", "--train-settings", "fp32", "--train-batch", "2", "--json", str(out),
+    ])
+    assert code == 0
+    printed = capsys.readouterr().out
+    for field in ("img/s", "x base", "FLOP%", "peak MB", "Dice", "gflop_per_img_forward"):
+        assert field in printed
+    data = json.loads(out.read_text())
+    assert data["header"]["gflop_per_img_forward"] > 0
+    rows = {(r["kind"], r["setting"]): r for r in data["results"]}
+    assert set(rows) == {("inference", "fp32-b1"), ("inference", "fp32"),
+                         ("inference", "bf16-cl"), ("training", "fp32")}
+    for row in rows.values():
+        assert "error" not in row, row
+        assert row["img_per_s"] > 0 and row["peak_memory_mb"] > 0 and 0 < row["flop_fraction"]
+    # fp32 eager is the reference itself: identical labels whatever the batch
+    assert rows[("inference", "fp32-b1")]["speedup_vs_baseline"] == 1.0
+    assert rows[("inference", "fp32")]["dice"] == 1.0 and rows[("inference", "fp32")]["passed"]
+    assert 0.9 < rows[("inference", "bf16-cl")]["dice"] <= 1.0
+    training = rows[("training", "fp32")]
+    assert training["first_loss_rel_diff"] < 1e-4
+    assert training["gflop_per_img"] > data["header"]["gflop_per_img_forward"]
+
+
+def test_bench_model_rejects_unknown_setting(benchmarks, capsys) -> None:
+    assert benchmarks.bench_model.main(["--settings", "fp33"]) == 2
+    assert "fp33" in capsys.readouterr().err
+
+
+def test_bench_volume_reports_each_stage(benchmarks, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "volume.json"
+    code = benchmarks.bench_volume.main([
+        "--backbone", "hiera_t", "--size", "64", "--shape", "48", "40", "3", "--batch-size", "2",
+        "--repeats", "1", "--workdir", str(tmp_path / "work"), "--json", str(out),
+    ])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "slices/s" in printed and "model stage" in printed
+    data = json.loads(out.read_text())
+    (run,) = data["runs"]
+    assert run["slices"] == 3
+    assert set(run["stages_s"]) == {"setup", "read", "preprocess", "model", "postprocess",
+                                    "write", "other"}
+    assert run["stages_s"]["model"] > 0 and run["wall_s"] >= run["stages_s"]["model"]
+    assert data["summary"]["mixed"]["slices_per_s"] > 0
