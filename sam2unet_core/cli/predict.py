@@ -21,7 +21,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from ..device import DEVICE_CHOICES, describe_device
+from ..inference.engine import Predictor
 from ..inference.postprocess import POSTPROCESS_STEPS
 from ..io.cases import Case, find_cases, select_part
 from ..io.dicom import list_dicom_series
@@ -175,8 +178,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
 
-    from ..inference.engine import Predictor
-
     try:
         predictor = Predictor(args.model, device=args.device, batch_size=args.batch_size,
                               mixed_precision=not args.no_mixed_precision)
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run_cases(
     cases: list[Case],
     args: argparse.Namespace,
-    predictor: Any,
+    predictor: Predictor,
     reporter: Reporter,
     slice_range: tuple[int, int] | None,
     records: list[dict[str, Any]],
@@ -247,9 +248,9 @@ def _run_cases(
             current = pending
             pending = pool.submit(read, todo[index + 1][0]) if index + 1 < len(todo) else None
             record: dict[str, Any] = {"case": case.name, "input": str(case.path)}
-            started = time.perf_counter()
             try:
-                volume, read_seconds = current.result()
+                volume, read_seconds = current.result()  # read while the last case ran
+                started = time.perf_counter()
                 record.update(_predict_case(case, volume, paths, args, predictor, reporter,
                                             slice_range))
                 record["timings"] = {"read": round(read_seconds, 3), **record["timings"]}
@@ -262,6 +263,8 @@ def _run_cases(
                 reporter.say(f"{case.name}: {seconds:.2f}s ({stages}) -> {paths[0]}")
             except Exception as err:  # noqa: BLE001 - one bad case must not stop the batch
                 message = str(err) if str(case.path) in str(err) else f"{case.path}: {err}"
+                if isinstance(err, torch.cuda.OutOfMemoryError):
+                    message += f" (GPU out of memory: try --batch-size {max(1, args.batch_size // 2)})"
                 logger.debug("case %s failed", case.name, exc_info=True)
                 record.update(status="failed", error=message)
                 reporter.event(event="case_error", case=case.name, error=message)
@@ -275,7 +278,7 @@ def _predict_case(
     volume: Volume,
     paths: list[Path],
     args: argparse.Namespace,
-    predictor: Any,
+    predictor: Predictor,
     reporter: Reporter,
     slice_range: tuple[int, int] | None,
 ) -> dict[str, Any]:

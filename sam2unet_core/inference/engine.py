@@ -29,6 +29,7 @@ from ..io.orientation import PlaneView, plane_view
 from ..io.volume import Volume, label_dtype
 from ..metadata import ModelMetadata
 from ..preprocessing import (
+    IntensityMapping,
     apply_intensity,
     fit_intensity,
     normalize_channels,
@@ -135,6 +136,28 @@ class Predictor:
                 total = probs if total is None else total + probs
         return total / len(flips)
 
+    def _prepare(
+        self, image: np.ndarray, start: int, end: int, mapping: IntensityMapping
+    ) -> torch.Tensor:
+        """View slices ``start:end`` of ``(S, H, W[, C])`` -> model input ``(B, C, S, S)`` on
+        the device: stacking, intensity, copy (pinned, asynchronous on CUDA), resize,
+        mean/std."""
+        meta = self.metadata
+        stacked = stack_slices(image, range(start, end), meta.context_slices,
+                               meta.architecture.in_channels)
+        batch = torch.from_numpy(apply_intensity(stacked, mapping))  # (B, C, H, W)
+        if self.device.type == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        else:
+            batch = batch.to(self.device)
+        batch = resize_batch(batch, (meta.input_size, meta.input_size))
+        return normalize_channels(batch, meta.mean, meta.std)
+
+    def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Queue a copy to the CPU; on CUDA it is asynchronous (pinned memory), so the
+        caller must synchronise the stream before reading it."""
+        return tensor.to("cpu", non_blocking=self.device.type == "cuda")
+
     def _labels(self, probs: torch.Tensor) -> torch.Tensor:
         """``(B, N, H, W)`` probabilities -> ``(B, H, W)`` integer labels."""
         if self.num_classes == 1:
@@ -192,30 +215,33 @@ class Predictor:
 
         started = time.perf_counter()
         mapping = fit_intensity(volume.array_kji, meta.intensity)
+        batches = [(start, min(start + self.batch_size, stop))
+                   for start in range(first, stop, self.batch_size)]
+        batch = self._prepare(image, *batches[0], mapping) if batches else None
         times.preprocess += time.perf_counter() - started
-        size = (meta.input_size, meta.input_size)
-        in_channels = meta.architecture.in_channels
-        total = stop - first
-        for start in range(first, stop, self.batch_size):
-            end = min(start + self.batch_size, stop)
+        for number, (start, end) in enumerate(batches):
+            # One-deep pipeline: on CUDA the forward pass and the copies back are queued
+            # asynchronously, the next batch is prepared on the CPU meanwhile, then we wait.
             tick = time.perf_counter()
-            stacked = stack_slices(image, range(start, end), meta.context_slices, in_channels)
-            batch = torch.from_numpy(apply_intensity(stacked, mapping))  # (B, C, H, W)
-            if self.device.type == "cuda":
-                batch = batch.pin_memory().to(self.device, non_blocking=True)
-            else:
-                batch = batch.to(self.device)
-            batch = normalize_channels(resize_batch(batch, size), meta.mean, meta.std)
-            tock = time.perf_counter()
             probs = resize_batch(self._probabilities(batch, tta), (height, width))
-            labels_view[start:end] = self._labels(probs).cpu().numpy()
+            labels_out = self._to_host(self._labels(probs))
+            probs_out = None
             if probabilities_view is not None:
                 channels_last = probs[:, 0] if out_channels == 1 else probs.permute(0, 2, 3, 1)
-                probabilities_view[start:end] = channels_last.cpu().numpy()
-            times.preprocess += tock - tick
-            times.model += time.perf_counter() - tock
+                probs_out = self._to_host(channels_last)
+            queued = time.perf_counter()
+            if number + 1 < len(batches):
+                batch = self._prepare(image, *batches[number + 1], mapping)
+            prepared = time.perf_counter()
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+            labels_view[start:end] = labels_out.numpy()
+            if probs_out is not None:
+                probabilities_view[start:end] = probs_out.numpy()
+            times.preprocess += prepared - queued
+            times.model += (queued - tick) + (time.perf_counter() - prepared)
             if progress is not None:
-                progress(end - first, total)
+                progress(end - first, stop - first)
 
         if postprocess:
             tick = time.perf_counter()
