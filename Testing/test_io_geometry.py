@@ -189,3 +189,25 @@ def test_sheared_affine_keeps_its_shear_through_nibabel(tmp_path: Path) -> None:
     spacing, origin, direction = geometry_from_affine_ras(affine)
     volume = Volume(np.zeros((2, 2, 2), np.uint8), spacing, origin, direction)
     np.testing.assert_allclose(affine_ras(volume), affine, atol=1e-12)
+
+
+REAL_NIFTI = [
+    Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii",  # LAS, big-endian int16
+    Path(nib.__file__).parent / "tests" / "data" / "reoriented_anat_moved.nii",  # RAS float
+    Path(nib.__file__).parent / "tests" / "data" / "standard.nii.gz",  # sform only
+]
+
+
+@pytest.mark.parametrize("path", REAL_NIFTI, ids=lambda p: p.name)
+def test_real_nifti_files_read_like_simpleitk_and_write_back_their_affine(
+    path: Path, tmp_path: Path
+) -> None:
+    volume = read_volume(path)
+    reference = sitk.ReadImage(str(path))
+    assert_geometry(reference, volume)
+    np.testing.assert_array_equal(volume.array_kji, sitk.GetArrayFromImage(reference))
+    labels = volume.with_array((volume.array_kji > np.median(volume.array_kji)).astype(np.uint8))
+    written = nib.load(write_labels(labels, tmp_path / "labels.nii.gz"))
+    np.testing.assert_allclose(written.affine, nib.load(path).affine, atol=1e-4)
+    assert written.shape == nib.load(path).shape
+    assert nib.aff2axcodes(written.affine) == nib.aff2axcodes(nib.load(path).affine)
