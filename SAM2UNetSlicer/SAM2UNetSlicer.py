@@ -50,6 +50,7 @@ from SAM2UNetSlicerLib.SegmentationLogic import RunResult, RunStatus, Segmentati
 SETTINGS_CHECKPOINT = "SAM2UNetSlicer/CheckpointPath"
 SETTINGS_CORE_SOURCE = "SAM2UNetSlicer/CoreSource"
 POLL_INTERVAL_MS = 100
+_UNSET = object()  # "not shown yet", unlike None ("nothing chosen")
 
 
 #
@@ -120,8 +121,9 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._installing = None  # PipStepSequence while pip runs
         self._probeLines = []
-        self._shownCheckpoint = None  # what modelInfoLabel describes
-        self._sliceLimitsFor = None  # (volume ID, axis) the slice spin boxes are limited for
+        self._deviceReport = None  # DeviceReport of the last probe
+        self._shownCheckpoint = _UNSET  # what modelInfoLabel describes
+        self._sliceLimitsFor = _UNSET  # (volume ID, axis) the slice spin boxes are limited for
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -197,7 +199,7 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
-            self._shownCheckpoint = self._sliceLimitsFor = None
+            self._shownCheckpoint = self._sliceLimitsFor = _UNSET
             self._onParameterNodeModified()
 
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
@@ -231,6 +233,11 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             reasons.append(_("choose a model checkpoint file"))
         if parameterNode and parameterNode.useSliceRange and parameterNode.sliceEnd < parameterNode.sliceStart:
             reasons.append(_("the last slice must not come before the first"))
+        report = self._deviceReport
+        if parameterNode and report and report.torchVersion and (
+                (parameterNode.device is Device.cuda and not report.cudaDevices)
+                or (parameterNode.device is Device.mps and not report.mps)):
+            reasons.append(_("{device} is not available here (see Device)").format(device=parameterNode.device.label()))
         self.ui.segmentButton.enabled = not reasons
         self.ui.segmentButton.toolTip = _("Segment the input volume") if not reasons else "; ".join(reasons)
         self.ui.cancelButton.enabled = self._busy()
@@ -310,7 +317,9 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.start()
 
     def _onProbeFinished(self, returnCode: int) -> None:
-        self.ui.deviceInfoLabel.text = _("Found: {summary}").format(summary=parseProbeOutput(self._probeLines).summary())
+        self._deviceReport = parseProbeOutput(self._probeLines)
+        self.ui.deviceInfoLabel.text = _("Found: {summary}").format(summary=self._deviceReport.summary())
+        self._checkCanApply()
 
     # ------------------------------------------------------------------ segment
     def onSegmentButton(self) -> None:
@@ -423,7 +432,7 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                            "connection or the package source in Advanced, then try again."),
                                          detailedText=self.ui.logTextEdit.toPlainText())
                 return
-            self._shownCheckpoint = self._sliceLimitsFor = None  # now readable with sam2unet_core
+            self._shownCheckpoint = self._sliceLimitsFor = _UNSET  # now readable with sam2unet_core
             self._onParameterNodeModified()
             self.probeDevices()
             if then is not None:

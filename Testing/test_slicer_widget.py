@@ -1,0 +1,261 @@
+"""SAM2UNetSlicer.py itself (Widget and Logic) on fake slicer/qt/vtk modules: when Segment is
+enabled, a run and a cancel through the buttons, the first-use installation decisions."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from slicer_fakes import FakeRunner, installFakeSlicerModules, obliqueIjkToRas
+
+from sam2unet_core import SAM2UNet, save_model
+from sam2unet_core.metadata import Architecture, ModelMetadata, default_labels
+
+SHAPE_KJI = (6, 16, 20)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    metadata = ModelMetadata(architecture=Architecture(backbone="hiera_t", num_classes=3),
+                             labels=default_labels(3, ["liver", "spleen"]), input_size=64)
+    path = tmp_path_factory.mktemp("widget") / "organs.safetensors"
+    save_model(SAM2UNet(backbone="hiera_t", num_classes=3), path, metadata)
+    return path
+
+
+class Panel:
+    """The module widget set up on the fakes, with FakeRunners for every process."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, confirm: bool = True) -> None:
+        self.slicer = installFakeSlicerModules(monkeypatch, confirm=confirm)
+        self.module = importlib.import_module("SAM2UNetSlicer")
+        self.runners: list[FakeRunner] = []
+
+        def newRunner(cwd=None) -> FakeRunner:
+            self.runners.append(FakeRunner())
+            return self.runners[-1]
+
+        monkeypatch.setattr(self.module, "SubprocessRunner", newRunner)
+        monkeypatch.setattr(self.module, "findPythonSlicer", lambda: sys.executable)
+        monkeypatch.setattr("SAM2UNetSlicerLib.SegmentationLogic.findPythonSlicer", lambda: sys.executable)
+        self.widget = self.module.SAM2UNetSlicerWidget()
+        self.widget.setup()
+        self.ui = self.widget.ui
+        self.logicRunner, self.probeRunner = self.runners
+
+    @property
+    def parameters(self):
+        return self.widget._parameterNode
+
+    def addVolume(self, name: str = "CT"):
+        return self.slicer.mrmlScene.addVolume(name, np.zeros(SHAPE_KJI, np.int16), obliqueIjkToRas())
+
+    def answerProbe(self, cuda: list[str]) -> None:
+        self.probeRunner.emit(json.dumps({"probe": "sam2unet-device-probe", "torch": "2.5.1", "cuda": cuda,
+                                          "mps": False, "error": ""}))
+        self.probeRunner.finish(0)
+        self.widget._poll()
+
+    def nodeNames(self) -> list[str]:
+        return [node.GetName() for node in self.slicer.mrmlScene.nodes]
+
+
+@pytest.fixture
+def panel(monkeypatch: pytest.MonkeyPatch) -> Panel:
+    return Panel(monkeypatch)
+
+
+def test_segment_is_enabled_only_when_it_can_run(panel: Panel, checkpoint: Path) -> None:
+    assert panel.probeRunner.args[-1].endswith("DeviceProbe.py")
+    assert not panel.ui.segmentButton.enabled
+    assert "select an input volume" in panel.ui.segmentButton.toolTip
+    assert panel.ui.modelInfoLabel.text == "No model chosen"
+
+    panel.parameters.inputVolume = panel.addVolume()
+    assert not panel.ui.segmentButton.enabled
+    assert panel.ui.segmentButton.toolTip == "choose a model checkpoint file"
+
+    panel.parameters.checkpointPath = checkpoint
+    assert panel.ui.segmentButton.enabled
+    assert "liver, spleen" in panel.ui.modelInfoLabel.text and "hiera_t" in panel.ui.modelInfoLabel.text
+    assert "64 x 64" in panel.ui.modelInfoLabel.text
+    assert panel.ui.sliceEndSpinBox.maximum == 5  # 6 axial slices in the oblique test volume
+    assert not panel.ui.sliceStartSpinBox.enabled
+
+    panel.parameters.useSliceRange = True
+    panel.parameters.sliceStart, panel.parameters.sliceEnd = 4, 2
+    assert not panel.ui.segmentButton.enabled and "last slice" in panel.ui.segmentButton.toolTip
+    panel.parameters.useSliceRange = False
+
+    panel.answerProbe(cuda=[])
+    assert panel.ui.deviceInfoLabel.text == "Found: torch 2.5.1: CPU"
+    panel.parameters.device = panel.module.Device.cuda
+    assert not panel.ui.segmentButton.enabled and "CUDA GPU is not available" in panel.ui.segmentButton.toolTip
+    panel.parameters.device = panel.module.Device.auto
+    assert panel.ui.segmentButton.enabled
+
+
+def test_checkpoint_is_remembered_across_sessions(monkeypatch: pytest.MonkeyPatch, checkpoint: Path) -> None:
+    first = Panel(monkeypatch)
+    first.parameters.checkpointPath = checkpoint
+    settings = dict(first.module.qt.QSettings.store)
+    assert first.ui.checkpointPathLineEdit.historyAdds == 1
+
+    second = Panel(monkeypatch)  # a new Slicer session: fresh scene and parameter node
+    monkeypatch.setattr(second.module.qt.QSettings, "store", settings)
+    second.widget.initializeParameterNode()
+    assert second.parameters.checkpointPath == checkpoint
+
+
+def test_segment_then_cancel_through_the_buttons_leaves_the_scene_as_it_was(panel: Panel, checkpoint: Path) -> None:
+    volume = panel.addVolume()
+    panel.widget.initializeParameterNode()  # picks the first volume
+    assert panel.parameters.inputVolume is volume
+    panel.parameters.checkpointPath = checkpoint
+
+    panel.ui.segmentButton.emit("clicked(bool)", False)
+    assert panel.logicRunner.argument("-m") == str(checkpoint)
+    assert panel.nodeNames() == ["CT", "CT segmentation"]
+    assert panel.parameters.outputSegmentation.GetName() == "CT segmentation"
+    assert panel.ui.cancelButton.enabled and not panel.ui.segmentButton.enabled
+    assert panel.widget._timer.active
+
+    panel.logicRunner.emit(json.dumps({"event": "case_start", "case": "input", "slices": 6}),
+                           json.dumps({"event": "slices", "case": "input", "done": 2, "total": 6}))
+    panel.widget._poll()
+    assert (panel.ui.progressBar.value, panel.ui.progressBar.maximum) == (2, 6)
+    assert panel.ui.statusLabel.text == "Segmenting: slice 2 of 6"
+
+    panel.ui.cancelButton.emit("clicked(bool)", False)
+    assert panel.logicRunner.cancelled == 1
+    assert panel.nodeNames() == ["CT"]
+    assert panel.parameters.outputSegmentation is None
+    assert panel.ui.segmentButton.enabled and not panel.ui.cancelButton.enabled
+    assert panel.ui.statusLabel.text == "Cancelled"
+    assert panel.slicer.dialogs == []
+
+
+def test_successful_run_shows_segments_time_and_log(panel: Panel, checkpoint: Path) -> None:
+    panel.parameters.inputVolume = panel.addVolume("Liver CT")
+    panel.parameters.checkpointPath = checkpoint
+    panel.ui.segmentButton.emit("clicked(bool)", False)
+    inputPath = Path(panel.logicRunner.argument("-i"))
+    outputPath = Path(panel.logicRunner.argument("-o")) / "input.nii.gz"
+    outputPath.parent.mkdir()
+    labels = sitk.GetImageFromArray(np.ones(SHAPE_KJI, np.uint8))
+    labels.CopyInformation(sitk.ReadImage(str(inputPath)))
+    sitk.WriteImage(labels, str(outputPath))
+    panel.logicRunner.emit(json.dumps({"event": "case_done", "case": "input", "output": str(outputPath), "seconds": 1}))
+    panel.logicRunner.finish(0)
+    panel.widget._poll()
+
+    output = panel.parameters.outputSegmentation
+    assert output.GetName() == "Liver CT segmentation"
+    assert [s.name for s in output.GetSegmentation().segments.values()] == ["liver", "spleen"]
+    assert panel.ui.statusLabel.text == "2 segment(s) in Liver CT segmentation"
+    assert panel.ui.timeLabel.text.endswith(" s")
+    assert panel.ui.logTextEdit.lines[-1].startswith("succeeded: ")
+    assert (panel.ui.progressBar.value, panel.ui.progressBar.maximum) == (1, 1)
+
+
+def test_failed_run_shows_an_error_with_the_log(panel: Panel, checkpoint: Path) -> None:
+    panel.parameters.inputVolume = panel.addVolume()
+    panel.parameters.checkpointPath = checkpoint
+    panel.ui.segmentButton.emit("clicked(bool)", False)
+    panel.logicRunner.emit(json.dumps({"event": "case_error", "case": "input", "error": "CUDA out of memory"}))
+    panel.logicRunner.finish(1)
+    panel.widget._poll()
+    [(kind, text)] = panel.slicer.dialogs
+    assert kind == "error" and "CUDA out of memory" in text
+    assert panel.nodeNames() == ["CT"]
+
+
+def fakeEnvironment(monkeypatch: pytest.MonkeyPatch, module, installed: dict[str, str], pyTorchUtils: bool,
+                    coreInstalled: bool) -> list[dict]:
+    """Pretend which packages Slicer's Python has; returns the recorded installTorch calls."""
+    realFindSpec = importlib.util.find_spec
+    hidden = {"PyTorchUtils": pyTorchUtils, "sam2unet_core": coreInstalled}
+    monkeypatch.setattr(module.importlib.util, "find_spec",
+                        lambda name, *args: (object() if hidden[name] else None) if name in hidden else realFindSpec(name, *args))
+    monkeypatch.setattr(module, "installedVersions", lambda names=None: dict(installed))
+    calls: list[dict] = []
+
+    class PyTorchUtilsLogic:
+        def installTorch(self, **kwargs):
+            calls.append(kwargs)
+            installed["torch"] = "2.5.1+cu124"
+            return SimpleNamespace(__version__="2.5.1+cu124")
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
+    return calls
+
+
+def test_without_torch_or_the_pytorch_extension_the_user_is_told_what_to_install(panel: Panel, monkeypatch, checkpoint) -> None:
+    fakeEnvironment(monkeypatch, panel.module, {"numpy": "1.26.4"}, pyTorchUtils=False, coreInstalled=False)
+    panel.parameters.inputVolume = panel.addVolume()
+    panel.parameters.checkpointPath = checkpoint
+    panel.ui.segmentButton.emit("clicked(bool)", False)
+    [(kind, text)] = panel.slicer.dialogs
+    assert kind == "error" and "'PyTorch' extension" in text
+    assert panel.logicRunner.started == [] and panel.nodeNames() == ["CT"]
+
+
+def test_first_use_installs_after_confirmation_then_segments(panel: Panel, monkeypatch, checkpoint) -> None:
+    installed = {"numpy": "1.26.4", "simpleitk": "2.4.0"}
+    torchCalls = fakeEnvironment(monkeypatch, panel.module, installed, pyTorchUtils=True, coreInstalled=False)
+    panel.parameters.inputVolume = panel.addVolume()
+    panel.parameters.checkpointPath = checkpoint
+    panel.ui.segmentButton.emit("clicked(bool)", False)
+
+    [(kind, text)] = panel.slicer.dialogs
+    assert kind == "confirm" and "PyTorch extension" in text and "numpy and SimpleITK are kept" in text
+    assert torchCalls == [{"askConfirmation": False, "torchVersionRequirement": ">=2.5.1"}]
+    args, env = panel.logicRunner.started[0]
+    assert args[1:7] == ["-m", "pip", "install", "--no-deps", "--no-build-isolation", "sam2unet-core"]
+    assert env["SAM2_BUILD_CUDA"] == "0"
+    constraintsPath = Path(args[args.index("-c") + 1])
+    constraints = constraintsPath.read_text(encoding="utf-8").split()
+    assert constraints == ["numpy==1.26.4", "SimpleITK==2.4.0", "torch==2.5.1+cu124"]
+    assert panel.ui.cancelButton.enabled and not panel.ui.segmentButton.enabled
+
+    panel.logicRunner.emit("Successfully installed sam2unet-core-0.1.0 sam2-1.1.0")
+    panel.logicRunner.finish(0)
+    panel.widget._poll()
+    args, env = panel.logicRunner.started[1]
+    assert args[3] == "install" and "safetensors>=0.4" in args and "SAM2_BUILD_CUDA" not in env
+    panel.logicRunner.finish(0)
+    panel.widget._poll()
+    args, env = panel.logicRunner.started[2]  # then the segmentation starts by itself
+    assert args[1:3] == ["-m", "sam2unet_core.cli.predict"]
+    assert panel.nodeNames() == ["CT", "CT segmentation"]
+    assert not constraintsPath.exists()  # removed once pip is done
+
+
+def test_declined_or_failed_installation_changes_nothing(monkeypatch: pytest.MonkeyPatch, checkpoint: Path) -> None:
+    declined = Panel(monkeypatch, confirm=False)
+    fakeEnvironment(monkeypatch, declined.module, {"torch": "2.5.1"}, pyTorchUtils=True, coreInstalled=False)
+    declined.parameters.inputVolume = declined.addVolume()
+    declined.parameters.checkpointPath = checkpoint
+    declined.ui.segmentButton.emit("clicked(bool)", False)
+    assert declined.logicRunner.started == [] and declined.nodeNames() == ["CT"]
+
+    failing = Panel(monkeypatch)
+    fakeEnvironment(monkeypatch, failing.module, {"torch": "2.5.1"}, pyTorchUtils=True, coreInstalled=False)
+    failing.parameters.inputVolume = failing.addVolume()
+    failing.parameters.checkpointPath = checkpoint
+    failing.ui.segmentButton.emit("clicked(bool)", False)
+    failing.logicRunner.emit("ERROR: Could not find a version that satisfies the requirement sam2unet-core")
+    failing.logicRunner.finish(1)
+    failing.widget._poll()
+    kind, text = failing.slicer.dialogs[-1]
+    assert kind == "error" and "Installing the dependencies failed" in text
+    assert len(failing.logicRunner.started) == 1 and failing.nodeNames() == ["CT"]
+    assert failing.ui.segmentButton.enabled
