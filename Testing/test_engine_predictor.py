@@ -280,3 +280,14 @@ def test_device_resolution_on_this_machine() -> None:
             resolve_device("cuda")
     with pytest.raises(ValueError, match="unknown device 'tpu'"):
         resolve_device("tpu")
+
+
+@pytest.mark.parametrize("dtype", [">i2", "<u2", ">f4", "u1", "<i4", "f2"])
+def test_any_voxel_type_gives_the_same_labels(dtype: str) -> None:
+    """Raw values travel to the device in their own type (big-endian and unsigned included)
+    and are normalised there."""
+    array = np.random.default_rng(0).integers(0, 200, (3, SIZE, SIZE))
+    meta = metadata(intensity={"kind": "ct_window", "center": 100, "width": 100})
+    predictor = Predictor(predict_fn=threshold_fn, metadata=meta, device="cpu")
+    labels = predictor.predict(Volume(array.astype(dtype))).array_kji
+    np.testing.assert_array_equal(labels, array > 100)

@@ -20,6 +20,7 @@ __all__ = [
     "IntensityMapping",
     "fit_intensity",
     "apply_intensity",
+    "to_tensor",
     "normalize_intensity",
     "context_indices",
     "stack_slices",
@@ -74,14 +75,32 @@ def fit_intensity(array: np.ndarray, intensity: dict[str, Any]) -> IntensityMapp
                      "zscore or scale")
 
 
-def apply_intensity(array: np.ndarray, mapping: IntensityMapping) -> np.ndarray:
-    """Apply ``mapping`` to an array of any shape; returns float32 of the same shape."""
+def apply_intensity(
+    array: np.ndarray | torch.Tensor, mapping: IntensityMapping
+) -> np.ndarray | torch.Tensor:
+    """Apply ``mapping`` to a numpy array or a torch tensor (on any device) of any shape;
+    returns float32 of the same shape and kind."""
+    if isinstance(array, torch.Tensor):
+        out = (array.float() - mapping.offset) / mapping.scale
+        return out.clamp_(0.0, 1.0) if mapping.clip else out
     out = (np.asarray(array, dtype=np.float32) - np.float32(mapping.offset)) / np.float32(
         mapping.scale
     )
     if mapping.clip:
         np.clip(out, 0.0, 1.0, out=out)
     return out
+
+
+def to_tensor(array: np.ndarray) -> torch.Tensor:
+    """numpy -> CPU tensor without a float copy where torch has the dtype (int16 CT stays
+    2 bytes a voxel on its way to the GPU); big-endian and unsigned 16/32/64-bit data are
+    converted to native types torch supports."""
+    dtype = array.dtype.newbyteorder("=")
+    if dtype.kind == "u" and dtype.itemsize > 1:
+        dtype = np.dtype(np.int64 if dtype.itemsize >= 4 else np.int32)
+    elif dtype.kind not in "uif" or dtype == np.float16:
+        dtype = np.dtype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=dtype))
 
 
 def normalize_intensity(array: np.ndarray, intensity: dict[str, Any]) -> np.ndarray:

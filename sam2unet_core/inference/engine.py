@@ -35,6 +35,7 @@ from ..preprocessing import (
     normalize_channels,
     resize_batch,
     stack_slices,
+    to_tensor,
 )
 from .postprocess import POSTPROCESS_STEPS, postprocess_labels
 
@@ -140,16 +141,17 @@ class Predictor:
         self, image: np.ndarray, start: int, end: int, mapping: IntensityMapping
     ) -> torch.Tensor:
         """View slices ``start:end`` of ``(S, H, W[, C])`` -> model input ``(B, C, S, S)`` on
-        the device: stacking, intensity, copy (pinned, asynchronous on CUDA), resize,
-        mean/std."""
+        the device: stacking, copy of the raw values (pinned, asynchronous on CUDA), then
+        intensity, resize and mean/std on the device."""
         meta = self.metadata
         stacked = stack_slices(image, range(start, end), meta.context_slices,
                                meta.architecture.in_channels)
-        batch = torch.from_numpy(apply_intensity(stacked, mapping))  # (B, C, H, W)
+        batch = to_tensor(stacked)  # (B, C, H, W), raw values (e.g. int16 HU)
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         else:
             batch = batch.to(self.device)
+        batch = apply_intensity(batch, mapping)  # float32 on the device
         batch = resize_batch(batch, (meta.input_size, meta.input_size))
         return normalize_channels(batch, meta.mean, meta.std)
 
