@@ -232,6 +232,9 @@ def test_bad_arguments_and_checkpoints_fail_before_any_work(
     with pytest.raises(SystemExit):
         main(["-i", str(inputs), "-o", str(tmp_path), "-m", str(checkpoint),
               "--slice-range", "5"])
+    with pytest.raises(SystemExit):
+        main(["-i", str(inputs), "-o", str(inputs), "-m", str(checkpoint)])
+    assert "must differ from the input folder" in capsys.readouterr().err
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"garbage")
     assert main(["-i", str(inputs), "-o", str(tmp_path / "o"), "-m", str(bad),
@@ -243,6 +246,7 @@ def test_list_series_prints_every_series(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["-i", str(CT_SERIES.parent), "-o", str(tmp_path), "--list-series"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and "Scout" in lines[1] and "5 files" in lines[0]
+    assert main(["-i", str(tmp_path), "-o", str(tmp_path), "--list-series"]) == 1
 
 
 def test_real_nifti_volumes_nobody_here_made_keep_their_geometry(

@@ -158,7 +158,12 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def _list_series(input_path: Path) -> int:
-    for series in list_dicom_series(input_path):
+    found = list_dicom_series(input_path) if input_path.is_dir() else []
+    if not found:
+        print(f"error: no DICOM series found in {input_path} (expected a folder)",
+              file=sys.stderr)
+        return 1
+    for series in found:
         print(series.summary())
     return 0
 
@@ -172,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         return _list_series(args.input)
     if args.model is None:
         parser.error("-m/--model is required")
+    if args.input.is_dir() and args.output.resolve() == args.input.resolve():
+        parser.error("the output folder must differ from the input folder (outputs would be "
+                     "read as inputs on the next run)")
     try:
         slice_range = _parse_slice_range(args.slice_range)
         cases = select_part(find_cases(args.input), args.num_parts, args.part_id)
