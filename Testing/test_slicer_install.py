@@ -140,3 +140,59 @@ def test_requirement_files_skip_comments_and_options(tmp_path: Path, line: str) 
     path = tmp_path / "requirements.txt"
     path.write_text(f"{line}\nscipy>=1.10  # trailing comment\n", encoding="utf-8")
     assert readRequirements(path) == ["scipy>=1.10"]
+
+
+def test_pins_agree_with_the_project_requirements() -> None:
+    project = {Requirement(line).name.lower(): str(Requirement(line).specifier)
+               for line in readRequirements(MODULE_DIR.parent / "requirements.txt")}
+    for line in REQUIREMENTS:
+        requirement = Requirement(line)
+        assert str(requirement.specifier) == project[requirement.name.lower()], line
+
+
+def _closure(roots: list[str]) -> set[str]:
+    """Canonical names of ``roots`` and everything they require, as installed here."""
+    import importlib.metadata
+
+    from packaging.utils import canonicalize_name
+
+    seen: set[str] = set()
+    todo = [Requirement(root).name for root in roots]
+    while todo:
+        name = canonicalize_name(todo.pop())
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for line in requires:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(requirement.name)
+    return seen
+
+
+def test_what_the_inference_path_imports_is_installed_by_the_module() -> None:
+    """Import the CLI and the engine in a fresh Python and check that every third-party
+    distribution they load comes with the module's install (requirements, sam2, or what
+    Slicer and the PyTorch extension already hold)."""
+    import importlib.metadata
+    import json
+    import subprocess
+    import sys
+
+    from packaging.utils import canonicalize_name
+
+    code = ("import json, sys; import sam2unet_core.cli.predict, sam2unet_core.inference.engine, "
+            "sam2unet_core.checkpoint, sam2unet_core.io; "
+            "print(json.dumps(sorted({name.split('.')[0] for name in sys.modules})))")
+    output = subprocess.run([sys.executable, "-c", code], cwd=MODULE_DIR.parent, capture_output=True,
+                            text=True, check=True).stdout
+    modules = json.loads(output.strip().splitlines()[-1])
+    providers = importlib.metadata.packages_distributions()
+    loaded = {canonicalize_name(dist) for module in modules for dist in providers.get(module, [])}
+    slicerBundled = ["requests"]  # in every Slicer; pydicom.data imports it when present
+    covered = _closure(REQUIREMENTS + ["sam2", *PROTECTED_PACKAGES, *slicerBundled]) | {"sam2unet-core", "pip", "setuptools"}
+    assert loaded - covered == set()
