@@ -42,7 +42,7 @@ class IntensityMapping:
 
 def _sample(array: np.ndarray) -> np.ndarray:
     """A deterministic, evenly strided subset of at most MAX_STATISTICS_SAMPLES values."""
-    flat = array.reshape(-1)
+    flat = array.ravel(order="K")  # a view for transposed (nibabel) arrays
     step = max(1, flat.size // MAX_STATISTICS_SAMPLES)
     return flat[::step].astype(np.float64)
 

@@ -46,6 +46,7 @@ class DicomSeries:
     modality: str
     number: int | None
     files: list[Path] = field(default_factory=list)
+    headers: list[pydicom.Dataset] = field(default_factory=list, repr=False)  # one per file
 
     def summary(self) -> str:
         return (
@@ -85,6 +86,7 @@ def list_dicom_series(folder: Path) -> list[DicomSeries]:
                     number=int(number) if number not in (None, "") else None,
                 )
             series[uid].files.append(path)
+            series[uid].headers.append(ds)
     return sorted(series.values(), key=lambda s: (-len(s.files), s.uid))
 
 
@@ -120,8 +122,7 @@ def _sorted_slices(series: DicomSeries, folder: Path) -> tuple[list[Path], float
 
     Raises ValueError when the files do not form one regular grid.
     """
-    headers = [pydicom.dcmread(f, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-               for f in series.files]
+    headers = series.headers
     where = f"{folder}, series {series.uid}"
     frames = [int(ds.get("NumberOfFrames", 1) or 1) for ds in headers]
     if max(frames) > 1:
@@ -191,6 +192,7 @@ def read_dicom_file(path: Path) -> Volume:
         modality=str(ds.get("Modality", "")),
         number=int(number) if number not in (None, "") else None,
         files=[path],
+        headers=[ds],
     )
     return _read_series(series, path)
 

@@ -154,7 +154,7 @@ def _write_dicom_seg(volume: Volume, path: Path, labels: Sequence[LabelInfo]) ->
             f"{path}: DICOM SEG needs a DICOM input (it references the source slices); "
             f"{volume.source} is not DICOM. Use --format nii.gz or seg.nrrd."
         )
-    sources = [pydicom.dcmread(f) for f in volume.dicom_files]
+    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in volume.dicom_files]
     for source in sources:  # anonymised files often drop these type 2 (may be empty) fields
         for keyword in _TYPE2_PATIENT_STUDY:
             if keyword not in source:
