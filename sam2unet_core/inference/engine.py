@@ -122,7 +122,7 @@ class Predictor:
         autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype)
                     if self.amp_dtype is not None else nullcontext())
         total = None
-        with torch.inference_mode(), autocast:
+        with autocast:
             for dims in flips:
                 x = torch.flip(batch, dims) if dims else batch
                 logits = self.predict_fn(x)
@@ -164,9 +164,11 @@ class Predictor:
         """``(B, N, H, W)`` probabilities -> ``(B, H, W)`` integer labels."""
         if self.num_classes == 1:
             return (probs[:, 0] > 0.5).to(torch.uint8)
-        return probs.argmax(1)
+        # a narrow type before the copy to the host: 1 byte a pixel up to 256 classes
+        return probs.argmax(1).to(torch.uint8 if self.num_classes <= 256 else torch.int32)
 
     # -------------------------------------------------------------------- volumes
+    @torch.inference_mode()
     def predict(
         self,
         volume: Volume,
