@@ -81,6 +81,7 @@ class RunConfig:
     resume_every_steps: int = 0  # also save resume state every N steps (0 = off)
     resume_every_minutes: float = 5.0  # ... and every N minutes within an epoch (0 = off)
     stop_after_steps: int = 0  # stop as if killed after N steps in this run (0 = off)
+    max_minutes: float = 0.0  # time box: end the epoch early, validate, save and stop (0 = off)
     val_batch_size: int = 16
     log_every_steps: int = 10  # TensorBoard scalars
 

@@ -86,6 +86,15 @@ def _init_distributed(requested_device: str) -> tuple[_Dist, torch.device]:
     return _Dist(dist.get_rank(), dist.get_world_size()), device
 
 
+def _agree(d: _Dist, flag: bool, device: torch.device) -> bool:
+    """Rank 0's ``flag`` on every process (a time limit must stop all ranks together)."""
+    if d.world == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.broadcast(value, src=0)
+    return bool(value.item())
+
+
 def _barrier(d: _Dist) -> None:
     if d.world > 1:
         dist.barrier()
@@ -212,7 +221,8 @@ def train(config: TrainConfig, resume: bool = True) -> TrainResult:
     batch = config.optim.batch_size
     per_rank = len(sampler)
     val_loader = DataLoader(data.val, batch_size=config.run.val_batch_size, num_workers=config.data.num_workers)
-    steps_this_run, last_save, stopped = 0, time.monotonic(), False
+    steps_this_run, last_save, stopped, timed_out = 0, time.monotonic(), False, False
+    started = time.monotonic()
     from tqdm.auto import tqdm
 
     net.train()
@@ -253,6 +263,11 @@ def train(config: TrainConfig, resume: bool = True) -> TrainResult:
             if d.main and (by_steps or by_time):
                 save_resume_state(resume_state(epoch, done), resume_path)
                 last_save = time.monotonic()
+            if config.run.max_minutes:
+                timed_out = _agree(d, time.monotonic() - started > 60 * config.run.max_minutes, device)
+            if timed_out:
+                logger.warning("run.max_minutes=%s reached: ending epoch %d early", config.run.max_minutes, epoch + 1)
+                break
         bar.close()
         if stopped:
             break
@@ -261,7 +276,9 @@ def train(config: TrainConfig, resume: bool = True) -> TrainResult:
         if d.main:
             scores = validate(model, val_loader, data.num_classes, device, amp)
             dice = scores.mean()
-            record = {"epoch": epoch + 1, "val_dice": dice, "lr": optimizer.param_groups[0]["lr"], "step": global_step}
+            per_class = np.mean(list(scores.per_case().values()), axis=0).tolist()
+            record = {"epoch": epoch + 1, "val_dice": dice, "lr": optimizer.param_groups[0]["lr"], "step": global_step,
+                      "val_dice_per_class": dict(zip(metadata.class_names, per_class))}
             history.append(record)
             metadata.provenance = {"tool": f"sam2unet_core {__version__}", "config": config.to_dict(), **data.facts,
                                    "epoch": epoch + 1, "val_dice": dice, "history": history}
@@ -269,14 +286,19 @@ def train(config: TrainConfig, resume: bool = True) -> TrainResult:
             if dice > best_dice:
                 best_dice, best_epoch = dice, epoch + 1
                 save_model(model, out / "best.safetensors", metadata)
-            logger.info("epoch %d: validation Dice %.4f (best %.4f at epoch %d)", epoch + 1, dice, best_dice, best_epoch)
+            logger.info("epoch %d: validation Dice %.4f (%s; best %.4f at epoch %d)", epoch + 1, dice,
+                        ", ".join(f"{k} {v:.3f}" for k, v in record["val_dice_per_class"].items()), best_dice, best_epoch)
             if writer is not None:
                 writer.add_scalar("val/dice", dice, epoch + 1)
+                for name, value in record["val_dice_per_class"].items():
+                    writer.add_scalar(f"val/dice_{name}", value, epoch + 1)
                 writer.flush()
             save_resume_state(resume_state(epoch + 1, 0), resume_path)
             last_save = time.monotonic()
         epoch += 1
         _barrier(d)
+        if timed_out:
+            break
     if writer is not None:
         writer.close()
     return TrainResult(out, float(best_dice), best_epoch, epoch, stopped)
