@@ -37,7 +37,7 @@ from ..preprocessing import (
     stack_slices,
     to_tensor,
 )
-from .postprocess import POSTPROCESS_STEPS, postprocess_labels
+from .postprocess import check_steps, postprocess_labels
 
 __all__ = ["Predictor", "PredictFn", "ProgressFn", "StageTimes", "TTA_FLIPS"]
 
@@ -200,9 +200,7 @@ class Predictor:
         """
         meta = self.metadata
         times = StageTimes()
-        unknown = [step for step in postprocess if step not in POSTPROCESS_STEPS]
-        if unknown:
-            raise ValueError(f"unknown post-processing {unknown}; expected {POSTPROCESS_STEPS}")
+        check_steps(postprocess)  # before the model runs
         view = _plane_view(volume, axis)
         image = view.to_plane(volume.array_kji)  # (S, H, W[, C]), no copy
         num_slices, height, width = image.shape[:3]

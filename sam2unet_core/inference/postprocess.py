@@ -7,9 +7,16 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["POSTPROCESS_STEPS", "postprocess_labels"]
+__all__ = ["POSTPROCESS_STEPS", "check_steps", "postprocess_labels"]
 
 POSTPROCESS_STEPS = ("largest_component", "fill_holes")
+
+
+def check_steps(steps: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming the steps that are not in ``POSTPROCESS_STEPS``."""
+    unknown = [step for step in steps if step not in POSTPROCESS_STEPS]
+    if unknown:
+        raise ValueError(f"unknown post-processing {unknown}; expected {POSTPROCESS_STEPS}")
 
 
 def postprocess_labels(
@@ -31,9 +38,7 @@ def postprocess_labels(
         ),
         "fill_holes": FillHoles(applied_labels=list(values)),
     }
-    unknown = [step for step in steps if step not in transforms]
-    if unknown:
-        raise ValueError(f"unknown post-processing {unknown}; expected {POSTPROCESS_STEPS}")
+    check_steps(steps)
     tensor = torch.from_numpy(labels_kji.astype(np.int64))[None]  # (1, K, J, I) channel-first
     for step in steps:
         tensor = transforms[step](tensor)
