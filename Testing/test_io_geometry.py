@@ -3,12 +3,15 @@ checked against nibabel (RAS) and SimpleITK (LPS) reading the same files."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from scipy.spatial.transform import Rotation
 
@@ -211,3 +214,21 @@ def test_real_nifti_files_read_like_simpleitk_and_write_back_their_affine(
     np.testing.assert_allclose(written.affine, nib.load(path).affine, atol=1e-4)
     assert written.shape == nib.load(path).shape
     assert nib.aff2axcodes(written.affine) == nib.aff2axcodes(nib.load(path).affine)
+
+
+@given(
+    angles=st.tuples(*[st.floats(-180, 180)] * 3),
+    spacing=st.tuples(*[st.floats(0.1, 5.0)] * 3),
+    origin=st.tuples(*[st.floats(-500, 500)] * 3),
+    shape=st.tuples(*[st.integers(1, 6)] * 3),
+    suffix=st.sampled_from([".nii.gz", ".seg.nrrd", ".mha"]),
+)
+@settings(max_examples=40, deadline=None)
+def test_any_geometry_survives_a_label_round_trip(angles, spacing, origin, shape, suffix) -> None:
+    volume = Volume(np.ones(shape, np.uint8), spacing, origin,
+                    Rotation.from_euler("xyz", angles, degrees=True).as_matrix())
+    with tempfile.TemporaryDirectory() as folder:
+        path = write_labels(volume, Path(folder) / f"x{suffix}", default_labels(1))
+        assert_geometry(sitk.ReadImage(str(path)), volume)
+        if suffix == ".nii.gz":
+            assert read_volume(path).same_grid(volume)
