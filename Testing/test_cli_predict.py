@@ -126,6 +126,7 @@ def test_folder_run_names_outputs_keeps_geometry_and_survives_bad_files(
     assert by_case["broken"]["status"] == "failed" and by_case["caseA"]["status"] == "ok"
     assert by_case["ctseries"]["series_uid"].startswith("1.3.6.1.4.1.5962")
     assert summary["arguments"]["model"] == str(checkpoint)
+    assert summary["labels"] == {"1": "liver", "2": "spleen"}
 
 
 def test_killed_run_resumes_and_skips_finished_cases(
@@ -240,6 +241,9 @@ def test_bad_arguments_and_checkpoints_fail_before_any_work(
     assert main(["-i", str(inputs), "-o", str(tmp_path / "o"), "-m", str(bad),
                  "--device", "cpu"]) == 2
     assert "cannot load model" in capsys.readouterr().err
+    assert main(["-i", str(inputs), "-o", str(tmp_path / "o"), "-m", str(checkpoint),
+                 "--device", "tpu"]) == 2
+    assert "unknown device 'tpu'" in capsys.readouterr().err
 
 
 def test_list_series_prints_every_series(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

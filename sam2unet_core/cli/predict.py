@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..device import DEVICE_CHOICES, describe_device
+from ..device import DEVICE_CHOICES, describe_device, resolve_device
 from ..inference.engine import Predictor
 from ..inference.postprocess import POSTPROCESS_STEPS
 from ..io.cases import Case, find_cases, select_part
@@ -187,7 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
 
     try:
-        predictor = Predictor(args.model, device=args.device, batch_size=args.batch_size,
+        device = resolve_device(args.device)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        predictor = Predictor(args.model, device=device, batch_size=args.batch_size,
                               mixed_precision=not args.no_mixed_precision)
     except (ValueError, OSError) as err:
         print(f"error: cannot load model {args.model}: {err}", file=sys.stderr)
@@ -198,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict[str, Any] = {
         "model": str(args.model),
         "device": describe_device(predictor.device),
+        "labels": {label.value: label.name for label in predictor.metadata.labels},
         "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "cases": [],
     }
