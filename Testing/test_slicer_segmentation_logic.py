@@ -297,3 +297,23 @@ def test_grid_check_names_the_file_and_the_shapes(tmp_path: Path) -> None:
     flipped[:3, 0] *= -1  # I axis reversed
     with pytest.raises(ValueError, match="voxel grid"):
         checkSameGrid(tmp_path / "a.nii.gz", np.zeros((7, 12, 10)), flipped, (10, 12, 7), matrix)
+
+
+def test_run_and_wait_returns_the_result_and_cancels_on_request_or_timeout(harness: Harness) -> None:
+    idleCalls = []
+    cancelled = harness.logic.runAndWait(harness.volume, None, harness.params(), cancelAfterSeconds=-1)
+    assert cancelled.status is RunStatus.cancelled and harness.sceneNames() == ["CT chest"]
+    with pytest.raises(TimeoutError, match="CT chest took more than -1 s"):
+        harness.logic.runAndWait(harness.volume, None, harness.params(), timeoutSeconds=-1)
+    assert harness.sceneNames() == ["CT chest"] and not harness.logic.isRunning()
+
+    original = harness.runner.start
+
+    def startAndAnswer(args, env, onLine, onFinished):
+        original(args, env, onLine, onFinished)
+        harness.runFakeCli(expectedLabelsKji())
+
+    harness.runner.start = startAndAnswer
+    result = harness.logic.runAndWait(harness.volume, None, harness.params(), idle=lambda: idleCalls.append(1))
+    assert result.status is RunStatus.succeeded and idleCalls
+    assert harness.logic.onFinished == harness.results.append  # restored

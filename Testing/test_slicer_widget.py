@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from slicer_fakes import FakeRunner, installFakeSlicerModules, obliqueIjkToRas
+from slicer_fakes import FakeRunner, obliqueIjkToRas
+from slicer_module_fakes import installFakeSlicerModules
 
 from sam2unet_core import SAM2UNet, save_model
 from sam2unet_core.metadata import Architecture, ModelMetadata, default_labels
@@ -34,9 +35,11 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Panel:
     """The module widget set up on the fakes, with FakeRunners for every process."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, confirm: bool = True) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, confirm: bool = True, beforeSetup=None) -> None:
         self.slicer = installFakeSlicerModules(monkeypatch, confirm=confirm)
         self.module = importlib.import_module("SAM2UNetSlicer")
+        if beforeSetup is not None:
+            beforeSetup(self.module)
         self.runners: list[FakeRunner] = []
 
         def newRunner(cwd=None) -> FakeRunner:
@@ -178,14 +181,13 @@ def test_failed_run_shows_an_error_with_the_log(panel: Panel, checkpoint: Path) 
     assert panel.nodeNames() == ["CT"]
 
 
-def fakeEnvironment(monkeypatch: pytest.MonkeyPatch, module, installed: dict[str, str], pyTorchUtils: bool,
-                    coreInstalled: bool) -> list[dict]:
-    """Pretend which packages Slicer's Python has; returns the recorded installTorch calls."""
+def fakeEnvironment(monkeypatch: pytest.MonkeyPatch, installed: dict[str, str], pyTorchUtils: bool,
+                    coreInstalled: bool):
+    """Pretend which packages Slicer's Python has. Returns ``(beforeSetup, installTorchCalls)``."""
     realFindSpec = importlib.util.find_spec
     hidden = {"PyTorchUtils": pyTorchUtils, "sam2unet_core": coreInstalled}
-    monkeypatch.setattr(module.importlib.util, "find_spec",
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *args: (object() if hidden[name] else None) if name in hidden else realFindSpec(name, *args))
-    monkeypatch.setattr(module, "installedVersions", lambda names=None: dict(installed))
     calls: list[dict] = []
 
     class PyTorchUtilsLogic:
@@ -195,11 +197,16 @@ def fakeEnvironment(monkeypatch: pytest.MonkeyPatch, module, installed: dict[str
             return SimpleNamespace(__version__="2.5.1+cu124")
 
     monkeypatch.setitem(sys.modules, "PyTorchUtils", SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
-    return calls
+
+    def beforeSetup(module) -> None:
+        monkeypatch.setattr(module, "installedVersions", lambda names=None: dict(installed))
+
+    return beforeSetup, calls
 
 
-def test_without_torch_or_the_pytorch_extension_the_user_is_told_what_to_install(panel: Panel, monkeypatch, checkpoint) -> None:
-    fakeEnvironment(monkeypatch, panel.module, {"numpy": "1.26.4"}, pyTorchUtils=False, coreInstalled=False)
+def test_without_torch_or_the_pytorch_extension_the_user_is_told_what_to_install(monkeypatch, checkpoint) -> None:
+    beforeSetup, _ = fakeEnvironment(monkeypatch, {"numpy": "1.26.4"}, pyTorchUtils=False, coreInstalled=False)
+    panel = Panel(monkeypatch, beforeSetup=beforeSetup)
     panel.parameters.inputVolume = panel.addVolume()
     panel.parameters.checkpointPath = checkpoint
     panel.ui.segmentButton.emit("clicked(bool)", False)
@@ -208,9 +215,10 @@ def test_without_torch_or_the_pytorch_extension_the_user_is_told_what_to_install
     assert panel.logicRunner.started == [] and panel.nodeNames() == ["CT"]
 
 
-def test_first_use_installs_after_confirmation_then_segments(panel: Panel, monkeypatch, checkpoint) -> None:
+def test_first_use_installs_after_confirmation_then_segments(monkeypatch, checkpoint) -> None:
     installed = {"numpy": "1.26.4", "simpleitk": "2.4.0"}
-    torchCalls = fakeEnvironment(monkeypatch, panel.module, installed, pyTorchUtils=True, coreInstalled=False)
+    beforeSetup, torchCalls = fakeEnvironment(monkeypatch, installed, pyTorchUtils=True, coreInstalled=False)
+    panel = Panel(monkeypatch, beforeSetup=beforeSetup)
     panel.parameters.inputVolume = panel.addVolume()
     panel.parameters.checkpointPath = checkpoint
     panel.ui.segmentButton.emit("clicked(bool)", False)
@@ -240,15 +248,14 @@ def test_first_use_installs_after_confirmation_then_segments(panel: Panel, monke
 
 
 def test_declined_or_failed_installation_changes_nothing(monkeypatch: pytest.MonkeyPatch, checkpoint: Path) -> None:
-    declined = Panel(monkeypatch, confirm=False)
-    fakeEnvironment(monkeypatch, declined.module, {"torch": "2.5.1"}, pyTorchUtils=True, coreInstalled=False)
+    beforeSetup, _ = fakeEnvironment(monkeypatch, {"torch": "2.5.1"}, pyTorchUtils=True, coreInstalled=False)
+    declined = Panel(monkeypatch, confirm=False, beforeSetup=beforeSetup)
     declined.parameters.inputVolume = declined.addVolume()
     declined.parameters.checkpointPath = checkpoint
     declined.ui.segmentButton.emit("clicked(bool)", False)
     assert declined.logicRunner.started == [] and declined.nodeNames() == ["CT"]
 
-    failing = Panel(monkeypatch)
-    fakeEnvironment(monkeypatch, failing.module, {"torch": "2.5.1"}, pyTorchUtils=True, coreInstalled=False)
+    failing = Panel(monkeypatch, beforeSetup=beforeSetup)
     failing.parameters.inputVolume = failing.addVolume()
     failing.parameters.checkpointPath = checkpoint
     failing.ui.segmentButton.emit("clicked(bool)", False)

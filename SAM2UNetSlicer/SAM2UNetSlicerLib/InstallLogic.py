@@ -16,11 +16,15 @@ shows pip's output and stays responsive, on Slicer 5.10 and 5.12 alike.
 from __future__ import annotations
 
 import enum
+import importlib
 import importlib.metadata
+import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 from .ProcessRunner import ProcessRunnerProtocol
 
@@ -38,6 +42,8 @@ __all__ = [
     "constraintLines",
     "pipCommand",
     "PipStepSequence",
+    "EnsureOutcome",
+    "DependencyInstaller",
 ]
 
 PROTECTED_PACKAGES = ("numpy", "SimpleITK", "torch", "torchvision")
@@ -201,3 +207,77 @@ class PipStepSequence:
             self._onDone(False, f"pip stopped with exit code {returnCode}:\n{tail}")
             return
         self._next()
+
+
+class EnsureOutcome(enum.Enum):
+    ready = "ready"  # everything is installed: go ahead
+    installing = "installing"  # pip runs in the background; onDone follows
+    declined = "declined"  # the user said no
+    needPyTorchExtension = "needPyTorchExtension"  # torch missing and no PyTorchUtils
+
+
+class DependencyInstaller:
+    """The first-use flow: plan, confirm, torch through PyTorchUtils, pip in the background.
+
+    ``isImportable(name)`` tells whether a module can be imported (``importlib.util.find_spec``
+    in Slicer); ``versions()`` lists installed distributions; ``environment`` is the base
+    environment of the pip processes (``os.environ`` by default; never modified).
+    """
+
+    def __init__(self, runner: ProcessRunnerProtocol, requirementsPath: Path, python: Callable[[], str],
+                 isImportable: Callable[[str], bool], versions: Callable[[], dict[str, str]] = installedVersions,
+                 environment: Mapping[str, str] | None = None) -> None:
+        self._runner = runner
+        self._requirementsPath = requirementsPath
+        self._python = python
+        self._isImportable = isImportable
+        self._versions = versions
+        self._environment = environment
+        self._folder: Path | None = None  # holds the constraints file while pip runs
+
+    def isRunning(self) -> bool:
+        return self._folder is not None
+
+    def ensure(self, coreSource: str, confirm: Callable[[str], bool], installTorch: Callable[[], None],
+               onLog: Callable[[str], None], onDone: Callable[[bool, str], None]) -> EnsureOutcome:
+        """Install what is missing. ``confirm(planText)`` asks the user; ``installTorch()``
+        runs PyTorchUtils (blocking, raises on failure); ``onDone(ok, message)`` ends an
+        ``installing`` outcome."""
+        if self.isRunning():
+            raise RuntimeError("an installation is already running")
+        plan = planInstall(readRequirements(self._requirementsPath), self._versions(),
+                           self._isImportable("sam2unet_core"), self._isImportable("PyTorchUtils"), coreSource)
+        if plan.isEmpty():
+            return EnsureOutcome.ready
+        if plan.torch is TorchAction.needPyTorchExtension:
+            return EnsureOutcome.needPyTorchExtension
+        if not confirm(plan.describe()):
+            return EnsureOutcome.declined
+        if plan.torch is TorchAction.installWithPyTorchUtils:
+            installTorch()
+        if not plan.steps:
+            return EnsureOutcome.ready
+        self._folder = Path(tempfile.mkdtemp(prefix="SAM2UNetSlicer-pip-"))
+        constraintsPath = self._folder / "constraints.txt"  # pins what torch install left, too
+        constraintsPath.write_text("\n".join(constraintLines(self._versions())) + "\n", encoding="utf-8")
+        base = dict(os.environ if self._environment is None else self._environment)
+        commands = [(pipCommand(self._python(), step, constraintsPath), {**base, **step.env}) for step in plan.steps]
+
+        def finished(ok: bool, message: str) -> None:
+            self._cleanUp()
+            importlib.invalidate_caches()  # let this Python see the new packages
+            onDone(ok, message)
+
+        PipStepSequence(self._runner, commands, onLog, finished).start()
+        return EnsureOutcome.installing
+
+    def cancel(self) -> None:
+        """Stop pip; packages installed by finished steps stay."""
+        if self.isRunning():
+            self._runner.cancel()
+            self._cleanUp()
+
+    def _cleanUp(self) -> None:
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None

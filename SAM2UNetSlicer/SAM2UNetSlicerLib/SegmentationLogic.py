@@ -128,6 +128,33 @@ class SegmentationLogic:
             raise
         return outputSegmentation
 
+    def runAndWait(self, inputVolume: Any, outputSegmentation: Any, params: RunParameters, show3D: bool = False,
+                   idle: Callable[[], None] = lambda: None, timeoutSeconds: float = 3600.0,
+                   cancelAfterSeconds: float | None = None) -> RunResult:
+        """Scripting and self-test helper: run, call ``idle()`` (``slicer.app.processEvents``)
+        while waiting, return the ``RunResult``. Cancels after ``cancelAfterSeconds`` if given;
+        raises ``TimeoutError`` (after cancelling) past ``timeoutSeconds``."""
+        results: list[RunResult] = []
+        previous = self.onFinished
+        self.onFinished = results.append
+        try:
+            self.start(inputVolume, outputSegmentation, params, show3D)
+            startTime = time.monotonic()
+            while not results:
+                elapsed = time.monotonic() - startTime
+                if cancelAfterSeconds is not None and elapsed > cancelAfterSeconds:
+                    self.cancel()
+                elif elapsed > timeoutSeconds:
+                    self.cancel()
+                    raise TimeoutError(f"segmentation of {inputVolume.GetName()} took more than {timeoutSeconds} s")
+                else:
+                    self.poll()
+                    idle()
+                    time.sleep(0.02)
+        finally:
+            self.onFinished = previous
+        return results[0]
+
     def poll(self) -> bool:
         """Deliver the process's output and completion; call from the main thread."""
         return self._runner.poll()
