@@ -291,3 +291,19 @@ def test_any_voxel_type_gives_the_same_labels(dtype: str) -> None:
     predictor = Predictor(predict_fn=threshold_fn, metadata=meta, device="cpu")
     labels = predictor.predict(Volume(array.astype(dtype))).array_kji
     np.testing.assert_array_equal(labels, array > 100)
+
+
+def test_nan_padding_does_not_spoil_percentile_normalisation() -> None:
+    """Resampled MR is often NaN outside the field of view: statistics ignore NaN and NaN
+    voxels read as the low end (label 0), the rest is segmented as without padding."""
+    array = np.random.default_rng(0).random((3, SIZE, SIZE)).astype(np.float32) * 1000
+    padded = array.copy()
+    padded[:, :, :4] = np.nan
+    meta = metadata(intensity={"kind": "percentile", "lower": 0.0, "upper": 100.0})
+    predictor = Predictor(predict_fn=threshold_fn, metadata=meta, device="cpu")
+    labels = predictor.predict(Volume(padded)).array_kji
+    assert not labels[:, :, :4].any()
+    expected = (padded[:, :, 4:] - np.nanmin(padded)) / (np.nanmax(padded) - np.nanmin(padded)) > 0.5
+    np.testing.assert_array_equal(labels[:, :, 4:], expected)
+    with pytest.raises(ValueError, match="no finite values"):
+        predictor.predict(Volume(np.full((1, SIZE, SIZE), np.nan, np.float32)))

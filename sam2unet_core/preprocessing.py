@@ -41,10 +41,15 @@ class IntensityMapping:
 
 
 def _sample(array: np.ndarray) -> np.ndarray:
-    """A deterministic, evenly strided subset of at most MAX_STATISTICS_SAMPLES values."""
+    """A deterministic, evenly strided subset of at most MAX_STATISTICS_SAMPLES finite
+    values (NaN padding of resampled MR is left out)."""
     flat = array.ravel(order="K")  # a view for transposed (nibabel) arrays
     step = max(1, flat.size // MAX_STATISTICS_SAMPLES)
-    return flat[::step].astype(np.float64)
+    values = flat[::step].astype(np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        raise ValueError("the image holds no finite values (all NaN or infinite)")
+    return values
 
 
 def fit_intensity(array: np.ndarray, intensity: dict[str, Any]) -> IntensityMapping:
@@ -79,13 +84,14 @@ def apply_intensity(
     array: np.ndarray | torch.Tensor, mapping: IntensityMapping
 ) -> np.ndarray | torch.Tensor:
     """Apply ``mapping`` to a numpy array or a torch tensor (on any device) of any shape;
-    returns float32 of the same shape and kind."""
+    returns float32 of the same shape and kind. NaN becomes 0 (the low end)."""
     if isinstance(array, torch.Tensor):
-        out = (array.float() - mapping.offset) / mapping.scale
+        out = torch.nan_to_num_((array.float() - mapping.offset) / mapping.scale, nan=0.0)
         return out.clamp_(0.0, 1.0) if mapping.clip else out
     out = (np.asarray(array, dtype=np.float32) - np.float32(mapping.offset)) / np.float32(
         mapping.scale
     )
+    np.nan_to_num(out, copy=False, nan=0.0)
     if mapping.clip:
         np.clip(out, 0.0, 1.0, out=out)
     return out
