@@ -141,6 +141,7 @@ def test_success_creates_named_coloured_segments_on_the_oblique_input_grid(harne
     assert not tempDir.exists()
     assert harness.progress[:3] == [(0, 0), (0, 7), (4, 7)] and harness.progress[-1] == (7, 7)
     assert not any("it/s]" in line for line in harness.logs)  # tqdm noise kept out of the log
+    assert "slices 4/7" in harness.logs and any('"event": "case_done"' in line for line in harness.logs)
     assert result.seconds >= 0
 
 

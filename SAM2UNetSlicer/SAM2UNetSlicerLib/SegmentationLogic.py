@@ -177,9 +177,11 @@ class SegmentationLogic:
             if not _TQDM_LINE.search(line):  # the progress bar already shows what tqdm prints
                 self.onLog(line)
             return
-        if progress.event != "slices":
-            self.onLog(line)
         data = progress.data
+        if progress.event == "slices":
+            self.onLog(f"slices {data.get('done')}/{data.get('total')}")
+        else:
+            self.onLog(line)
         if progress.event == "start":
             self.onProgress(0, 0)
         elif progress.event == "case_start":
