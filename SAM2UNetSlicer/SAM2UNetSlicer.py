@@ -18,7 +18,7 @@ import slicer
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import Minimum, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Minimum, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -81,6 +81,7 @@ class SAM2UNetSlicerParameterNode:
     "<volume> segmentation". checkpointPath - SAM2-UNet checkpoint (.safetensors, .pt, .pth).
     device, sliceAxis - see SAM2UNetSlicerLib.Parameters. useSliceRange, sliceStart, sliceEnd -
     0-based inclusive slice range along sliceAxis. show3D - build the 3D surface.
+    batchSize - slices per forward pass (lower it when the GPU runs out of memory).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -92,6 +93,7 @@ class SAM2UNetSlicerParameterNode:
     sliceStart: Annotated[int, Minimum(0)] = 0
     sliceEnd: Annotated[int, Minimum(0)] = 0
     show3D: bool = False
+    batchSize: Annotated[int, WithinRange(1, 512)] = 8
 
 
 def _checkpointOf(parameterNode) -> Optional[Path]:
@@ -327,7 +329,7 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         parameterNode = self._parameterNode
         sliceRange = (parameterNode.sliceStart, parameterNode.sliceEnd) if parameterNode.useSliceRange else None
         params = RunParameters(_checkpointOf(parameterNode) or Path(), parameterNode.device,
-                               parameterNode.sliceAxis, sliceRange)
+                               parameterNode.sliceAxis, sliceRange, parameterNode.batchSize)
         self.ui.logTextEdit.clear()
         self.ui.timeLabel.text = ""
         with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):

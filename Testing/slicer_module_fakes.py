@@ -245,7 +245,8 @@ def installFakeSlicerModules(monkeypatch, confirm: bool = True) -> SimpleNamespa
     submodules = {
         "slicer.i18n": {"tr": lambda text: text, "translate": lambda context, text: text},
         "slicer.parameterNodeWrapper": {"parameterNodeWrapper": fakeParameterNodeWrapper,
-                                        "Minimum": lambda minimum: ("Minimum", minimum)},
+                                        "Minimum": lambda minimum: ("Minimum", minimum),
+                                        "WithinRange": lambda minimum, maximum: ("WithinRange", minimum, maximum)},
         "slicer.ScriptedLoadableModule": {"ScriptedLoadableModule": ScriptedLoadableModule,
                                           "ScriptedLoadableModuleWidget": ScriptedLoadableModuleWidget,
                                           "ScriptedLoadableModuleLogic": ScriptedLoadableModuleLogic,

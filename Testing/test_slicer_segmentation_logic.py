@@ -99,13 +99,14 @@ def harness(tmp_path: Path) -> Harness:
 
 
 def test_command_line_carries_the_exported_input_and_all_options(harness: Harness) -> None:
-    harness.start(device=Device.cpu, sliceAxis=SliceAxis.coronal, sliceRange=(3, 5))
+    harness.start(device=Device.cpu, sliceAxis=SliceAxis.coronal, sliceRange=(3, 5), batchSize=2)
     args, env = harness.runner.started[0]
     assert args[:3] == ["/opt/Slicer/bin/PythonSlicer", "-m", "sam2unet_core.cli.predict"]
     assert harness.runner.argument("-m") == str(harness.checkpoint)
     assert harness.runner.argument("--device") == "cpu"
     assert harness.runner.argument("--axis") == "coronal"
     assert harness.runner.argument("--format") == "nii.gz"
+    assert harness.runner.argument("--batch-size") == "2"
     assert harness.runner.argument("--progress") == "jsonl"
     assert harness.runner.argument("--slice-range") == "3:6"
     assert env["CUDA_VISIBLE_DEVICES"] == "" and env["PYTHONUNBUFFERED"] == "1" and env["PATH"] == "/usr/bin"
@@ -197,7 +198,7 @@ def test_error_event_fails_with_its_message_and_removes_the_created_node(harness
     harness.pollUntilFinished()
     [result] = harness.results
     assert result.status is RunStatus.failed
-    assert "CUDA out of memory" in result.message
+    assert "CUDA out of memory" in result.message and "lower the batch size" in result.message
     assert harness.sceneNames() == ["CT chest"]
 
 
@@ -243,6 +244,8 @@ def test_problems_before_the_start_change_nothing(harness: Harness, tmp_path: Pa
         harness.logic.start(harness.volume, None, RunParameters(tmp_path / "missing.safetensors"))
     with pytest.raises(ValueError, match="first <= last"):
         harness.start(sliceRange=(5, 2))
+    with pytest.raises(ValueError, match="batch size must be at least 1, got 0"):
+        harness.start(batchSize=0)
     with pytest.raises(ValueError, match="no input volume"):
         harness.logic.start(None, None, harness.params())
     harness.slicer.util.exportFails = True

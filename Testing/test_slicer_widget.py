@@ -126,6 +126,7 @@ def test_segment_then_cancel_through_the_buttons_leaves_the_scene_as_it_was(pane
 
     panel.ui.segmentButton.emit("clicked(bool)", False)
     assert panel.logicRunner.argument("-m") == str(checkpoint)
+    assert panel.logicRunner.argument("--batch-size") == "8" and panel.logicRunner.argument("--device") == "auto"
     assert panel.nodeNames() == ["CT", "CT segmentation"]
     assert panel.parameters.outputSegmentation.GetName() == "CT segmentation"
     assert panel.ui.cancelButton.enabled and not panel.ui.segmentButton.enabled

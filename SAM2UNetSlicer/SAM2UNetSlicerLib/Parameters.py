@@ -58,6 +58,7 @@ class RunParameters:
     device: Device = Device.auto
     sliceAxis: SliceAxis = SliceAxis.axial
     sliceRange: tuple[int, int] | None = None
+    batchSize: int = 8  # slices per forward pass; lower it when the GPU runs out of memory
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first unusable value."""
@@ -67,6 +68,8 @@ class RunParameters:
             first, last = self.sliceRange
             if first < 0 or last < first:
                 raise ValueError(f"slice range must satisfy 0 <= first <= last, got {first}..{last}")
+        if self.batchSize < 1:
+            raise ValueError(f"batch size must be at least 1, got {self.batchSize}")
 
 
 def buildPredictArgs(python: str, inputPath: Path, outputDir: Path, params: RunParameters) -> list[str]:
@@ -78,6 +81,7 @@ def buildPredictArgs(python: str, inputPath: Path, outputDir: Path, params: RunP
         "-m", str(params.checkpointPath),
         "--device", params.device.value,
         "--axis", params.sliceAxis.value,
+        "--batch-size", str(params.batchSize),
         "--format", "nii.gz",
         "--progress", "jsonl",
     ]

@@ -200,7 +200,10 @@ class SegmentationLogic:
         if run is None:
             return
         if run.errors:
-            self._finish(RunStatus.failed, "Segmentation failed: " + "; ".join(run.errors))
+            message = "Segmentation failed: " + "; ".join(run.errors)
+            if "out of memory" in message.lower():
+                message += " (lower the batch size in Advanced, or choose the CPU)"
+            self._finish(RunStatus.failed, message)
             return
         if returnCode != 0:
             self._finish(RunStatus.failed, f"sam2unet-predict stopped with exit code {returnCode}; see the log")
