@@ -232,3 +232,30 @@ def test_any_geometry_survives_a_label_round_trip(angles, spacing, origin, shape
         assert_geometry(sitk.ReadImage(str(path)), volume)
         if suffix == ".nii.gz":
             assert read_volume(path).same_grid(volume)
+
+
+def test_nifti_output_keeps_the_inputs_qform_and_sform_when_they_disagree(tmp_path: Path) -> None:
+    """nibabel trusts the sform, ITK/Slicer may trust the qform: with both copied, the
+    output lands on the input in either tool."""
+    data = np.zeros((6, 7, 5), np.int16)
+    image = nib.Nifti1Image(data, np.eye(4))
+    qform = np.eye(4)
+    qform[:3, :3] = Rotation.from_euler("z", 10, degrees=True).as_matrix() @ np.diag([1, 1, 2])
+    qform[:3, 3] = [1, 2, 3]
+    sform = np.diag([1.0, 1.0, 2.0, 1.0])
+    sform[:3, 3] = [4, 5, 6]
+    image.set_qform(qform, code=1)
+    image.set_sform(sform, code=2)
+    nib.save(image, tmp_path / "in.nii.gz")
+
+    volume = read_volume(tmp_path / "in.nii.gz")
+    labels = volume.with_array(np.ones(volume.shape_kji, np.uint8))
+    out = nib.load(write_labels(labels, tmp_path / "out.nii.gz"))
+    q, q_code = out.header.get_qform(coded=True)
+    s, s_code = out.header.get_sform(coded=True)
+    assert (int(q_code), int(s_code)) == (1, 2)
+    np.testing.assert_allclose(q, qform, atol=1e-5)
+    np.testing.assert_allclose(s, sform, atol=1e-5)
+    reference, written = sitk.ReadImage(str(tmp_path / "in.nii.gz")), sitk.ReadImage(str(tmp_path / "out.nii.gz"))
+    np.testing.assert_allclose(written.GetOrigin(), reference.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(written.GetDirection(), reference.GetDirection(), atol=1e-5)

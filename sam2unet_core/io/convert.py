@@ -15,7 +15,12 @@ import SimpleITK as sitk
 
 from .volume import Volume, affine_ras, geometry_from_affine_ras
 
-__all__ = ["volume_from_sitk", "volume_to_sitk", "volume_from_nifti", "volume_to_nifti"]
+__all__ = [
+    "volume_from_sitk", "volume_to_sitk", "volume_from_nifti", "volume_to_nifti",
+    "NIFTI_TRANSFORMS",
+]
+
+NIFTI_TRANSFORMS = "nifti_transforms"  # Volume.meta key: the input's qform/sform and codes
 
 
 def volume_from_sitk(image: sitk.Image, source: Path | None = None) -> Volume:
@@ -72,17 +77,36 @@ def volume_from_nifti(image: nib.spatialimages.SpatialImage, source: Path | None
     if data.ndim != 3:
         raise ValueError(f"{source}: expected a 3D volume, got shape {data.shape}")
     spacing, origin, direction = geometry_from_affine_ras(image.affine)
-    return Volume(data.transpose(2, 1, 0), spacing, origin, direction, source=source)
+    volume = Volume(data.transpose(2, 1, 0), spacing, origin, direction, source=source)
+    header = image.header
+    if hasattr(header, "get_qform"):  # NIfTI-1/2: keep both transforms for the writer
+        qform, qform_code = header.get_qform(coded=True)
+        sform, sform_code = header.get_sform(coded=True)
+        volume.meta[NIFTI_TRANSFORMS] = {
+            "affine": np.asarray(image.affine), "qform": qform, "qform_code": int(qform_code),
+            "sform": sform, "sform_code": int(sform_code),
+        }
+    return volume
 
 
 def volume_to_nifti(volume: Volume) -> nib.Nifti1Image:
-    """:class:`Volume` -> NIfTI-1 image, qform and sform both set (code 1, scanner) to the
-    volume's geometry. A ``(K, J, I, C)`` array is written as ``(I, J, K, C)``."""
+    """:class:`Volume` -> NIfTI-1 image. A ``(K, J, I, C)`` array is written as
+    ``(I, J, K, C)``.
+
+    A volume read from NIfTI gets its input's qform and sform back, codes included, so every
+    tool (nibabel, ITK/Slicer, FSL), whichever of the two it trusts, places the output
+    exactly on the input. Other volumes get both set to their geometry with code 1.
+    """
     array = volume.array_kji
     axes = (2, 1, 0) if array.ndim == 3 else (2, 1, 0, 3)
     affine = affine_ras(volume)
     image = nib.Nifti1Image(np.ascontiguousarray(array.transpose(axes)), affine)
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
+    source = volume.meta.get(NIFTI_TRANSFORMS)
+    if source is not None and np.allclose(source["affine"], affine, atol=1e-5):
+        image.set_qform(source["qform"], code=source["qform_code"])
+        image.set_sform(source["sform"], code=source["sform_code"])
+    else:
+        image.set_qform(affine, code=1)
+        image.set_sform(affine, code=1)
     image.header.set_xyzt_units("mm", "sec")
     return image
