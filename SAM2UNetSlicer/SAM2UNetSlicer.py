@@ -249,7 +249,7 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         try:
             from sam2unet_core.io.orientation import plane_view  # the CLI's own rule
-        except ModuleNotFoundError:
+        except ImportError:  # dependencies not installed yet (or broken)
             self.ui.sliceRangeLabel.text = _("(checked when the run starts)")
             return
         volume = parameterNode.inputVolume
@@ -268,7 +268,7 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         try:
             metadata = readCheckpointMetadata(checkpoint)
-        except ModuleNotFoundError:
+        except ImportError:  # dependencies not installed yet (or broken)
             self.ui.modelInfoLabel.text = _("Model details appear once the dependencies are installed (Segment installs them).")
             return
         except ValueError as err:
