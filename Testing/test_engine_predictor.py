@@ -307,3 +307,26 @@ def test_nan_padding_does_not_spoil_percentile_normalisation() -> None:
     np.testing.assert_array_equal(labels[:, :, 4:], expected)
     with pytest.raises(ValueError, match="no finite values"):
         predictor.predict(Volume(np.full((1, SIZE, SIZE), np.nan, np.float32)))
+
+
+def test_many_2d_images_share_batches_and_match_one_by_one_prediction() -> None:
+    rng = np.random.default_rng(0)
+    frames = [Volume(rng.integers(0, 256, (1, h, w, 3)).astype(np.uint8)) for h, w in
+              [(20, 30), (32, 32), (45, 17), (8, 50), (33, 40)]]
+    meta = metadata(num_classes=3, in_channels=3, intensity={"kind": "scale", "divisor": 255.0})
+
+    def brightness_classes(batch: torch.Tensor) -> torch.Tensor:
+        centres = torch.tensor([1 / 6, 3 / 6, 5 / 6]).view(1, 3, 1, 1)
+        return -((batch.mean(1, keepdim=True) - centres) ** 2) * 1000
+
+    recorder = Recorder(brightness_classes)
+    predictor = Predictor(predict_fn=recorder, metadata=meta, device="cpu", batch_size=2)
+    together = predictor.predict_images(frames, return_probabilities=True)
+    assert [len(b) for b in recorder.batches] == [2, 2, 1]
+    for frame, (labels, probs) in zip(frames, together):
+        alone = predictor.predict(frame)
+        assert labels.same_grid(frame) and labels.array_kji.dtype == np.uint8
+        np.testing.assert_array_equal(labels.array_kji, alone.array_kji)
+        assert probs.array_kji.shape == frame.shape_kji + (3,)
+    with pytest.raises(ValueError, match="predict_images takes 2D images"):
+        predictor.predict_images([random_volume(shape_kji=(2, SIZE, SIZE))])

@@ -114,6 +114,11 @@ class Predictor:
     def num_classes(self) -> int:
         return self.metadata.architecture.num_classes
 
+    @property
+    def label_dtype(self) -> np.dtype:
+        """uint8, or uint16 for models with more than 255 labels."""
+        return label_dtype(max(self.num_classes - 1, 1))
+
     # ------------------------------------------------------------------ model call
     def _probabilities(self, batch: torch.Tensor, tta: bool) -> torch.Tensor:
         """``(B, C, S, S)`` model input -> float32 probabilities ``(B, N, S, S)``;
@@ -206,7 +211,7 @@ class Predictor:
         num_slices, height, width = image.shape[:3]
         first, stop = _view_range(slice_range, num_slices, view)
 
-        labels = np.zeros(volume.shape_kji, dtype=label_dtype(max(self.num_classes - 1, 1)))
+        labels = np.zeros(volume.shape_kji, dtype=self.label_dtype)
         labels_view = view.to_plane(labels)  # writes land in `labels`
         out_channels = 1 if self.num_classes == 1 else self.num_classes
         probabilities = None
@@ -245,13 +250,69 @@ class Predictor:
             if progress is not None:
                 progress(end - first, stop - first)
 
+        result = self._finish(volume, labels, probabilities, postprocess, times, view.plane)
+        self.last_times = times
+        return result
+
+    @torch.inference_mode()
+    def predict_images(
+        self,
+        images: Sequence[Volume],
+        tta: bool = False,
+        postprocess: Sequence[str] = (),
+        return_probabilities: bool = False,
+    ) -> list[Volume] | list[tuple[Volume, Volume]]:
+        """Segment many 2D images (``K == 1``, e.g. endoscopy frames of any sizes) in shared
+        batches of ``batch_size``, one result per image on its own grid; options as in
+        :meth:`predict`. ``last_times`` covers the whole call."""
+        check_steps(postprocess)
+        for volume in images:
+            if volume.shape_kji[0] != 1:
+                raise ValueError(f"{volume.source}: predict_images takes 2D images, this one "
+                                 f"has {volume.shape_kji[0]} slices; use predict")
+        times = StageTimes()
+        results = []
+        for first in range(0, len(images), self.batch_size):
+            group = images[first:first + self.batch_size]
+            tick = time.perf_counter()
+            batch = torch.cat([
+                self._prepare(v.array_kji, 0, 1, fit_intensity(v.array_kji, self.metadata.intensity))
+                for v in group
+            ])
+            tock = time.perf_counter()
+            probs = self._probabilities(batch, tta)  # (B, N, S, S)
+            for volume, image_probs in zip(group, probs):
+                image_probs = resize_batch(image_probs[None], volume.shape_kji[1:3])  # (1, N, H, W)
+                labels = self._labels(image_probs).cpu().numpy().astype(self.label_dtype)
+                probabilities = None
+                if return_probabilities:  # (1, H, W) foreground or (1, H, W, N)
+                    kept = image_probs[:, 0] if self.num_classes == 1 else image_probs.permute(0, 2, 3, 1)
+                    probabilities = kept.cpu().numpy()
+                results.append((volume, labels, probabilities))
+            times.preprocess += tock - tick
+            times.model += time.perf_counter() - tock
+        finished = [self._finish(v, lab, prob, postprocess, times, "axial")
+                    for v, lab, prob in results]
+        self.last_times = times
+        return finished
+
+    def _finish(
+        self,
+        volume: Volume,
+        labels: np.ndarray,
+        probabilities: np.ndarray | None,
+        postprocess: Sequence[str],
+        times: StageTimes,
+        plane: str,
+    ) -> Volume | tuple[Volume, Volume]:
+        """Post-process ``(K, J, I)`` labels and wrap labels (and probabilities) as volumes
+        on the input's grid."""
         if postprocess:
             tick = time.perf_counter()
-            values = [label.value for label in meta.labels]
+            values = [label.value for label in self.metadata.labels]
             labels = postprocess_labels(labels, postprocess, values)
-            times.postprocess = time.perf_counter() - tick
-        self.last_times = times
-        result = volume.with_array(labels, meta={**volume.meta, "axis": view.plane})
+            times.postprocess += time.perf_counter() - tick
+        result = volume.with_array(labels, meta={**volume.meta, "axis": plane})
         if probabilities is None:
             return result
         return result, volume.with_array(probabilities)
