@@ -274,3 +274,22 @@ def test_real_nifti_volumes_nobody_here_made_keep_their_geometry(
         np.testing.assert_allclose(nib.load(output).affine, nib.load(source).affine, atol=1e-4)
         labels = np.asanyarray(nib.load(output).dataobj)  # (I, J, K); sagittal = along i here
         assert not labels[:5].any() and not labels[8:].any()
+
+
+def test_frames_are_batched_and_a_bad_frame_fails_alone(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    rng = np.random.default_rng(0)
+    for index, size in enumerate([(20, 30), (31, 17), (40, 40)]):
+        Image.fromarray(rng.integers(0, 255, size, dtype=np.uint8)).save(frames / f"f{index}.png")
+    Image.fromarray(rng.integers(0, 255, (10, 10, 3), dtype=np.uint8)).save(frames / "rgb.jpg")
+    code, events = run(["-i", str(frames), "-o", str(tmp_path / "out"), "-m", str(checkpoint),
+                        "--batch-size", "4"], capsys)
+    assert code == 1
+    assert events[-1] == {"event": "done", "ok": 3, "failed": 1, "skipped": 0}
+    error = next(e for e in events if e["event"] == "case_error")
+    assert error["case"] == "rgb" and "colour images have 3 channels" in error["error"]
+    for index, size in enumerate([(20, 30), (31, 17), (40, 40)]):
+        assert np.asarray(Image.open(tmp_path / "out" / f"f{index}.png")).shape == size

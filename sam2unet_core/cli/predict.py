@@ -209,8 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     run_started = time.perf_counter()
     interrupted = False
+    runner = CaseRunner(args, predictor, reporter, slice_range)
+    summary["cases"] = runner.records
     try:
-        _run_cases(cases, args, predictor, reporter, slice_range, summary["cases"])
+        runner.run(cases)
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -232,95 +234,182 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if counts["failed"] else 0
 
 
-def _run_cases(
-    cases: list[Case],
-    args: argparse.Namespace,
-    predictor: Predictor,
-    reporter: Reporter,
-    slice_range: tuple[int, int] | None,
-    records: list[dict[str, Any]],
-) -> None:
-    """Predict every case, reading the next case in a background thread meanwhile."""
-    todo = []
-    for case in cases:
-        paths = _outputs(case, args.output, args.format, args.save_probabilities)
-        if not args.overwrite and all(p.exists() for p in paths):
-            logger.info("%s: already done (%s), skipped", case.name, paths[0])
-            records.append({"case": case.name, "input": str(case.path), "status": "skipped",
-                            "output": str(paths[0])})
-            reporter.case_finished()
+Job = tuple[Case, list[Path]]  # a case and its output paths (labels, then probabilities)
+Loaded = tuple[Any, float]  # (Volume, or the exception reading raised; seconds spent)
+
+
+def _is_frame(job: Job) -> bool:
+    return job[0].path.suffix.lower() in PICTURE_SUFFIXES
+
+
+def _work_units(jobs: list[Job], batch_size: int) -> list[list[Job]]:
+    """Volumes one by one; runs of consecutive PNG/JPG frames in groups of ``batch_size``,
+    which share forward passes."""
+    units: list[list[Job]] = []
+    for job in jobs:
+        if _is_frame(job) and units and _is_frame(units[-1][0]) and len(units[-1]) < batch_size:
+            units[-1].append(job)
         else:
-            todo.append((case, paths))
+            units.append([job])
+    return units
 
-    def read(case: Case) -> tuple[Volume, float]:
-        started = time.perf_counter()
-        return read_volume(case.path, series_uid=args.series_uid), time.perf_counter() - started
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reader") as pool:
-        pending: Future | None = pool.submit(read, todo[0][0]) if todo else None
-        for index, (case, paths) in enumerate(todo):
-            current = pending
-            pending = pool.submit(read, todo[index + 1][0]) if index + 1 < len(todo) else None
-            record: dict[str, Any] = {"case": case.name, "input": str(case.path)}
+class CaseRunner:
+    """Runs the cases of one ``sam2unet-predict`` call and records how each one went."""
+
+    def __init__(self, args: argparse.Namespace, predictor: Predictor, reporter: Reporter,
+                 slice_range: tuple[int, int] | None) -> None:
+        self.args = args
+        self.predictor = predictor
+        self.reporter = reporter
+        self.slice_range = slice_range
+        self.records: list[dict[str, Any]] = []
+
+    def run(self, cases: list[Case]) -> None:
+        """Skip finished cases, then predict the others, reading the next unit of work in a
+        background thread while the current one runs."""
+        jobs = []
+        for case in cases:
+            paths = _outputs(case, self.args.output, self.args.format, self.args.save_probabilities)
+            if not self.args.overwrite and all(p.exists() for p in paths):
+                logger.info("%s: already done (%s), skipped", case.name, paths[0])
+                self.records.append({"case": case.name, "input": str(case.path),
+                                     "status": "skipped", "output": str(paths[0])})
+                self.reporter.case_finished()
+            else:
+                jobs.append((case, paths))
+        units = _work_units(jobs, self.args.batch_size)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reader") as pool:
+            pending: Future | None = pool.submit(self._read, units[0]) if units else None
+            for index, unit in enumerate(units):
+                loaded = pending.result()
+                pending = pool.submit(self._read, units[index + 1]) if index + 1 < len(units) else None
+                if _is_frame(unit[0]):
+                    self._run_frames(unit, loaded)
+                else:
+                    self._run_volume(unit[0], loaded[0])
+
+    def _read(self, unit: list[Job]) -> list[Loaded]:
+        loaded = []
+        for case, _ in unit:
+            started = time.perf_counter()
             try:
-                volume, read_seconds = current.result()  # read while the last case ran
-                started = time.perf_counter()
-                record.update(_predict_case(case, volume, paths, args, predictor, reporter,
-                                            slice_range))
-                record["timings"] = {"read": round(read_seconds, 3), **record["timings"]}
-                record["status"] = "ok"
-                seconds = time.perf_counter() - started + read_seconds
-                record["seconds"] = round(seconds, 3)
-                reporter.event(event="case_done", case=case.name, output=str(paths[0]),
-                               seconds=record["seconds"], timings=record["timings"])
-                stages = ", ".join(f"{k} {v:.2f}s" for k, v in record["timings"].items())
-                reporter.say(f"{case.name}: {seconds:.2f}s ({stages}) -> {paths[0]}")
-            except Exception as err:  # noqa: BLE001 - one bad case must not stop the batch
-                message = str(err) if str(case.path) in str(err) else f"{case.path}: {err}"
-                if isinstance(err, torch.cuda.OutOfMemoryError):
-                    message += f" (GPU out of memory: try --batch-size {max(1, args.batch_size // 2)})"
-                logger.debug("case %s failed", case.name, exc_info=True)
-                record.update(status="failed", error=message)
-                reporter.event(event="case_error", case=case.name, error=message)
-                reporter.say(f"{case.name}: FAILED: {message}")
-            records.append(record)
-            reporter.case_finished()
+                volume: Any = read_volume(case.path, series_uid=self.args.series_uid)
+            except Exception as err:  # noqa: BLE001 - reported when the case's turn comes
+                volume = err
+            loaded.append((volume, time.perf_counter() - started))
+        return loaded
 
+    def _run_volume(self, job: Job, loaded: Loaded) -> None:
+        case, paths = job
+        volume, read_seconds = loaded
+        try:
+            if isinstance(volume, Exception):
+                raise volume
+            self._check_format(case, volume, paths)
+            started = time.perf_counter()
+            axis = "axial" if volume.shape_kji[0] == 1 else self.args.axis
+            total = self.predictor.count_slices(volume, axis, self.slice_range)
+            self.reporter.event(event="case_start", case=case.name, slices=total)
+            result = self.predictor.predict(
+                volume, axis=axis, slice_range=self.slice_range, tta=self.args.tta,
+                postprocess=self.args.postprocess,
+                return_probabilities=self.args.save_probabilities,
+                progress=self.reporter.slices(case.name, total),
+            )
+            timings = dict(self.predictor.last_times.as_dict())
+            timings["write"] = self._write(result, paths)
+            self._succeeded(case, volume, paths, timings, read_seconds,
+                            time.perf_counter() - started, total)
+        except Exception as err:  # noqa: BLE001 - one bad case must not stop the batch
+            self._failed(case, err)
 
-def _predict_case(
-    case: Case,
-    volume: Volume,
-    paths: list[Path],
-    args: argparse.Namespace,
-    predictor: Predictor,
-    reporter: Reporter,
-    slice_range: tuple[int, int] | None,
-) -> dict[str, Any]:
-    """Segment one read volume and write its outputs; returns the record fields."""
-    if paths[0].name.endswith(".dcm") and not volume.is_dicom:
-        raise ValueError(f"{case.path}: --format dcm (DICOM SEG) needs DICOM input; "
-                         "use --format nii.gz or seg.nrrd")
-    axis = "axial" if volume.shape_kji[0] == 1 else args.axis
-    total = predictor.count_slices(volume, axis, slice_range)
-    reporter.event(event="case_start", case=case.name, slices=total)
-    result = predictor.predict(
-        volume, axis=axis, slice_range=slice_range, tta=args.tta,
-        postprocess=args.postprocess, return_probabilities=args.save_probabilities,
-        progress=reporter.slices(case.name, total),
-    )
-    labels, probabilities = result if args.save_probabilities else (result, None)
-    started = time.perf_counter()
-    write_labels(labels, paths[0], predictor.metadata.labels)
-    if probabilities is not None:
-        write_probabilities(probabilities, paths[1])
-    timings = {k: round(v, 3) for k, v in predictor.last_times.as_dict().items()}
-    timings["write"] = round(time.perf_counter() - started, 3)
-    record: dict[str, Any] = {"output": str(paths[0]), "timings": timings,
-                              "shape_kji": list(volume.shape_kji), "slices": total}
-    if "series_uid" in volume.meta:
-        record["series_uid"] = volume.meta["series_uid"]
-        record["series_in_folder"] = volume.meta.get("series_in_folder")
-    return record
+    def _run_frames(self, jobs: list[Job], loaded: list[Loaded]) -> None:
+        """PNG/JPG frames predicted together (``Predictor.predict_images``)."""
+        ready = []
+        for (case, paths), (volume, read_seconds) in zip(jobs, loaded):
+            try:
+                if isinstance(volume, Exception):
+                    raise volume
+                self._check_format(case, volume, paths)
+                ready.append((case, paths, volume, read_seconds))
+            except Exception as err:  # noqa: BLE001
+                self._failed(case, err)
+        if not ready:
+            return
+        started = time.perf_counter()
+        try:
+            for case, *_ in ready:
+                self.reporter.event(event="case_start", case=case.name, slices=1)
+            results = self.predictor.predict_images(
+                [volume for *_, volume, _ in ready], tta=self.args.tta,
+                postprocess=self.args.postprocess,
+                return_probabilities=self.args.save_probabilities,
+            )
+        except Exception as err:  # noqa: BLE001
+            if len(ready) == 1:
+                self._failed(ready[0][0], err)
+            else:  # find the bad frame(s): one at a time
+                for case, paths, volume, read_seconds in ready:
+                    self._run_frames([(case, paths)], [(volume, read_seconds)])
+            return
+        shared = {k: v / len(ready) for k, v in self.predictor.last_times.as_dict().items()}
+        shared_seconds = (time.perf_counter() - started) / len(ready)
+        for (case, paths, volume, read_seconds), result in zip(ready, results):
+            try:
+                self.reporter.event(event="slices", case=case.name, done=1, total=1)
+                written = time.perf_counter()
+                timings = {**shared, "write": self._write(result, paths)}
+                self._succeeded(case, volume, paths, timings, read_seconds,
+                                shared_seconds + time.perf_counter() - written, 1)
+            except Exception as err:  # noqa: BLE001
+                self._failed(case, err)
+
+    @staticmethod
+    def _check_format(case: Case, volume: Volume, paths: list[Path]) -> None:
+        if paths[0].name.endswith(".dcm") and not volume.is_dicom:
+            raise ValueError(f"{case.path}: --format dcm (DICOM SEG) needs DICOM input; "
+                             "use --format nii.gz or seg.nrrd")
+
+    def _write(self, result: Volume | tuple[Volume, Volume], paths: list[Path]) -> float:
+        """Write labels (and probabilities); returns the seconds it took."""
+        started = time.perf_counter()
+        labels, probabilities = result if self.args.save_probabilities else (result, None)
+        write_labels(labels, paths[0], self.predictor.metadata.labels)
+        if probabilities is not None:
+            write_probabilities(probabilities, paths[1])
+        return time.perf_counter() - started
+
+    def _succeeded(self, case: Case, volume: Volume, paths: list[Path],
+                   timings: dict[str, float], read_seconds: float, busy_seconds: float,
+                   slices: int) -> None:
+        timings = {k: round(v, 3) for k, v in {"read": read_seconds, **timings}.items()}
+        seconds = round(read_seconds + busy_seconds, 3)
+        record: dict[str, Any] = {
+            "case": case.name, "input": str(case.path), "status": "ok",
+            "output": str(paths[0]), "seconds": seconds, "timings": timings,
+            "shape_kji": list(volume.shape_kji), "slices": slices,
+        }
+        if "series_uid" in volume.meta:
+            record["series_uid"] = volume.meta["series_uid"]
+            record["series_in_folder"] = volume.meta.get("series_in_folder")
+        self.records.append(record)
+        self.reporter.event(event="case_done", case=case.name, output=str(paths[0]),
+                            seconds=seconds, timings=timings)
+        stages = ", ".join(f"{k} {v:.2f}s" for k, v in timings.items())
+        self.reporter.say(f"{case.name}: {seconds:.2f}s ({stages}) -> {paths[0]}")
+        self.reporter.case_finished()
+
+    def _failed(self, case: Case, err: Exception) -> None:
+        message = str(err) if str(case.path) in str(err) else f"{case.path}: {err}"
+        if isinstance(err, torch.cuda.OutOfMemoryError):
+            message += f" (GPU out of memory: try --batch-size {max(1, self.args.batch_size // 2)})"
+        logger.debug("case %s failed", case.name, exc_info=err)
+        self.records.append({"case": case.name, "input": str(case.path), "status": "failed",
+                             "error": message})
+        self.reporter.event(event="case_error", case=case.name, error=message)
+        self.reporter.say(f"{case.name}: FAILED: {message}")
+        self.reporter.case_finished()
 
 
 if __name__ == "__main__":
