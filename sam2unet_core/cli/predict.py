@@ -6,6 +6,10 @@ a rerun; a case that fails is reported (file and cause) and the run goes on, the
 Every output is written atomically. ``predict_summary.json`` (per part:
 ``predict_summary_partK_of_N.json``) lists each case with its status and timings.
 
+Volumes are sliced along ``--axis`` and batched slice-wise; PNG/JPG frames (polyp
+benchmarks) are batched across files. The next case is read in a background thread while
+the current one runs.
+
 ``--progress jsonl`` prints one JSON event per line on stdout (start, case_start, slices,
 case_done, case_error, done) for the 3D Slicer module; ``bar`` shows tqdm bars on stderr.
 """
