@@ -45,19 +45,30 @@ PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 PROBABILITY_FOLDER = "probabilities"
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` unless X is None/False or the help already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sam2unet-predict",
         description="Segment CT/MR volumes or 2D images with a SAM2-UNet checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
     )
     parser.add_argument("-i", "--input", required=True, type=Path,
                         help="image file, DICOM folder, or folder of cases")
     parser.add_argument("-o", "--output", required=True, type=Path, help="output folder")
     parser.add_argument("-m", "--model", type=Path,
-                        help="checkpoint (.safetensors, official SAM2-UNet .pth)")
+                        help="checkpoint (.safetensors, official SAM2-UNet .pth); required unless "
+                             "--list-series")
     parser.add_argument("--device", default="auto", help=f"one of {DEVICE_CHOICES} or cuda:N")
-    parser.add_argument("--batch-size", type=int, default=8, help="slices per forward pass")
+    parser.add_argument("--batch-size", type=int, default=8, help="slices (or PNG/JPG frames) per forward pass")
     parser.add_argument("--axis", default="axial", choices=sorted(PLANES),
                         help="anatomical plane of the 2D slices")
     parser.add_argument("--format", choices=LABEL_FORMATS, default=None,
@@ -75,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="list the DICOM series of the input and exit")
     parser.add_argument("--tta", action="store_true", help="average over flipped inputs")
     parser.add_argument("--postprocess", nargs="*", default=[], choices=POSTPROCESS_STEPS,
-                        help="label clean-up steps, applied in order")
+                        help="label clean-up steps, applied in order (default: none)")
     parser.add_argument("--save-probabilities", action="store_true",
                         help=f"also write float probability maps to {PROBABILITY_FOLDER}/")
     parser.add_argument("--no-mixed-precision", action="store_true",
