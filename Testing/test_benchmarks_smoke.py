@@ -47,11 +47,23 @@ def test_agreement_counts_flipped_pixels(benchmarks) -> None:
     assert result["max_abs_logit_diff"] == pytest.approx(2.5)
 
 
+def test_onednn_linear_matches_f_linear_and_is_undone(benchmarks) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(8, 5), torch.nn.GELU(), torch.nn.Linear(5, 3))
+    x = torch.randn(2, 7, 8)  # (B, tokens, C): N-D input as in Hiera
+    with torch.no_grad():
+        expected = model(x)
+        with benchmarks.common.onednn_linear(model):
+            assert all("forward" in vars(m) for m in model if isinstance(m, torch.nn.Linear))
+            got = model(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not any("forward" in vars(m) for m in model)
+
+
 def test_bench_model_prints_every_setting_and_writes_json(benchmarks, tmp_path: Path, capsys) -> None:
     out = tmp_path / "model.json"
     code = benchmarks.bench_model.main([
         "--backbone", "hiera_t", "--size", "64", "--batch", "2", "--iters", "1", "--repeats", "1",
-        "--warmup", "0", "--settings", "fp32", "bf16-cl", "--peak-flops", "1e11",
+        "--warmup", "0", "--settings", "fp32", "fp32-cl-onednn", "bf16deep-cl", "--peak-flops", "1e11",
         "--train", "--train-settings", "fp32", "--train-batch", "2", "--json", str(out),
     ])
     assert code == 0
@@ -62,14 +74,16 @@ def test_bench_model_prints_every_setting_and_writes_json(benchmarks, tmp_path: 
     assert data["header"]["gflop_per_img_forward"] > 0
     rows = {(r["kind"], r["setting"]): r for r in data["results"]}
     assert set(rows) == {("inference", "fp32-b1"), ("inference", "fp32"),
-                         ("inference", "bf16-cl"), ("training", "fp32")}
+                         ("inference", "fp32-cl-onednn"), ("inference", "bf16deep-cl"),
+                         ("training", "fp32")}
     for row in rows.values():
         assert "error" not in row, row
         assert row["img_per_s"] > 0 and row["peak_memory_mb"] > 0 and 0 < row["flop_fraction"]
     # fp32 eager is the reference itself: identical labels whatever the batch
     assert rows[("inference", "fp32-b1")]["speedup_vs_baseline"] == 1.0
     assert rows[("inference", "fp32")]["dice"] == 1.0 and rows[("inference", "fp32")]["passed"]
-    assert 0.9 < rows[("inference", "bf16-cl")]["dice"] <= 1.0
+    assert rows[("inference", "fp32-cl-onednn")]["max_abs_logit_diff"] < 1e-3
+    assert 0.9 < rows[("inference", "bf16deep-cl")]["dice"] <= 1.0
     training = rows[("training", "fp32")]
     assert training["first_loss_rel_diff"] < 1e-4
     assert training["gflop_per_img"] > data["header"]["gflop_per_img_forward"]

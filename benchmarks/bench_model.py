@@ -7,7 +7,9 @@ baseline and the agreement with fp32 eager output on the same input (Dice of the
 which must be >= 0.999, and the largest absolute logit difference).
 
 Settings are names ``<precision>[-cl][-compile][-b<N>]``: precision fp32 (strict, no TF32),
-tf32, bf16 or fp16 (autocast); ``cl`` channels_last; ``compile`` torch.compile; ``b<N>``
+tf32, bf16 or fp16 (autocast of the whole model), bf16deep or fp16deep (autocast of Hiera
+stages 3-4 only; patch embedding, stages 1-2 and decoder in fp32); ``cl`` channels_last;
+``onednn`` fp32 linear layers through oneDNN instead of MKL on CPU (see RESULTS.md); ``compile`` torch.compile; ``b<N>``
 batch N instead of ``--batch``. SDPA (fused attention) is always on: sam2's Hiera calls
 ``F.scaled_dot_product_attention``.
 
@@ -27,13 +29,14 @@ the label maps are not trivially constant (``--checkpoint`` benchmarks a trained
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
 import logging
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -48,9 +51,11 @@ from benchmarks.common import (  # noqa: E402
     H100_BF16_PEAK_FLOPS,
     Setting,
     agreement,
+    deep_stage_autocast,
     fit_head,
     machine_description,
     measure_matmul_flops,
+    onednn_linear,
     parse_setting,
     peak_memory_bytes,
     phantom_batch,
@@ -67,8 +72,8 @@ LOGGER = logging.getLogger(__name__)
 DICE_REQUIRED = 0.999
 BASELINE = "fp32-b1"
 DEFAULT_SETTINGS = {
-    "cpu": [BASELINE, "fp32", "fp32-cl", "fp32-cl-compile", "bf16", "bf16-cl", "bf16-cl-compile"],
-    "cuda": [BASELINE, "fp32", "tf32-cl", "bf16-cl", "fp16-cl", "bf16-cl-compile",
+    "cpu": [BASELINE, "fp32", "fp32-cl", "fp32-cl-onednn", "bf16deep-cl-onednn", "bf16-cl"],
+    "cuda": [BASELINE, "fp32", "tf32-cl", "bf16-cl", "fp16-cl", "bf16deep-cl", "bf16-cl-compile",
              "fp16-cl-compile"],
 }
 DEFAULT_TRAIN_SETTINGS = {
@@ -128,25 +133,33 @@ def _peak_flops(args: argparse.Namespace, device: torch.device) -> tuple[float, 
                              f"bf16 {bf16 / 1e9:.0f} GFLOP/s; the larger is the limit")
 
 
-def _configure(model: nn.Module, setting: Setting) -> Callable[[torch.Tensor], object]:
-    """Set TF32 flags and memory format for ``setting``; return the (maybe compiled) model."""
+@contextlib.contextmanager
+def _configured(model: nn.Module, setting: Setting, device: torch.device
+                ) -> Iterator[Callable[[torch.Tensor], object]]:
+    """Set TF32 flags, memory format and precision of ``setting``; yield the function to call
+    (the model, maybe compiled, under autocast). The model is restored on exit."""
     torch.backends.cuda.matmul.allow_tf32 = setting.tf32
     torch.backends.cudnn.allow_tf32 = setting.tf32
-    model.to(memory_format=torch.channels_last if setting.channels_last else torch.contiguous_format)
-    if setting.compile:
-        torch._dynamo.reset()
-        return torch.compile(model)
-    return model
-
-
-def _with_autocast(fn: Callable[[torch.Tensor], object], setting: Setting,
-                   device: torch.device) -> Callable[[torch.Tensor], object]:
     dtype = setting.autocast_dtype
+    deep_only = dtype is not None and setting.deep_only
+    model.to(memory_format=torch.channels_last if setting.channels_last else torch.contiguous_format)
+    with contextlib.ExitStack() as stack:
+        if deep_only:
+            stack.enter_context(deep_stage_autocast(model, device.type, dtype))
+        if setting.onednn:
+            stack.enter_context(onednn_linear(model))
+        if setting.compile:
+            torch._dynamo.reset()
+        fn = torch.compile(model) if setting.compile else model
+        whole_model = dtype is not None and not deep_only
 
-    def call(x: torch.Tensor) -> object:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            return fn(x)
-    return call
+        def call(x: torch.Tensor) -> object:
+            with torch.autocast(device.type, dtype=dtype, enabled=whole_model):
+                return fn(x)
+        try:
+            yield call
+        finally:
+            model.to(memory_format=torch.contiguous_format)
 
 
 def _prepare_input(images: torch.Tensor, setting: Setting, batch: int, device: torch.device
@@ -181,8 +194,7 @@ def run_inference(model: nn.Module, images: torch.Tensor, settings: list[Setting
         batch = setting.batch or args.batch
         LOGGER.info("inference %s, batch %d", setting.name, batch)
         try:
-            with torch.inference_mode():
-                call = _with_autocast(_configure(model, setting), setting, device)
+            with _configured(model, setting, device) as call, torch.inference_mode():
                 x = _prepare_input(images, setting, batch, device)
                 reset_peak_memory(device)
                 output = call(x)  # first call: compiles, and gives the output checked below
@@ -195,7 +207,6 @@ def run_inference(model: nn.Module, images: torch.Tensor, settings: list[Setting
             row = {"kind": "inference", "setting": setting.name, "batch": batch,
                    "error": f"{type(err).__name__}: {err}"}
         rows.append(row)
-    model.to(memory_format=torch.contiguous_format)
     return rows
 
 
@@ -235,7 +246,6 @@ def run_training(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
     def forward_loss(fn: Callable[[torch.Tensor], object], x: torch.Tensor) -> torch.Tensor:
         return loss_fn(fn(x), y[: x.shape[0]])
 
-    _configure(model, parse_setting("fp32"))
     flops_per_image = count_flops(lambda: forward_loss(model, x_ref[:1]).backward())
     model.zero_grad(set_to_none=True)
     model.load_state_dict(initial)  # the counting pass updated the BN statistics
@@ -247,22 +257,22 @@ def run_training(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
         LOGGER.info("training %s, batch %d", setting.name, batch_s)
         model.load_state_dict(initial)
         try:
-            call = _with_autocast(_configure(model, setting), setting, device)
-            x = _prepare_input(images, setting, batch_s, device)
-            y_s = masks[:batch_s].to(device)
-            params = [p for p in model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=5e-4, fused=True)
+            with _configured(model, setting, device) as call:
+                x = _prepare_input(images, setting, batch_s, device)
+                y_s = masks[:batch_s].to(device)
+                params = [p for p in model.parameters() if p.requires_grad]
+                optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=5e-4, fused=True)
 
-            def step() -> torch.Tensor:
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(call(x), y_s)
-                loss.backward()
-                optimizer.step()
-                return loss
+                def step() -> torch.Tensor:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = loss_fn(call(x), y_s)
+                    loss.backward()
+                    optimizer.step()
+                    return loss
 
-            reset_peak_memory(device)
-            first_loss = step().item()
-            seconds = time_calls(step, device, args.warmup, args.iters, args.repeats)
+                reset_peak_memory(device)
+                first_loss = step().item()
+                seconds = time_calls(step, device, args.warmup, args.iters, args.repeats)
             row = _result("training", setting, batch_s, seconds, flops_per_image, peak_flops, device)
             row["loss"] = loss_name
             if batch_s == batch:
@@ -274,7 +284,7 @@ def run_training(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
         rows.append(row)
     synchronize(device)
     model.load_state_dict(initial)
-    model.to(memory_format=torch.contiguous_format).eval()
+    model.eval()
     for row in rows:
         row["gflop_per_img"] = flops_per_image / 1e9
     return rows
@@ -357,8 +367,10 @@ def main(argv: list[str] | None = None) -> int:
             row["speedup_vs_baseline"] = row["img_per_s"] / baseline
     _print_table(rows)
     failed = [r["setting"] for r in rows if r.get("passed") is False]
+    errors = [f"{r['kind']} {r['setting']}" for r in rows if "error" in r]
     print(f"# correctness (Dice >= {DICE_REQUIRED} vs fp32 eager): "
-          + ("all passed" if not failed else f"FAILED for {failed}"))
+          + ("all passed" if not failed else f"FAILED for {failed}")
+          + (f"; settings that did not run: {errors}" if errors else ""))
     if args.json:
         args.json.write_text(json.dumps({"header": header, "results": rows}, indent=2))
     return 0

@@ -6,12 +6,14 @@ Tensors are ``(B, C, H, W)``; label maps ``(B, H, W)``.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import platform
 import resource
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,11 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sam2unet_core.model.hiera import backbone_config
+
 __all__ = [
     "H100_BF16_PEAK_FLOPS",
     "PRECISIONS",
     "Setting",
     "parse_setting",
+    "deep_stage_autocast",
+    "onednn_linear",
     "synchronize",
     "reset_peak_memory",
     "peak_memory_bytes",
@@ -37,12 +43,15 @@ __all__ = [
 ]
 
 H100_BF16_PEAK_FLOPS = 790e12  # dense bf16 matmul, measured on one H100 (see the issue)
-# precision name -> (autocast dtype or None, TF32 matmuls allowed)
-PRECISIONS: dict[str, tuple[torch.dtype | None, bool]] = {
-    "fp32": (None, False),
-    "tf32": (None, True),
-    "bf16": (torch.bfloat16, False),
-    "fp16": (torch.float16, False),
+# precision name -> (autocast dtype or None, TF32 matmuls allowed, autocast only the deep
+# Hiera stages 3-4 (stride 16 and 32) while patch embedding, stages 1-2 and decoder stay fp32)
+PRECISIONS: dict[str, tuple[torch.dtype | None, bool, bool]] = {
+    "fp32": (None, False, False),
+    "tf32": (None, True, False),
+    "bf16": (torch.bfloat16, False, False),
+    "fp16": (torch.float16, False, False),
+    "bf16deep": (torch.bfloat16, False, True),
+    "fp16deep": (torch.float16, False, True),
 }
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
@@ -52,8 +61,10 @@ class Setting:
     """One way of running the model: ``fp32``, ``bf16-cl``, ``fp16-cl-compile``, ``fp32-b1`` ...
 
     ``precision`` is a key of ``PRECISIONS`` (bf16/fp16 use autocast, tf32 allows TF32
-    matmuls), ``channels_last`` the memory format of model and input, ``compile`` wraps the
-    model in ``torch.compile``, ``batch`` overrides the script's batch size (None: default).
+    matmuls, bf16deep/fp16deep autocast only Hiera stages 3-4), ``channels_last`` the memory
+    format of model and input, ``onednn`` runs fp32 linear layers with oneDNN on CPU
+    (:func:`onednn_linear`), ``compile`` wraps the model in ``torch.compile``, ``batch``
+    overrides the script's batch size (None: default).
     """
 
     name: str
@@ -61,6 +72,7 @@ class Setting:
     channels_last: bool
     compile: bool
     batch: int | None
+    onednn: bool = False
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -70,23 +82,85 @@ class Setting:
     def tf32(self) -> bool:
         return PRECISIONS[self.precision][1]
 
+    @property
+    def deep_only(self) -> bool:
+        return PRECISIONS[self.precision][2]
+
+
+class _AutocastBlock(nn.Module):
+    """Runs one Hiera block under autocast and returns fp32 (a stage's first block, whose
+    shortcut is a projection, would otherwise return 16-bit features)."""
+
+    def __init__(self, block: nn.Module, device_type: str, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.block, self.device_type, self.dtype = block, device_type, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            return self.block(x).float()
+
+
+@contextlib.contextmanager
+def deep_stage_autocast(model: nn.Module, device_type: str, dtype: torch.dtype) -> Iterator[None]:
+    """Within the block, the blocks of Hiera stages 3 and 4 of ``model`` (a SAM2UNet) run
+    under autocast; the rest stays fp32. The stride-4/8 features that shape the label
+    boundaries keep full precision while most FLOPs (82% for hiera_l) run in 16 bits."""
+    stages = backbone_config(model.architecture.backbone)["stages"]
+    blocks = model.encoder.blocks
+    originals = list(blocks)
+    for index in range(stages[0] + stages[1], len(blocks)):
+        blocks[index] = _AutocastBlock(originals[index], device_type, dtype)
+    try:
+        yield
+    finally:
+        for index, block in enumerate(originals):
+            blocks[index] = block
+
 
 def parse_setting(name: str) -> Setting:
-    """Parse ``<precision>[-cl][-compile][-b<N>]`` (any order after the precision)."""
+    """Parse ``<precision>[-cl][-onednn][-compile][-b<N>]`` (any order after the precision)."""
     precision, *flags = name.split("-")
     if precision not in PRECISIONS:
         raise ValueError(f"setting {name!r}: precision {precision!r} is not one of {list(PRECISIONS)}")
     batch = None
     for flag in flags:
-        if flag in ("cl", "compile"):
+        if flag in ("cl", "compile", "onednn"):
             continue
         if flag.startswith("b") and flag[1:].isdigit() and int(flag[1:]) > 0:
             batch = int(flag[1:])
         else:
             raise ValueError(
-                f"setting {name!r}: unknown part {flag!r}; expected 'cl', 'compile' or 'b<N>' (N > 0)"
+                f"setting {name!r}: unknown part {flag!r}; expected 'cl', 'onednn', 'compile' "
+                "or 'b<N>' (N > 0)"
             )
-    return Setting(name, precision, "cl" in flags, "compile" in flags, batch)
+    return Setting(name, precision, "cl" in flags, "compile" in flags, batch, "onednn" in flags)
+
+
+def _onednn_linear_forward(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` through oneDNN for fp32 CPU inference, else the usual ``F.linear``."""
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or layer.weight.dtype != torch.float32
+            or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")):
+        return F.linear(x, layer.weight, layer.bias)
+    return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
+
+
+@contextlib.contextmanager
+def onednn_linear(model: nn.Module) -> Iterator[None]:
+    """Within the block, fp32 ``nn.Linear`` layers of ``model`` run on CPU through oneDNN
+    (``torch.ops.mkldnn._linear_pointwise``) instead of MKL's sgemm.
+
+    On AMD CPUs MKL's sgemm takes its AVX2 path (about 90 GFLOP/s per Zen 5 core here)
+    while oneDNN uses AVX-512 (about 200): same fp32 arithmetic, 1.4-2.3x faster matmuls.
+    Training, autocast and other devices keep ``F.linear``.
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    for layer in layers:
+        layer.forward = functools.partial(_onednn_linear_forward, layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward  # back to nn.Linear.forward
 
 
 def synchronize(device: torch.device) -> None:
