@@ -129,3 +129,16 @@ def test_labels_outside_dataset_json_are_rejected(tmp_path: Path) -> None:
     nib.save(nib.Nifti1Image(data, label.affine), path)
     with pytest.raises(ValueError, match=r"case_002.nii.gz holds label values \[0, 1, 2, 5\]"):
         build_training_data(load_config(None, [f"data.root={root}", *VOLUME_OVERRIDES]))
+
+
+def test_disk_cache_serves_the_same_samples_and_is_keyed_by_the_settings(tmp_path: Path) -> None:
+    root = write_msd_dataset(tmp_path / "d", 3)
+    base = [f"data.root={root}", *VOLUME_OVERRIDES, "data.samples_per_epoch=4"]
+    memory = build_training_data(load_config(None, base))
+    disk = [*base, "data.cache=disk", f"data.cache_dir={tmp_path / 'cache'}"]
+    for _ in range(2):  # written, then read back
+        cached = build_training_data(load_config(None, disk))
+        torch.testing.assert_close(cached.train[3]["image"], memory.train[3]["image"], rtol=0, atol=0)
+    assert len(list((tmp_path / "cache" / "train").glob("*.pt"))) == 2
+    build_training_data(load_config(None, [*disk, "data.intensity={kind: zscore}"]))
+    assert len(list((tmp_path / "cache" / "train").glob("*.pt"))) == 4

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from train_data import write_msd_dataset, write_polyp_folder
 
-from sam2unet_core import load_model
+from sam2unet_core import load_model, read_metadata
 from sam2unet_core.cli.train import main
 from sam2unet_core.train.config import load_config
 from sam2unet_core.train.resume import load_resume_state
@@ -69,30 +71,49 @@ def test_multiclass_volume_run_without_weights_trains_the_whole_encoder(tmp_path
     assert meta.intensity == {"kind": "zscore"} and meta.provenance["plane"] == "axial"
 
 
-def test_resume_after_an_interruption_mid_epoch_is_exact(polyp_root: Path, tmp_path: Path) -> None:
+def _kill_mid_epoch(cmd: list[str], resume_path: Path, timeout: float = 240.0) -> dict:
+    """Start a training process and SIGKILL it once its resume state is inside epoch 2."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline, seen = time.monotonic() + timeout, 0.0
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            stamp = resume_path.stat().st_mtime if resume_path.exists() else 0.0
+            if stamp != seen:  # a new state was written (atomically): look inside
+                seen = stamp
+                state = load_resume_state(resume_path)
+                if state["epoch"] == 1 and state["batches_done"] >= 1:
+                    break
+            time.sleep(0.05)
+        assert proc.poll() is None, "training ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    return load_resume_state(resume_path)
+
+
+def test_resume_after_a_kill_mid_epoch_is_exact(polyp_root: Path, tmp_path: Path) -> None:
     common = [f"data.root={polyp_root}", *TINY, "optim.epochs=2", "data.val_fraction=0.25",
               "augment.rotate_deg=10", "augment.multiscale=[1.0,1.5]"]
     # Reference: 2 epochs of 3 steps in one go.
     reference = train(load_config(None, [*common, f"run.output={tmp_path / 'a'}"]))
-    # Interrupted: resume state every 2 steps; "killed" after step 5 (last save: step 4,
-    # i.e. epoch 2 batch 1), so the resumed run repeats step 5 and does step 6.
-    interrupted = [*common, f"run.output={tmp_path / 'b'}", "run.resume_every_steps=2"]
-    first = train(load_config(None, [*interrupted, "run.stop_after_steps=5"]))
-    assert first.stopped_early and first.epochs_done == 1
-    state = load_resume_state(tmp_path / "b" / "resume.pt")
-    assert (state["epoch"], state["batches_done"], state["global_step"]) == (1, 1, 4)
-    resumed = train(load_config(None, interrupted))
+    # The same run in another process, saving its state every step, killed (SIGKILL)
+    # inside epoch 2, then resumed.
+    out = tmp_path / "b"
+    again = [*common, f"run.output={out}", "run.resume_every_steps=1"]
+    state = _kill_mid_epoch([sys.executable, str(REPO / "training" / "train.py"), *again], out / "resume.pt")
+    assert state["epoch"] == 1 and 1 <= state["batches_done"] < 3
+    assert read_metadata(out / "last.safetensors").provenance["epoch"] == 1
+    resumed = train(load_config(None, again))
     assert resumed.epochs_done == 2 and resumed.best_dice == reference.best_dice
-    ref_w, res_w = load_file(tmp_path / "a" / "last.safetensors"), load_file(tmp_path / "b" / "last.safetensors")
+    ref_w, res_w = load_file(tmp_path / "a" / "last.safetensors"), load_file(out / "last.safetensors")
     assert ref_w.keys() == res_w.keys()
     for key in ref_w:
         assert torch.equal(ref_w[key], res_w[key]), key
-    ref_state = load_resume_state(tmp_path / "a" / "resume.pt")
-    res_state = load_resume_state(tmp_path / "b" / "resume.pt")
+    ref_state, res_state = load_resume_state(tmp_path / "a" / "resume.pt"), load_resume_state(out / "resume.pt")
     assert ref_state["history"] == res_state["history"]
     assert ref_state["scheduler"] == res_state["scheduler"]
-    exp_avg = [s["exp_avg"] for s in ref_state["optimizer"]["state"].values()]
-    assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(exp_avg, res_state["optimizer"]["state"].values()))
+    for ref_opt, res_opt in zip(ref_state["optimizer"]["state"].values(), res_state["optimizer"]["state"].values()):
+        assert torch.equal(ref_opt["exp_avg"], res_opt["exp_avg"]) and torch.equal(ref_opt["step"], res_opt["step"])
 
 
 def test_resume_refuses_a_different_config(polyp_root: Path, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.data.utils import pickle_hashing
 from monai.transforms import Compose
 
 from .config import TrainConfig
@@ -53,7 +54,8 @@ def _cached(cases: list[Case], transform: Compose, config: TrainConfig, part: st
     if mode == "disk":
         cache_dir = Path(config.data.cache_dir or Path(config.run.output) / "cache") / part
         cache_dir.mkdir(parents=True, exist_ok=True)
-        return PersistentDataset(items, transform, cache_dir=cache_dir)
+        # hash_transform: a change of loading/intensity settings makes new cache entries.
+        return PersistentDataset(items, transform, cache_dir=cache_dir, hash_transform=pickle_hashing)
     return Dataset(items, transform)
 
 

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
 
 from sam2unet_core import __version__, build_model, save_model
 from sam2unet_core.device import autocast_dtype, resolve_device
@@ -223,8 +224,6 @@ def train(config: TrainConfig, resume: bool = True) -> TrainResult:
     val_loader = DataLoader(data.val, batch_size=config.run.val_batch_size, num_workers=config.data.num_workers)
     steps_this_run, last_save, stopped, timed_out = 0, time.monotonic(), False, False
     started = time.monotonic()
-    from tqdm.auto import tqdm
-
     net.train()
     while epoch < config.optim.epochs and not stopped:
         data.train.set_epoch(epoch)
