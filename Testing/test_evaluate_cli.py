@@ -94,3 +94,27 @@ def test_volumes_get_per_class_dice_hd95_and_surface_dice(tmp_path: Path) -> Non
     rows = list(csv.DictReader((tmp_path / "pred" / "metrics.csv").open()))
     assert [r["case"] for r in rows] == ["case_0", "case_1", "mean"]
     assert {"Dice_1", "HD95_1", "SurfaceDice_1", "Dice_2", "Dice_mean"} <= set(rows[0])
+
+
+def test_predict_outputs_evaluate_as_masks_and_as_probability_maps(polyp_results, tiny_checkpoint: Path,
+                                                                   tmp_path: Path) -> None:
+    """sam2unet-predict's PNG masks (0/255) and its probability maps (NIfTI, paper protocol)
+    are both accepted; their Dice@0.5 agree."""
+    from sam2unet_core.cli import predict
+
+    _, gt_dir, pairs = polyp_results
+    images = tmp_path / "images"
+    for n, (pred, _) in enumerate(pairs[:2]):
+        write_png(images / f"img{n}.png", np.stack([pred] * 3, axis=-1))
+    out = tmp_path / "predicted"
+    assert predict.main(["-i", str(images), "-o", str(out), "-m", str(tiny_checkpoint), "--device", "cpu",
+                         "--save-probabilities", "--progress", "none"]) == 0
+    for name in ("img2.png", "img3.png"):
+        (gt_dir / name).unlink()
+    assert main(["--pred", str(out), "--gt", str(gt_dir), "--out", str(tmp_path / "masks")]) == 0
+    assert main(["--pred", str(out / "probabilities"), "--gt", str(gt_dir), "--out", str(tmp_path / "probs")]) == 0
+    masks = json.loads((tmp_path / "masks" / "summary.json").read_text())
+    probs = json.loads((tmp_path / "probs" / "summary.json").read_text())
+    assert masks["mode"] == probs["mode"] == "2d"
+    for a, b in zip(masks["cases"], probs["cases"]):
+        assert a["Dice@0.5"] == pytest.approx(b["Dice@0.5"], abs=0.02)

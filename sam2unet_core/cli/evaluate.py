@@ -1,10 +1,12 @@
 """``sam2unet-evaluate``: score predictions against ground truth, one row per case.
 
-2D sets (PNG/JPEG/BMP/TIFF masks, e.g. the polyp test sets): the official SAM2-UNet metrics
+2D sets (PNG/JPEG masks, e.g. the polyp test sets): the official SAM2-UNet metrics
 (threshold-averaged mDice/mIoU, Dice@0.5, S-measure, weighted F, mean E-measure, MAE); the
-prediction is read as a grey probability map (0-255), as the official ``eval.py`` does.
-Volumes (NIfTI, NRRD, MHA, ... read by ``sam2unet_core.io``): per-class Dice, HD95 (mm) and surface Dice (MONAI), using
-the ground truth's voxel spacing.
+prediction is read as a grey map (0-255), as the official ``eval.py`` does. The paper's
+numbers come from probability maps: use ``sam2unet-predict --save-probabilities`` and pass
+its ``probabilities/`` folder as ``--pred`` (binary 0/255 masks score lower mDice).
+Volumes (NIfTI, NRRD, MHA, DICOM, ... read by ``sam2unet_core.io``): per-class Dice, HD95
+(mm) and surface Dice (MONAI), using the ground truth's voxel spacing.
 
 Cases are paired by name without the file ending (``case_001.nii.gz`` <-> ``case_001.nii``,
 ``img1.jpg`` <-> ``img1.png``). Writes ``summary.json`` (cases, mean, settings) and
@@ -55,11 +57,24 @@ def _index(folder: Path) -> dict[str, Path]:
 
 
 def _read_gray(path: Path) -> np.ndarray:
-    """``(H, W)`` uint8; colour is converted with ITU-R 601 weights as cv2.IMREAD_GRAYSCALE does."""
-    from PIL import Image
+    """``(H, W)`` uint8 grey values.
 
-    with Image.open(path) as img:
-        return np.asarray(img.convert("L"), dtype=np.uint8)
+    Pictures: colour is converted with ITU-R 601 weights as cv2.IMREAD_GRAYSCALE does.
+    Probability maps of ``sam2unet-predict --save-probabilities`` (one-slice volumes with
+    values in [0, 1]) become ``round(255 * p)``, the grey maps the official test.py saves.
+    """
+    if path.name.lower().endswith(PICTURE_SUFFIXES):
+        from PIL import Image
+
+        with Image.open(path) as img:
+            return np.asarray(img.convert("L"), dtype=np.uint8)
+    from sam2unet_core.io.readers import read_volume
+
+    array = read_volume(path).array_kji
+    if array.ndim != 3 or array.shape[0] != 1 or array.min() < 0 or array.max() > 1:
+        raise ValueError(f"{path}: expected a one-slice probability map in [0, 1], got shape {array.shape} "
+                         f"and values {array.min()}..{array.max()}")
+    return np.round(array[0] * 255).astype(np.uint8)
 
 
 def _read_labels(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:

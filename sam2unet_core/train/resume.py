@@ -3,7 +3,7 @@
 It holds only tensors and plain containers of numbers/strings, so it is read back with
 ``torch.load(weights_only=True)`` (no pickled code runs when resuming):
 
-``model``, ``optimizer``, ``scheduler`` (state dicts), ``epoch`` (current epoch),
+``model``, ``optimizer``, ``scheduler``, ``scaler`` (state dicts), ``epoch`` (current epoch),
 ``batches_done`` (batches of that epoch already trained, per process), ``global_step``,
 ``best_dice``, ``history`` (per-epoch records), ``config`` (the run's config as JSON) and
 ``rng`` (torch, CUDA, numpy and Python generator states).

@@ -181,6 +181,8 @@ def train(config: TrainConfig, resume: bool = True) -> TrainResult:
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.optim.epochs,
                                                            eta_min=config.optim.min_lr)
     loss_fn = DeepSupervisionLoss(data.num_classes)
+    # fp16 autocast (CUDA GPUs without bf16) needs loss scaling; bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     if d.main:
         logger.info("model %s: %d trainable of %d parameters; %d training samples per epoch, %d validation "
                     "cases; device %s%s", config.model.backbone, sum(p.numel() for p in params),
@@ -195,6 +197,7 @@ def train(config: TrainConfig, resume: bool = True) -> TrainResult:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
         epoch, skip, global_step = state["epoch"], state["batches_done"], state["global_step"]
         best_dice, best_epoch, history = state["best_dice"], state["best_epoch"], list(state["history"])
         restore_rng(state["rng"])
@@ -203,7 +206,9 @@ def train(config: TrainConfig, resume: bool = True) -> TrainResult:
 
     net: torch.nn.Module = model
     if d.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if device.type == "cuda":  # batch statistics over all GPUs (same state-dict keys)
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     writer = None
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -214,7 +219,7 @@ def train(config: TrainConfig, resume: bool = True) -> TrainResult:
 
     def resume_state(ep: int, done: int) -> dict[str, Any]:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "epoch": ep, "batches_done": done, "global_step": global_step, "best_dice": float(best_dice),
+                "scaler": scaler.state_dict(), "epoch": ep, "batches_done": done, "global_step": global_step, "best_dice": float(best_dice),
                 "best_epoch": best_epoch, "history": history, "config": config.to_json(), "rng": capture_rng()}
 
     sampler = DistributedSampler(data.train, num_replicas=d.world, rank=d.rank, shuffle=True,
@@ -244,8 +249,9 @@ def train(config: TrainConfig, resume: bool = True) -> TrainResult:
                 outputs = net(images)
             loss = loss_fn(outputs, labels)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             done += 1
             global_step += 1
             steps_this_run += 1
