@@ -40,7 +40,7 @@ def test_polyp_pairing_errors_name_the_unmatched_files(tmp_path: Path) -> None:
         find_polyp_cases(root)
     (root / "masks" / "7.png").rename(root / "masks" / "1.png")
     (root / "images" / "0.jpg").write_bytes((root / "images" / "0.png").read_bytes())
-    with pytest.raises(ValueError, match="two pictures named '0'"):
+    with pytest.raises(ValueError, match="0.jpg and 0.png would both"):
         find_polyp_cases(root)
     with pytest.raises(FileNotFoundError, match="PraNet layout"):
         find_polyp_cases(tmp_path / "missing")

@@ -40,20 +40,12 @@ PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def _index(folder: Path) -> dict[str, Path]:
-    """Case name -> file for every readable image or volume in ``folder``."""
-    from sam2unet_core.io.readers import split_suffix
+    """Case name -> file (or DICOM folder) for every image or volume in ``folder``."""
+    from sam2unet_core.io.cases import find_cases
 
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder")
-    files: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        name, suffix = split_suffix(path)
-        if suffix in ("", ".seg.nrrd", ".dcm") or not path.is_file():
-            continue
-        if name in files:
-            raise ValueError(f"two files for case {name!r} in {folder}: {files[name].name} and {path.name}")
-        files[name] = path
-    return files
+    return {case.name: case.path for case in find_cases(folder)}
 
 
 def _read_gray(path: Path) -> np.ndarray:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from monai.transforms import Compose
 
+from sam2unet_core.io.cases import find_cases
 from sam2unet_core.io.readers import split_suffix
 
 __all__ = [
@@ -39,9 +40,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
 
 @dataclass
 class Case:
@@ -63,17 +61,10 @@ class VolumeDataset:
     channel_names: list[str]
 
 
-def _pictures(folder: Path) -> dict[str, Path]:
+def _files_by_case(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder (expected the PraNet layout images/ + masks/)")
-    found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        name, suffix = split_suffix(path)
-        if suffix in PICTURE_SUFFIXES:
-            if name in found:
-                raise ValueError(f"two pictures named {name!r} in {folder}: {found[name].name}, {path.name}")
-            found[name] = path
-    return found
+    return {case.name: case.path for case in find_cases(folder)}
 
 
 def find_polyp_cases(root: str | Path) -> list[Case]:
@@ -82,15 +73,13 @@ def find_polyp_cases(root: str | Path) -> list[Case]:
     Raises ``ValueError`` listing images without masks and masks without images.
     """
     root = Path(root)
-    images, masks = _pictures(root / "images"), _pictures(root / "masks")
+    images, masks = _files_by_case(root / "images"), _files_by_case(root / "masks")
     no_mask, no_image = sorted(set(images) - set(masks)), sorted(set(masks) - set(images))
     if no_mask or no_image:
         raise ValueError(
             f"{root}: {len(no_mask)} images have no mask in masks/ (e.g. {no_mask[:5]}), "
             f"{len(no_image)} masks have no image in images/ (e.g. {no_image[:5]})"
         )
-    if not images:
-        raise ValueError(f"{root}/images holds no PNG/JPEG pictures")
     return [Case(name, images[name], masks[name]) for name in sorted(images)]
 
 
