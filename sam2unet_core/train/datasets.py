@@ -16,7 +16,6 @@ the number of workers or processes, and a resumed run can skip the batches it ha
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,10 +38,11 @@ __all__ = [
     "slice_plan",
 ]
 
-logger = logging.getLogger(__name__)
 
 @dataclass
 class Case:
+    """One training case: an image file and its label (mask) file."""
+
     name: str
     image: Path
     label: Path
