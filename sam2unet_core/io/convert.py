@@ -61,7 +61,8 @@ def volume_from_nifti(image: nib.spatialimages.SpatialImage, source: Path | None
 
     Accepts 2D, 3D and 4D arrays whose 4th axis has length 1. The data array is
     ``[i, j, k]``; it is transposed (a view, no copy) to ``[k, j, i]``. Scaling
-    (scl_slope/scl_inter) is applied by nibabel.
+    (scl_slope/scl_inter) is applied by nibabel. RGB voxels (NIfTI RGB24/RGBA32) become a
+    ``(K, J, I, 3)`` colour volume.
     """
     data = np.asanyarray(image.dataobj)
     if data.ndim == 2:
@@ -77,7 +78,10 @@ def volume_from_nifti(image: nib.spatialimages.SpatialImage, source: Path | None
     if data.ndim != 3:
         raise ValueError(f"{source}: expected a 3D volume, got shape {data.shape}")
     spacing, origin, direction = geometry_from_affine_ras(image.affine)
-    volume = Volume(data.transpose(2, 1, 0), spacing, origin, direction, source=source)
+    array_kji = data.transpose(2, 1, 0)
+    if array_kji.dtype.names is not None:  # RGB24/RGBA32 -> (K, J, I, 3), alpha dropped
+        array_kji = np.stack([array_kji[channel] for channel in "RGB"], axis=-1)
+    volume = Volume(array_kji, spacing, origin, direction, source=source)
     header = image.header
     if hasattr(header, "get_qform"):  # NIfTI-1/2: keep both transforms for the writer
         qform, qform_code = header.get_qform(coded=True)

@@ -20,10 +20,10 @@ import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
 
 from .convert import volume_from_sitk
-from .volume import Volume
+from .volume import Volume, check_fits_in_memory
 
 __all__ = [
-    "DicomSeries", "list_dicom_series", "select_dicom_series", "read_dicom_series",
+    "DicomSeries", "SliceHeader", "list_dicom_series", "select_dicom_series", "read_dicom_series",
     "read_dicom_file",
 ]
 
@@ -35,6 +35,26 @@ _HEADER_TAGS = [
 ]
 ORIENTATION_TOLERANCE = 1e-4  # max difference between direction cosines of one series
 SPACING_TOLERANCE = 0.01  # max relative deviation of slice gaps from their median
+MAX_TILT_DEGREES = 0.05  # max angle between the slice normal and the slice-to-slice step
+
+
+@dataclass(frozen=True)
+class SliceHeader:
+    """The header fields of one DICOM image file that series reading needs, parsed once.
+
+    ``orientation``: ImageOrientationPatient (row then column direction cosines, LPS);
+    ``position``: ImagePositionPatient (mm, LPS); both None when the file lacks them.
+    """
+
+    uid: str
+    description: str
+    modality: str
+    number: int | None
+    rows: int
+    columns: int
+    frames: int
+    orientation: tuple[float, ...] | None
+    position: tuple[float, ...] | None
 
 
 @dataclass
@@ -46,7 +66,7 @@ class DicomSeries:
     modality: str
     number: int | None
     files: list[Path] = field(default_factory=list)
-    headers: list[pydicom.Dataset] = field(default_factory=list, repr=False)  # one per file
+    headers: list[SliceHeader] = field(default_factory=list, repr=False)  # one per file
 
     def summary(self) -> str:
         return (
@@ -55,38 +75,79 @@ class DicomSeries:
         )
 
 
-def _read_header(path: Path) -> pydicom.Dataset | None:
-    """The header of an image file, or None for files that are not DICOM images."""
+def _numbers(ds: pydicom.Dataset, keyword: str, count: int) -> tuple[float, ...] | None:
+    if keyword not in ds:
+        return None
+    values = tuple(float(v) for v in ds[keyword].value)
+    if len(values) != count or not all(np.isfinite(values)):
+        raise ValueError(f"{keyword} must hold {count} finite numbers, got {values}")
+    return values
+
+
+def _parse_header(ds: pydicom.Dataset) -> SliceHeader:
+    number = ds.get("SeriesNumber")
+    header = SliceHeader(
+        uid=str(ds.SeriesInstanceUID),
+        description=str(ds.get("SeriesDescription", "")),
+        modality=str(ds.get("Modality", "")),
+        number=int(number) if number not in (None, "") else None,
+        rows=int(ds.Rows),
+        columns=int(ds.Columns),
+        frames=int(ds.get("NumberOfFrames", 1) or 1),
+        orientation=_numbers(ds, "ImageOrientationPatient", 6),
+        position=_numbers(ds, "ImagePositionPatient", 3),
+    )
+    if min(header.rows, header.columns, header.frames) < 1:
+        raise ValueError(f"image size {header.rows} x {header.columns} x {header.frames} frames")
+    return header
+
+
+def _read_header(path: Path) -> SliceHeader | None:
+    """The parsed header of an image file; None for files that are not DICOM or hold no
+    image (DICOMDIR, structured reports, presentation states, RT structures).
+
+    This is where untrusted header bytes are parsed (pydicom decodes values lazily, so
+    every field is converted here): any failure is a ``ValueError`` naming the file.
+    """
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-    except (InvalidDicomError, OSError, ValueError, TypeError, AttributeError):
+    except InvalidDicomError:
         return None
+    except Exception as err:  # noqa: BLE001 - corrupt bytes make pydicom raise anything
+        raise ValueError(f"{path}: corrupt DICOM file ({type(err).__name__}: {err})") from err
     if "SeriesInstanceUID" not in ds or "Rows" not in ds:
-        return None  # DICOMDIR, structured reports, RT structures: no image pixels
-    return ds
+        return None
+    try:
+        return _parse_header(ds)
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(
+            f"{path}: corrupt DICOM header ({type(err).__name__}: {err})"
+        ) from err
 
 
 def list_dicom_series(folder: Path) -> list[DicomSeries]:
-    """All image series under ``folder`` (searched recursively), largest first."""
+    """All image series under ``folder`` (searched recursively), largest first.
+
+    Files that are not DICOM images are left out; corrupt DICOM files too, with a warning.
+    """
     folder = Path(folder)
     series: dict[str, DicomSeries] = {}
     for root, _, names in os.walk(folder):
         for name in sorted(names):
             path = Path(root) / name
-            ds = _read_header(path)
-            if ds is None:
+            try:
+                header = _read_header(path)
+            except ValueError as err:  # a missing slice then shows as an uneven gap
+                logger.warning("skipping %s", err)
                 continue
-            uid = str(ds.SeriesInstanceUID)
-            if uid not in series:
-                number = ds.get("SeriesNumber")
-                series[uid] = DicomSeries(
-                    uid=uid,
-                    description=str(ds.get("SeriesDescription", "")),
-                    modality=str(ds.get("Modality", "")),
-                    number=int(number) if number not in (None, "") else None,
+            if header is None:
+                continue
+            if header.uid not in series:
+                series[header.uid] = DicomSeries(
+                    header.uid, header.description, header.modality, header.number
                 )
-            series[uid].files.append(path)
-            series[uid].headers.append(ds)
+            series[header.uid].files.append(path)
+            series[header.uid].headers.append(header)
     return sorted(series.values(), key=lambda s: (-len(s.files), s.uid))
 
 
@@ -124,27 +185,25 @@ def _sorted_slices(series: DicomSeries, folder: Path) -> tuple[list[Path], float
     """
     headers = series.headers
     where = f"{folder}, series {series.uid}"
-    frames = [int(ds.get("NumberOfFrames", 1) or 1) for ds in headers]
-    if max(frames) > 1:
+    if max(h.frames for h in headers) > 1:
         if len(headers) == 1:
             return list(series.files), None  # one multi-frame file: GDCM reads its geometry
         raise ValueError(f"{where}: mixes {len(headers)} files with multi-frame images")
-    sizes = {(int(ds.Rows), int(ds.Columns)) for ds in headers}
+    sizes = {(h.rows, h.columns) for h in headers}
     if len(sizes) > 1:
         raise ValueError(f"{where}: slices have different sizes {sorted(sizes)}")
-    if any("ImageOrientationPatient" not in ds or "ImagePositionPatient" not in ds
-           for ds in headers):
+    if any(h.orientation is None or h.position is None for h in headers):
         if len(headers) == 1:
             return list(series.files), None
         raise ValueError(f"{where}: slices lack ImagePositionPatient/ImageOrientationPatient")
-    orientations = np.array([[float(v) for v in ds.ImageOrientationPatient] for ds in headers])
+    orientations = np.array([h.orientation for h in headers])
     if np.abs(orientations - orientations[0]).max() > ORIENTATION_TOLERANCE:
         raise ValueError(
             f"{where}: slices have different orientations (a localizer or a mixed series); "
             "pick another series"
         )
     normal = np.cross(orientations[0, :3], orientations[0, 3:])
-    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in headers])
+    positions = np.array([h.position for h in headers])
     along_normal = positions @ normal
     order = np.argsort(along_normal, kind="stable")
     files = [series.files[i] for i in order]
@@ -160,7 +219,16 @@ def _sorted_slices(series: DicomSeries, folder: Path) -> tuple[list[Path], float
     if np.abs(gaps - median_gap).max() > SPACING_TOLERANCE * median_gap:
         raise ValueError(
             f"{where}: slice gaps are uneven ({gaps.min():.3f} to {gaps.max():.3f} mm), "
-            "so the slices do not form one regular volume"
+            "so the slices do not form one regular volume (missing slices?)"
+        )
+    steps = np.diff(positions[order], axis=0)
+    sideways = np.linalg.norm(steps - np.outer(steps @ normal, normal), axis=1)
+    tilt = float(np.degrees(np.arctan2(sideways.max(), median_gap)))
+    if tilt > MAX_TILT_DEGREES:
+        raise ValueError(
+            f"{where}: slices are stacked at {tilt:.2f} degrees from their normal (gantry "
+            "tilt), so the voxels do not form a rectangular grid; resample the series "
+            "first (e.g. dcm2niix, or Slicer's acquisition geometry regularization)"
         )
     return files, median_gap
 
@@ -182,23 +250,18 @@ def read_dicom_series(folder: Path, series_uid: str | None = None) -> Volume:
 def read_dicom_file(path: Path) -> Volume:
     """Read one DICOM file (a single slice or a multi-frame image) as a Volume."""
     path = Path(path)
-    ds = _read_header(path)
-    if ds is None:
+    header = _read_header(path)
+    if header is None:
         raise ValueError(f"{path}: not a DICOM image file")
-    number = ds.get("SeriesNumber")
-    series = DicomSeries(
-        uid=str(ds.SeriesInstanceUID),
-        description=str(ds.get("SeriesDescription", "")),
-        modality=str(ds.get("Modality", "")),
-        number=int(number) if number not in (None, "") else None,
-        files=[path],
-        headers=[ds],
-    )
+    series = DicomSeries(header.uid, header.description, header.modality, header.number,
+                         files=[path], headers=[header])
     return _read_series(series, path)
 
 
 def _read_series(series: DicomSeries, where: Path) -> Volume:
     files, gap = _sorted_slices(series, where)
+    first = series.headers[0]
+    check_fits_in_memory(where, (len(files) * first.frames, first.rows, first.columns), 4)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(f) for f in files])
     try:

@@ -11,13 +11,18 @@ a folder                    DICOM series (:mod:`sam2unet_core.io.dicom`)
 ``.dcm``                    one DICOM file (a slice or a multi-frame image)
 ==========================  =========================================================
 
-Every reader raises ``ValueError`` naming the file and the cause when it cannot read it.
+Every reader raises ``ValueError`` naming the file and the cause when it cannot read it:
+:func:`read_volume` is the one boundary where whatever the parsing libraries raise on
+corrupt bytes (zlib, nibabel, pydicom, GDCM errors...) becomes such a ``ValueError``.
+Sizes are checked against the free memory from the header, before any voxel is read.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Callable, Protocol
+
+import re
 
 import nibabel as nib
 import numpy as np
@@ -26,7 +31,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .convert import volume_from_nifti, volume_from_sitk
 from .dicom import read_dicom_file, read_dicom_series
-from .volume import Volume
+from .volume import Volume, check_fits_in_memory
 
 __all__ = ["read_volume", "VolumeReader", "READERS", "IMAGE_SUFFIXES", "split_suffix"]
 
@@ -36,16 +41,28 @@ class VolumeReader(Protocol):
 
 
 def _read_nifti(path: Path) -> Volume:
+    """nibabel reads the header here and the voxels (lazily) in ``volume_from_nifti``."""
     try:
         image = nib.load(path)
-        return volume_from_nifti(image, source=path)
-    except (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - nibabel's header checks raise many kinds
         raise ValueError(f"{path}: not a readable NIfTI file ({err})") from err
+    slope, inter = image.header.get_slope_inter()
+    scaled = slope not in (None, 1.0) or inter not in (None, 0.0)
+    itemsize = 8 if scaled else image.get_data_dtype().itemsize  # scaling gives float64
+    check_fits_in_memory(path, image.shape, itemsize)
+    return volume_from_nifti(image, source=path)
 
 
 def _read_sitk(path: Path) -> Volume:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        image = sitk.ReadImage(str(path))
+        reader.ReadImageInformation()
+        pixel = sitk.GetPixelIDValueAsString(reader.GetPixelIDValue())  # "16-bit signed..."
+        bits = re.search(r"(\d+)-bit", pixel)
+        itemsize = (int(bits.group(1)) // 8 if bits else 8) * reader.GetNumberOfComponents()
+        check_fits_in_memory(path, reader.GetSize(), itemsize)
+        image = reader.Execute()
     except RuntimeError as err:
         first_line = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown error"
         raise ValueError(f"{path}: SimpleITK cannot read it ({first_line})") from err
@@ -107,11 +124,26 @@ def read_volume(path: str | Path, series_uid: str | None = None) -> Volume:
     if not path.exists():
         raise ValueError(f"{path}: no such file or folder")
     if path.is_dir():
-        return read_dicom_series(path, series_uid)
-    _, suffix = split_suffix(path)
-    if suffix not in READERS:
+        reader: Callable[[Path], Volume] = lambda folder: read_dicom_series(folder, series_uid)
+    else:
+        _, suffix = split_suffix(path)
+        if suffix not in READERS:
+            raise ValueError(
+                f"{path}: unsupported file type; expected one of {', '.join(IMAGE_SUFFIXES)} "
+                "or a folder of DICOM files"
+            )
+        reader = READERS[suffix]
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError(f"{path}: the file is empty (0 bytes)")
+    try:
+        return reader(path)
+    except ValueError as err:
+        if str(path) in str(err):
+            raise
+        raise ValueError(f"{path}: {err}") from err
+    except MemoryError as err:
+        raise ValueError(f"{path}: not enough memory to read it ({err})") from err
+    except Exception as err:  # noqa: BLE001 - corrupt bytes make parsers raise anything
         raise ValueError(
-            f"{path}: unsupported file type; expected one of {', '.join(IMAGE_SUFFIXES)} "
-            "or a folder of DICOM files"
-        )
-    return READERS[suffix](path)
+            f"{path}: corrupt or unreadable file ({type(err).__name__}: {err})"
+        ) from err

@@ -32,7 +32,11 @@ __all__ = [
     "affine_ras",
     "geometry_from_affine_ras",
     "label_dtype",
+    "available_memory",
+    "check_fits_in_memory",
 ]
+
+VOXEL_KINDS = "biuf"  # numpy dtype kinds a Volume may hold: bool, unsigned, signed, float
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # flips x and y; its own inverse
 
@@ -69,7 +73,12 @@ class Volume:
                 f"array_kji must be (K, J, I) or (K, J, I, C), got shape {self.array_kji.shape}"
                 f" from {self.source or 'memory'}"
             )
-        if np.any(self.spacing_ijk <= 0):
+        if self.array_kji.dtype.kind not in VOXEL_KINDS:
+            raise ValueError(
+                f"{self.source or 'memory'}: voxels of type {self.array_kji.dtype} are not "
+                "supported; expected integer, float or boolean values"
+            )
+        if not np.all(np.isfinite(self.spacing_ijk)) or np.any(self.spacing_ijk <= 0):
             raise ValueError(f"spacing must be positive, got {self.spacing_ijk} in {self.source}")
 
     @property
@@ -138,3 +147,39 @@ def label_dtype(max_label: int) -> np.dtype:
     if max_label <= np.iinfo(np.uint16).max:
         return np.dtype(np.uint16)
     raise ValueError(f"{max_label} labels do not fit in uint16")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can still take: Linux ``MemAvailable``, lowered to the
+    room left under a cgroup (container) limit; None where neither can be read."""
+    limits = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                limits.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError):
+        pass
+    cgroup = Path("/sys/fs/cgroup")
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            limits.append(int(limit) - int((cgroup / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(limits) if limits else None
+
+
+def check_fits_in_memory(source: Path | str, shape: tuple[int, ...], itemsize: int) -> None:
+    """Raise ``ValueError`` before reading when an image of ``shape`` (any axis order) and
+    ``itemsize`` bytes a voxel, plus a one-byte label map of the same grid, would not fit
+    in the memory available now. Called by the readers with header sizes only."""
+    voxels = int(np.prod([int(n) for n in shape], dtype=object))
+    needed = voxels * (int(itemsize) + 1)
+    free = available_memory()
+    if free is not None and needed > free:
+        raise ValueError(
+            f"{source}: the image of shape {tuple(int(n) for n in shape)} needs about "
+            f"{needed / 2**30:.1f} GiB of memory (voxels plus a label map) but only "
+            f"{free / 2**30:.1f} GiB is available; crop or downsample it, or run on a "
+            "machine with more memory"
+        )

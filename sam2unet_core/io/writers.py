@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -29,6 +30,7 @@ from .volume import Volume
 
 __all__ = [
     "atomic_write",
+    "remove_partials",
     "PARTIAL_PREFIX",
     "write_labels",
     "write_probabilities",
@@ -41,6 +43,7 @@ logger = logging.getLogger(__name__)
 LABEL_FORMATS = ("nii.gz", "nii", "seg.nrrd", "nrrd", "mha", "dcm", "png")
 MANUFACTURER = "sam2unet_core"
 PARTIAL_PREFIX = ".partial-"  # temporary files of atomic_write start with this
+_PARTIAL_NAME = re.compile(re.escape(PARTIAL_PREFIX) + r"\d+-(?P<name>.+)")  # pid, then name
 _TYPE2_PATIENT_STUDY = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
     "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName",
@@ -78,6 +81,26 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
         if temporary.exists():
             temporary.unlink()
     return path
+
+
+def remove_partials(paths: Iterable[Path]) -> list[Path]:
+    """Delete the temporary files that :func:`atomic_write` calls of any process left for
+    these output paths (``.partial-<pid>-<name>``: half-written outputs of a killed run);
+    returns them. Call it only for outputs that no other running process is writing."""
+    wanted: dict[Path, set[str]] = {}
+    for path in paths:
+        wanted.setdefault(Path(path).parent, set()).add(Path(path).name)
+    removed = []
+    for folder, names in wanted.items():
+        if not folder.is_dir():
+            continue
+        for entry in sorted(folder.iterdir()):
+            match = _PARTIAL_NAME.fullmatch(entry.name)
+            if match and match.group("name") in names:
+                entry.unlink(missing_ok=True)
+                logger.info("removed %s, left by an interrupted run", entry)
+                removed.append(entry)
+    return removed
 
 
 # --------------------------------------------------------------------------- formats
