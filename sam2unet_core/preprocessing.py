@@ -102,8 +102,8 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
     2 bytes a voxel on its way to the GPU); big-endian and unsigned 16/32/64-bit data are
     converted to native types torch supports."""
     dtype = array.dtype.newbyteorder("=")
-    if dtype.kind == "u" and dtype.itemsize > 1:
-        dtype = np.dtype(np.int64 if dtype.itemsize >= 4 else np.int32)
+    if dtype.kind == "u" and dtype.itemsize > 1:  # uint64 as float64: int64 would wrap
+        dtype = np.dtype({2: np.int32, 4: np.int64}.get(dtype.itemsize, np.float64))
     elif dtype.kind not in "uif" or dtype == np.float16:
         dtype = np.dtype(np.float32)
     return torch.from_numpy(np.ascontiguousarray(array, dtype=dtype))

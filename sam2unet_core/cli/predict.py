@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,7 +36,14 @@ from ..io.dicom import list_dicom_series
 from ..io.orientation import PLANES
 from ..io.readers import read_volume
 from ..io.volume import Volume
-from ..io.writers import LABEL_FORMATS, atomic_write, output_suffix, write_labels, write_probabilities
+from ..io.writers import (
+    LABEL_FORMATS,
+    atomic_write,
+    output_suffix,
+    remove_partials,
+    write_labels,
+    write_probabilities,
+)
 
 __all__ = ["main", "build_parser"]
 
@@ -43,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 PROBABILITY_FOLDER = "probabilities"
+WRITE_PROBE_PREFIX = ".write-test-"  # file written once to check the output folder
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -172,6 +181,18 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2)))
 
 
+def _check_writable(folder: Path) -> None:
+    """Create ``folder`` and write (then delete) a small file in it: an unwritable output
+    folder stops the run before any work, not after the first case."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f"{WRITE_PROBE_PREFIX}{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(f"cannot write to the output folder {folder}: {err.strerror or err}") from err
+
+
 def _list_series(input_path: Path) -> int:
     found = list_dicom_series(input_path) if input_path.is_dir() else []
     if not found:
@@ -202,6 +223,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
 
     try:
+        _check_writable(args.output)
+    except OSError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
         device = resolve_device(args.device)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -212,7 +238,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         print(f"error: cannot load model {args.model}: {err}", file=sys.stderr)
         return 2
-    args.output.mkdir(parents=True, exist_ok=True)
     reporter = Reporter(args.progress, len(cases))
     reporter.event(event="start", cases=len(cases))
     summary: dict[str, Any] = {
@@ -236,7 +261,11 @@ def main(argv: list[str] | None = None) -> int:
               for status in ("ok", "failed", "skipped")}
     summary.update(counts, interrupted=interrupted,
                    seconds=round(time.perf_counter() - run_started, 3))
-    _write_json(_summary_path(args.output, args.num_parts, args.part_id), summary)
+    try:
+        _write_json(_summary_path(args.output, args.num_parts, args.part_id), summary)
+    except OSError as err:
+        print(f"error: cannot write the summary in {args.output}: {err}", file=sys.stderr)
+        counts["failed"] += 1
     reporter.event(event="done", **counts)
     if args.progress != "jsonl":
         print(f"{counts['ok']} done, {counts['skipped']} skipped (already done), "
@@ -281,11 +310,15 @@ class CaseRunner:
         self.records: list[dict[str, Any]] = []
 
     def run(self, cases: list[Case]) -> None:
-        """Skip finished cases, then predict the others, reading the next unit of work in a
-        background thread while the current one runs."""
+        """Remove what killed runs left half-written for these cases, skip finished cases,
+        then predict the others, reading the next unit of work in a background thread
+        while the current one runs."""
+        outputs = [_outputs(case, self.args.output, self.args.format, self.args.save_probabilities)
+                   for case in cases]
+        summary = _summary_path(self.args.output, self.args.num_parts, self.args.part_id)
+        remove_partials([summary, *(path for paths in outputs for path in paths)])
         jobs = []
-        for case in cases:
-            paths = _outputs(case, self.args.output, self.args.format, self.args.save_probabilities)
+        for case, paths in zip(cases, outputs):
             if not self.args.overwrite and all(p.exists() for p in paths):
                 logger.info("%s: already done (%s), skipped", case.name, paths[0])
                 self.records.append({"case": case.name, "input": str(case.path),
@@ -390,9 +423,14 @@ class CaseRunner:
         """Write labels (and probabilities); returns the seconds it took."""
         started = time.perf_counter()
         labels, probabilities = result if self.args.save_probabilities else (result, None)
-        write_labels(labels, paths[0], self.predictor.metadata.labels)
+        writes = [(paths[0], lambda: write_labels(labels, paths[0], self.predictor.metadata.labels))]
         if probabilities is not None:
-            write_probabilities(probabilities, paths[1])
+            writes.append((paths[1], lambda: write_probabilities(probabilities, paths[1])))
+        for path, write in writes:
+            try:
+                write()
+            except OSError as err:  # disk full, folder removed, permissions
+                raise OSError(f"cannot write {path}: {err.strerror or err}") from err
         return time.perf_counter() - started
 
     def _succeeded(self, case: Case, volume: Volume, paths: list[Path],

@@ -22,6 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Protocol
 
+import gzip
 import re
 
 import nibabel as nib
@@ -35,9 +36,19 @@ from .volume import Volume, check_fits_in_memory
 
 __all__ = ["read_volume", "VolumeReader", "READERS", "IMAGE_SUFFIXES", "split_suffix"]
 
+GZIP_CHECK_CHUNK = 1 << 24  # bytes decompressed at a time by the integrity check
+
 
 class VolumeReader(Protocol):
     def __call__(self, path: Path) -> Volume: ...
+
+
+def _check_gzip(path: Path) -> None:
+    """Decompress ``path`` to its end, which checks the gzip CRC: nibabel stops reading at
+    the last voxel, so damaged bytes can otherwise decode silently into wrong voxels."""
+    with gzip.open(path, "rb") as stream:
+        while stream.read(GZIP_CHECK_CHUNK):
+            pass
 
 
 def _read_nifti(path: Path) -> Volume:
@@ -50,6 +61,8 @@ def _read_nifti(path: Path) -> Volume:
     scaled = slope not in (None, 1.0) or inter not in (None, 0.0)
     itemsize = 8 if scaled else image.get_data_dtype().itemsize  # scaling gives float64
     check_fits_in_memory(path, image.shape, itemsize)
+    if path.name.lower().endswith(".gz"):
+        _check_gzip(path)
     return volume_from_nifti(image, source=path)
 
 
