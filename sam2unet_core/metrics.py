@@ -17,6 +17,7 @@ Arrays are KJI (``(slices, rows, columns)``) with ``spacing_kji`` in the same ax
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -143,7 +144,9 @@ def volume_metrics(
         # when include_background=False, so pass the foreground channel alone and keep it.
         pred_t = torch.from_numpy(pred)[None, None]
         gt_t = torch.from_numpy(gt)[None, None]
-        hd95 = compute_hausdorff_distance(pred_t, gt_t, include_background=True, percentile=95, spacing=spacing)
-        nsd = compute_surface_dice(pred_t, gt_t, [tolerance_mm], include_background=True, spacing=spacing)
+        with warnings.catch_warnings():  # MONAI 1.5+ warns about its own internal argument
+            warnings.simplefilter("ignore", FutureWarning)
+            hd95 = compute_hausdorff_distance(pred_t, gt_t, include_background=True, percentile=95, spacing=spacing)
+            nsd = compute_surface_dice(pred_t, gt_t, [tolerance_mm], include_background=True, spacing=spacing)
         results[int(value)] = {"Dice": float(dice), "HD95": float(hd95.item()), "SurfaceDice": float(nsd.item())}
     return results

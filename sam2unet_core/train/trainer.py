@@ -148,7 +148,7 @@ def validate(model: torch.nn.Module, loader: DataLoader, num_classes: int, devic
     was_training = model.training
     model.eval()
     scores = DiceAccumulator(num_classes)
-    for batch in loader:
+    for batch in tqdm(loader, desc="validation", unit="batch", leave=False, dynamic_ncols=True):
         images = batch["image"].to(device)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             logits = model(images).float()
