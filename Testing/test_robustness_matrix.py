@@ -353,3 +353,203 @@ def test_batch_summary_counts_every_row(batch: dict) -> None:
     assert (summary["ok"], summary["failed"]) == (len(ROWS) - failing, failing)
     assert batch["events"][-1] == {"event": "done", "ok": len(ROWS) - failing,
                                    "failed": failing, "skipped": 0}
+
+
+def test_bool_and_float16_arrays_segment_like_their_uint8_and_float32_values(
+    checkpoint: Path,
+) -> None:
+    """No NIfTI/NRRD/MHA code exists for bool or float16 voxels, but API users hand such
+    arrays to the engine: they give the labels of the same values in uint8 / float32."""
+    from sam2unet_core.inference import Predictor
+    from sam2unet_core.io import Volume
+
+    predictor = Predictor(checkpoint, device="cpu")
+    values = np.random.default_rng(7).integers(0, 1000, (2, 32, 32))  # exact in float16
+    mask = values > 500
+    for odd, plain in ((mask, mask.astype(np.uint8)),
+                       (values.astype(np.float16), values.astype(np.float32))):
+        np.testing.assert_array_equal(predictor.predict(Volume(odd)).array_kji,
+                                      predictor.predict(Volume(plain)).array_kji)
+
+
+# ------------------------------------------------------------- checkpoints (own runs)
+class _RunsCode:
+    """Unpickling this would run a shell command that creates ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def other_architecture(folder: Path, tiny_model: SAM2UNet) -> Path:
+    """hiera_t tensors under metadata that says hiera_s (another architecture)."""
+    meta = ModelMetadata(architecture=Architecture("hiera_s", num_classes=1, in_channels=3))
+    path = folder / "other.safetensors"
+    state = {k: v.contiguous() for k, v in tiny_model.state_dict().items()}
+    save_file(state, str(path), metadata={METADATA_KEY: meta.to_json()})
+    return path
+
+
+def official_with_missing_keys(folder: Path, tiny_model: SAM2UNet) -> Path:
+    state = dict(tiny_model.state_dict())
+    for key in [k for k in state if k.startswith("head.")]:
+        del state[key]
+    path = folder / "missing.pth"
+    torch.save(state, path)
+    return path
+
+
+def truncated_checkpoint(folder: Path, tiny_model: SAM2UNet) -> Path:
+    path = save_model(tiny_model, folder / "cut.safetensors")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def code_pickle(folder: Path, tiny_model: SAM2UNet) -> Path:
+    path = folder / "evil.pth"
+    torch.save({"head.weight": _RunsCode(folder / "executed")}, path)
+    return path
+
+
+def raw_code_pickle(folder: Path, tiny_model: SAM2UNet) -> Path:
+    path = folder / "evil.pkl"
+    path.write_bytes(pickle.dumps(_RunsCode(folder / "executed")))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("build", "problem"),
+    [
+        (other_architecture, "size mismatch|shape|hiera_s"),
+        (official_with_missing_keys, "missing"),
+        (truncated_checkpoint, "not a readable safetensors"),
+        (code_pickle, "refused to load"),
+        (raw_code_pickle, "refused to load|corrupt|not"),
+    ],
+    ids=["other_architecture", "missing_keys", "truncated", "code_pickle", "raw_code_pickle"],
+)
+def test_bad_checkpoint_stops_the_run_before_any_work(
+    build, problem: str, tiny_model: SAM2UNet, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    model = build(tmp_path, tiny_model)
+    image = nifti(tmp_path, "case.nii.gz", voxels())
+    out = tmp_path / "out"
+    code, _ = run_cli(["-i", str(image), "-o", str(out), "-m", str(model)])
+    error = capsys.readouterr().err
+    assert code == 2
+    assert str(model) in error and re.search(problem, error), error
+    assert not (tmp_path / "executed").exists()  # the pickled command never ran
+    assert list(out.iterdir()) == []
+
+
+# ------------------------------------------------------------ output folder (own runs)
+def test_output_folder_that_cannot_be_written_stops_the_run_before_any_work(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    image = nifti(tmp_path, "case.nii.gz", voxels())
+    taken = tmp_path / "a_file"
+    taken.write_text("not a folder")
+    for out in (taken, taken / "below"):
+        code, events = run_cli(["-i", str(image), "-o", str(out), "-m", str(checkpoint)])
+        error = capsys.readouterr().err
+        assert code == 2 and events == []
+        assert f"cannot write to the output folder {out}" in error
+    assert taken.read_text() == "not a folder"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_folder_stops_the_run_before_any_work(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    image = nifti(tmp_path, "case.nii.gz", voxels())
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o500)
+    try:
+        code, _ = run_cli(["-i", str(image), "-o", str(out), "-m", str(checkpoint)])
+    finally:
+        out.chmod(0o700)
+    assert code == 2 and "cannot write to the output folder" in capsys.readouterr().err
+    assert list(out.iterdir()) == []
+
+
+def test_full_disk_mid_write_keeps_the_previous_output_and_the_batch_goes_on(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The NIfTI writer runs out of space half-way through caseA (rerun with --overwrite):
+    caseA's previous output is untouched, no partial file stays, caseB is rewritten."""
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    for index, name in enumerate(("caseA", "caseB")):
+        nifti(cases, f"{name}.nii.gz", voxels(seed=index))
+    out = tmp_path / "out"
+    assert run_cli(["-i", str(cases), "-o", str(out), "-m", str(checkpoint)])[0] == 0
+    before = {name: (out / f"{name}.nii.gz").read_bytes() for name in ("caseA", "caseB")}
+    (out / "caseB.nii.gz").write_bytes(b"stale")  # to see that caseB is written again
+
+    real_write = writers._write_nifti
+
+    def full_disk(volume, path: Path) -> None:
+        if "caseA" not in path.name:
+            return real_write(volume, path)
+        path.write_bytes(b"\x1f\x8b half a gzip stream")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(writers, "_write_nifti", full_disk)
+    code, events = run_cli(["-i", str(cases), "-o", str(out), "-m", str(checkpoint), "--overwrite"])
+    assert code == 1
+    error = next(e for e in events if e["event"] == "case_error")
+    assert error["case"] == "caseA"
+    assert f"cannot write {out / 'caseA.nii.gz'}: No space left on device" in error["error"]
+    assert (out / "caseA.nii.gz").read_bytes() == before["caseA"]
+    assert (out / "caseB.nii.gz").read_bytes() == before["caseB"]
+    assert not [p for p in out.rglob("*") if p.name.startswith(".partial-")]
+
+
+# --------------------------------------------------------------------------- security
+def test_hostile_dicom_tags_never_reach_file_names(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    """Output names come from the input's file or folder name, never from DICOM tags: a
+    series whose description, patient name and IDs are path-traversal strings is written
+    as ``<folder>.dcm`` / ``<folder>.seg.nrrd`` inside the output folder and nowhere else.
+    (Names come from :func:`sam2unet_core.io.cases.case_name`; no code path turns a tag
+    into a path.)"""
+    hostile = "../../etc/sam2unet_x"
+    tags = {"SeriesDescription": hostile, "PatientName": hostile, "PatientID": hostile,
+            "StudyDescription": hostile, "StudyID": "../x"}
+    inputs = tmp_path / "inputs"
+    dicom_series(inputs / "scan", list(range(0, 16, 2)), tags=tags)
+    out = tmp_path / "deep" / "out"
+    before = set(tmp_path.parent.rglob("*sam2unet_x*"))
+    for fmt in ("dcm", "seg.nrrd"):
+        code, _ = run_cli(["-i", str(inputs), "-o", str(out), "-m", str(checkpoint),
+                           "--format", fmt])
+        assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "predict_summary.json", "scan.dcm", "scan.seg.nrrd"]
+    assert set(tmp_path.parent.rglob("*sam2unet_x*")) == before
+    assert not Path("/etc/sam2unet_x").exists()
+    assert pydicom.dcmread(out / "scan.dcm").PatientName == hostile  # copied as data only
+
+
+def test_prediction_needs_no_network(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any connection attempt during a run fails the test."""
+    attempts = []
+
+    def refuse(self, address, *args):
+        attempts.append(address)
+        raise OSError(errno.ENETUNREACH, f"network use at run time: {address}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: refuse(None, a))
+    image = nifti(tmp_path, "case.nii.gz", voxels())
+    code, events = run_cli(["-i", str(image), "-o", str(tmp_path / "out"), "-m", str(checkpoint),
+                            "--tta"])
+    assert code == 0 and events[-1]["ok"] == 1
+    assert attempts == []
