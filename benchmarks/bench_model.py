@@ -134,8 +134,8 @@ def _peak_flops(args: argparse.Namespace, device: torch.device) -> tuple[float, 
 
 
 @contextlib.contextmanager
-def _configured(model: nn.Module, setting: Setting, device: torch.device
-                ) -> Iterator[Callable[[torch.Tensor], object]]:
+def _configured(model: nn.Module, setting: Setting, device: torch.device,
+                compile_mode: str | None = None) -> Iterator[Callable[[torch.Tensor], object]]:
     """Set TF32 flags, memory format and precision of ``setting``; yield the function to call
     (the model, maybe compiled, under autocast). The model is restored on exit."""
     torch.backends.cuda.matmul.allow_tf32 = setting.tf32
@@ -150,7 +150,7 @@ def _configured(model: nn.Module, setting: Setting, device: torch.device
             stack.enter_context(onednn_linear(model))
         if setting.compile:
             torch._dynamo.reset()
-        fn = torch.compile(model) if setting.compile else model
+        fn = torch.compile(model, mode=compile_mode) if setting.compile else model
         whole_model = dtype is not None and not deep_only
 
         def call(x: torch.Tensor) -> object:
@@ -194,10 +194,12 @@ def run_inference(model: nn.Module, images: torch.Tensor, settings: list[Setting
         batch = setting.batch or args.batch
         LOGGER.info("inference %s, batch %d", setting.name, batch)
         try:
-            with _configured(model, setting, device) as call, torch.inference_mode():
+            configured = _configured(model, setting, device, args.compile_mode)
+            with configured as call, torch.inference_mode():
                 x = _prepare_input(images, setting, batch, device)
                 reset_peak_memory(device)
-                output = call(x)  # first call: compiles, and gives the output checked below
+                # first call: compiles; copied out before CUDA graphs reuse its memory
+                output = call(x).float().cpu()
                 seconds = time_calls(lambda: call(x), device, args.warmup, args.iters, args.repeats)
             row = _result("inference", setting, batch, seconds, flops_per_image, peak_flops, device)
             row.update(agreement(output, reference[:batch]))
@@ -257,7 +259,7 @@ def run_training(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
         LOGGER.info("training %s, batch %d", setting.name, batch_s)
         model.load_state_dict(initial)
         try:
-            with _configured(model, setting, device) as call:
+            with _configured(model, setting, device, args.compile_mode) as call:
                 x = _prepare_input(images, setting, batch_s, device)
                 y_s = masks[:batch_s].to(device)
                 params = [p for p in model.parameters() if p.requires_grad]
@@ -313,10 +315,10 @@ def _load(args: argparse.Namespace, device: torch.device) -> tuple[SAM2UNet, str
         model = load_model(args.checkpoint, device="cpu")
         return model.to(device).eval(), f"checkpoint {args.checkpoint}"
     torch.manual_seed(0)
-    model = SAM2UNet(args.backbone, num_classes=args.num_classes).eval()
+    model = SAM2UNet(args.backbone, num_classes=args.num_classes).to(device).eval()
     images, masks = phantom_batch(4, model.architecture.in_channels, args.size, seed=1)
-    fit_head(model, images, masks)
-    return model.to(device), "random weights, head fitted to a synthetic phantom"
+    fit_head(model, images.to(device), masks.to(device))
+    return model, "random weights, head fitted to a synthetic phantom"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -117,7 +117,7 @@ def run_predict(image: Path, model: Path, output: Path, device: str, batch_size:
     peak, memory_kind = peak_memory_bytes(torch_device)
     stages = {stage: case["timings"].get(stage, 0.0) for stage in STAGES}
     stages["setup"] = wall - case["seconds"]  # model loading, case discovery, summary
-    stages["other"] = case["seconds"] - sum(case["timings"].values())
+    stages["other"] = max(0.0, case["seconds"] - sum(case["timings"].values()))  # >= rounding
     return {"precision": precision, "wall_s": wall, "slices": case["slices"], "stages_s": stages,
             "peak_memory_mb": peak / 2**20, "memory_kind": memory_kind,
             "device": summary["device"], "output": case["output"]}
