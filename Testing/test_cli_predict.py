@@ -132,11 +132,14 @@ def test_folder_run_names_outputs_keeps_geometry_and_survives_bad_files(
 def test_killed_run_resumes_and_skips_finished_cases(
     checkpoint: Path, inputs: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    """Kill the CLI (SIGKILL) right after its first finished case, then rerun."""
+    """Kill the CLI (SIGKILL) right after its first finished case, then rerun: the rerun
+    finishes the batch, leaves the finished case untouched (same mtime) and removes the
+    half-written files the killed run left."""
     cases = tmp_path / "cases"
     cases.mkdir()
     for name in ("caseA_0000.nii.gz", "caseB_0000.nii.gz"):
         shutil.copy(inputs / name, cases / name)
+    shutil.copy(inputs / "caseB_0000.nii.gz", cases / "caseC_0000.nii.gz")
     out = tmp_path / "out"
     command = [sys.executable, "-m", "sam2unet_core.cli.predict", "-i", str(cases), "-o",
                str(out), "-m", str(checkpoint), "--device", "cpu", "--progress", "jsonl"]
@@ -150,14 +153,28 @@ def test_killed_run_resumes_and_skips_finished_cases(
     finally:
         process.kill()
         process.wait(timeout=60)
-    assert (out / "caseA.nii.gz").exists() and not (out / "caseB.nii.gz").exists()
-    (out / ".partial-99999-caseB.nii.gz").write_bytes(b"half a file from the killed run")
+    assert (out / "caseA.nii.gz").exists() and not (out / "caseC.nii.gz").exists()
+    finished = {p.name: p.stat().st_mtime_ns for p in out.glob("case*.nii.gz")}
+    stale = [out / ".partial-99999-caseB.nii.gz", out / ".partial-99998-caseA.nii.gz",
+             out / ".partial-99997-predict_summary.json"]
+    for path in stale:  # what a kill during a write leaves
+        path.write_bytes(b"half a file from the killed run")
+    unrelated = out / ".partial-99996-notes.txt"
+    unrelated.write_text("not an output of this run")
 
     code, events = run(["-i", str(cases), "-o", str(out), "-m", str(checkpoint)], capsys)
     assert code == 0
-    assert events[-1] == {"event": "done", "ok": 1, "failed": 0, "skipped": 1}
-    assert [e["case"] for e in events if e["event"] == "case_done"] == ["caseB"]
-    assert_same_geometry(out / "caseB.nii.gz", sitk.ReadImage(str(cases / "caseB_0000.nii.gz")))
+    assert events[-1] == {"event": "done", "ok": 3 - len(finished), "failed": 0,
+                          "skipped": len(finished)}
+    done = [e["case"] for e in events if e["event"] == "case_done"]
+    assert sorted(done + [name.split(".")[0] for name in finished]) == ["caseA", "caseB", "caseC"]
+    for name, mtime in finished.items():  # nothing finished was redone
+        assert (out / name).stat().st_mtime_ns == mtime
+    assert not any(path.exists() for path in stale) and unrelated.exists()
+    for case in ("caseA", "caseB", "caseC"):  # every output complete and on its input's grid
+        assert_same_geometry(out / f"{case}.nii.gz", sitk.ReadImage(str(cases / f"{case}_0000.nii.gz")))
+        assert np.asanyarray(nib.load(out / f"{case}.nii.gz").dataobj).shape == nib.load(
+            cases / f"{case}_0000.nii.gz").shape
 
 
 def test_dicom_series_to_dicom_seg_and_seg_nrrd(
