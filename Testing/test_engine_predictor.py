@@ -15,7 +15,7 @@ from sam2unet_core.inference import Predictor
 from sam2unet_core.io import Volume
 from sam2unet_core.io.orientation import PLANES, plane_view
 from sam2unet_core.metadata import Architecture, ModelMetadata
-from sam2unet_core.preprocessing import fit_intensity, normalize_intensity, stack_slices
+from sam2unet_core.preprocessing import apply_intensity, fit_intensity, normalize_intensity, stack_slices
 
 SIZE = 32  # model input side; volumes below are 32 x 32 in-plane so resizing is exact
 
@@ -259,6 +259,17 @@ def test_intensity_modes() -> None:
     np.testing.assert_allclose(normalize_intensity(np.array([255.0]), {"kind": "scale", "divisor": 255}), [1])
     with pytest.raises(ValueError, match="unknown intensity kind"):
         fit_intensity(ramp, {"kind": "histogram"})
+
+
+@pytest.mark.parametrize("intensity", [{"kind": "zscore"}, {"kind": "scale", "divisor": 10},
+                                       {"kind": "ct_window", "center": 0, "width": 100}])
+def test_infinite_voxels_read_like_nan_for_every_intensity_kind(intensity: dict) -> None:
+    """+-Inf are no measurement, like NaN: they map to 0, not to +-3e38 (unclipped kinds)."""
+    values = np.array([np.inf, -np.inf, np.nan, 5.0, -5.0, 20.0])
+    mapping = fit_intensity(values, intensity)
+    for out in (apply_intensity(values, mapping), apply_intensity(torch.from_numpy(values), mapping).numpy()):
+        np.testing.assert_array_equal(out[:3], 0)
+        assert np.all(np.isfinite(out))
 
 
 def test_stack_slices_shapes() -> None:

@@ -84,14 +84,16 @@ def apply_intensity(
     array: np.ndarray | torch.Tensor, mapping: IntensityMapping
 ) -> np.ndarray | torch.Tensor:
     """Apply ``mapping`` to a numpy array or a torch tensor (on any device) of any shape;
-    returns float32 of the same shape and kind. NaN becomes 0 (the low end)."""
+    returns float32 of the same shape and kind. Non-finite voxels (NaN, +-Inf: no
+    measurement) become 0, the low end; unclipped mappings would otherwise pass +-3e38 on."""
     if isinstance(array, torch.Tensor):
-        out = torch.nan_to_num_((array.float() - mapping.offset) / mapping.scale, nan=0.0)
+        out = torch.nan_to_num_((array.float() - mapping.offset) / mapping.scale,
+                                nan=0.0, posinf=0.0, neginf=0.0)
         return out.clamp_(0.0, 1.0) if mapping.clip else out
     out = (np.asarray(array, dtype=np.float32) - np.float32(mapping.offset)) / np.float32(
         mapping.scale
     )
-    np.nan_to_num(out, copy=False, nan=0.0)
+    np.nan_to_num(out, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     if mapping.clip:
         np.clip(out, 0.0, 1.0, out=out)
     return out
