@@ -4,9 +4,11 @@ Outside CI (pytest does not collect this file). Usage::
 
     .venv/bin/python Testing/fuzz/fuzz_inputs.py --target volume --seconds 300
     .venv/bin/python Testing/fuzz/fuzz_inputs.py --target checkpoint --seconds 300
+    .venv/bin/python Testing/fuzz/fuzz_inputs.py --target dicom-folder --seconds 300
 
 Each example takes a valid seed file (NIfTI, NRRD, MHA, PNG, DICOM; or one of our
-safetensors / a SAM2-UNet .pt state dict), mutates its bytes (bit flips, overwrites,
+safetensors / a SAM2-UNet .pt state dict; for ``dicom-folder``, one slice of a real
+5-slice CT series, read as the folder), mutates its bytes (bit flips, overwrites,
 truncation, insertion), and reads it back. The contract under test: a bad file raises
 ``ValueError`` (``CheckpointError`` is one) naming the file, and nothing else escapes,
 hangs or runs code. Any other exception is a finding: it is printed and the offending
@@ -57,6 +59,15 @@ def volume_seeds(folder: Path) -> list[Path]:
     return seeds
 
 
+CT_SERIES = Path(get_testdata_file("CT_small.dcm")).parent / "dicomdirtests" / "98892001" / "CT5N"
+
+
+def dicom_folder_seeds(folder: Path) -> list[Path]:
+    """The slices of a real CT series; each example damages one of them (``folder`` unused:
+    the series is written under the work folder by ``run``)."""
+    return sorted(CT_SERIES.iterdir())
+
+
 def checkpoint_seeds(folder: Path) -> list[Path]:
     """Our safetensors layout and the official .pt layout, with few tensors (fast to read)."""
     state = {"head.weight": torch.randn(1, 64, 1, 1), "encoder.blocks.0.block.norm1.weight": torch.ones(96)}
@@ -103,8 +114,9 @@ def read_checkpoint(path: Path) -> None:
 
 def run(target: str, seconds: float, findings: Path) -> int:
     work = Path(tempfile.mkdtemp(prefix="sam2unet-fuzz-"))
-    seeds = volume_seeds(work) if target == "volume" else checkpoint_seeds(work)
-    reader = read_volume if target == "volume" else read_checkpoint
+    seeds = {"volume": volume_seeds, "checkpoint": checkpoint_seeds,
+             "dicom-folder": dicom_folder_seeds}[target](work)
+    reader = read_checkpoint if target == "checkpoint" else read_volume
     seed_bytes = [(p.name, p.read_bytes()) for p in seeds]
     found: dict[str, Path] = {}
     examples = 0
@@ -118,12 +130,18 @@ def run(target: str, seconds: float, findings: Path) -> int:
         examples += 1
         name, data = seed_bytes[seed_index]
         path = last_case = work / "case" / name
+        if target == "dicom-folder":  # the intact series with one file damaged
+            last_case = work / "case" / "series"
+            path = last_case / name
+            last_case.mkdir(parents=True, exist_ok=True)
+            for other, intact in seed_bytes:
+                (last_case / other).write_bytes(intact)
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(mutate(data, mutations))
         try:
-            reader(path)
+            reader(last_case)
         except ValueError as err:
-            if str(path) not in str(err) and path.name not in str(err):
+            if str(last_case) not in str(err) and last_case.name not in str(err):
                 raise AssertionError(f"error does not name the file: {err}") from err
 
     stop = time.monotonic() + seconds
@@ -138,7 +156,10 @@ def run(target: str, seconds: float, findings: Path) -> int:
                     continue
                 findings.mkdir(parents=True, exist_ok=True)
                 saved = findings / f"{target}-{len(found):03d}-{last_case.name}"
-                shutil.copy(last_case, saved)  # the last example hypothesis replayed
+                if last_case.is_dir():
+                    shutil.copytree(last_case, saved)
+                else:
+                    shutil.copy(last_case, saved)  # the last example hypothesis replayed
                 found[key] = saved
                 trace = "".join(traceback.format_exception(err, limit=-3))
                 print(f"FINDING {key}\n  saved {saved}\n{trace}")
@@ -149,7 +170,7 @@ def run(target: str, seconds: float, findings: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", choices=["volume", "checkpoint"], required=True)
+    parser.add_argument("--target", choices=["volume", "checkpoint", "dicom-folder"], required=True)
     parser.add_argument("--seconds", type=float, default=300.0, help="time budget (default: 300)")
     parser.add_argument("--findings", type=Path, default=Path("fuzz_findings"),
                         help="folder for files that broke the contract (default: ./fuzz_findings)")
