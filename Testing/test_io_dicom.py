@@ -12,10 +12,9 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from pydicom.data import get_testdata_file
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from scipy.spatial.transform import Rotation
 
+from dicom_data import write_ct_series
 from sam2unet_core.io import list_dicom_series, read_volume, write_labels
 from sam2unet_core.metadata import LabelInfo
 
@@ -28,36 +27,18 @@ MIXED_ORIENTATIONS = TEST_FILES / "dicomdirtests" / "98892003" / "MR700"  # proj
 
 def write_oblique_series(folder: Path, shape_kji=(6, 10, 12), seed: int = 0) -> dict:
     """A CT series with oblique orientation, shuffled file names and HU rescaling."""
-    folder.mkdir(parents=True)
     rotation = Rotation.from_euler("xyz", [15, -25, 40], degrees=True).as_matrix()
     row, col = rotation[:, 0], rotation[:, 1]
     normal = np.cross(row, col)
     spacing = (0.6, 0.8, 1.7)  # i (along a row), j (down a column), k
     origin = np.array([-30.0, 12.5, 80.0])
     pixels = np.random.default_rng(seed).integers(0, 2000, shape_kji).astype(np.uint16)
-    series_uid, study_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
-    for k in range(shape_kji[0]):
-        ds = pydicom.Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.CTImageStorage
-        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID = pydicom.uid.CTImageStorage
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.PatientName, ds.PatientID = "CT", "Test^Oblique", "42"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
-        ds.FrameOfReferenceUID = frame_uid
-        ds.SeriesNumber, ds.InstanceNumber, ds.SeriesDescription = 3, k + 1, "oblique"
-        ds.ImageOrientationPatient = [f"{v:.8f}" for v in (*row, *col)]
-        ds.ImagePositionPatient = [f"{v:.6f}" for v in origin + k * spacing[2] * normal]
-        ds.PixelSpacing = [spacing[1], spacing[0]]  # row spacing (j), column spacing (i)
-        ds.SliceThickness = spacing[2]
-        ds.Rows, ds.Columns = shape_kji[1], shape_kji[2]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-        ds.PixelData = pixels[k].tobytes()
-        ds.save_as(folder / f"img{(k * 7) % shape_kji[0]:03d}", enforce_file_format=True)
+    positions = [origin + k * spacing[2] * normal for k in range(shape_kji[0])]
+    series_uid = write_ct_series(
+        folder, pixels, positions, row, col, spacing[:2], rescale_intercept=-1024,
+        file_name=lambda k: f"img{(k * 7) % shape_kji[0]:03d}",
+        tags={"SliceThickness": spacing[2], "SeriesDescription": "oblique"},
+    )
     return {"direction": np.stack([row, col, normal], axis=1), "spacing": spacing,
             "origin": origin, "hu": pixels.astype(np.int32) - 1024, "uid": series_uid}
 

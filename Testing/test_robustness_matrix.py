@@ -32,7 +32,6 @@ import json
 import os
 import pickle
 import re
-import shutil
 import socket
 import struct
 from contextlib import redirect_stdout
@@ -50,6 +49,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from safetensors.torch import save_file
 from scipy.spatial.transform import Rotation
 
+from dicom_data import write_ct_series
 from sam2unet_core import SAM2UNet, save_model
 from sam2unet_core.checkpoint import METADATA_KEY
 from sam2unet_core.cli.predict import main
@@ -156,33 +156,9 @@ def dicom_series(
 ) -> Path:
     """A CT series of 16 x 16 slices at ``positions_mm`` along ``step_lps`` (the slice
     normal unless testing a gantry tilt); ``column`` is the column direction cosine."""
-    folder.mkdir(parents=True, exist_ok=True)
-    series_uid, study_uid = generate_uid(), generate_uid()
-    rng = np.random.default_rng(len(positions_mm))
-    for index, position in enumerate(positions_mm):
-        ds = pydicom.Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.CTImageStorage
-        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID = pydicom.uid.CTImageStorage
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.PatientName, ds.PatientID = "CT", "Test^Robust", "7"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
-        ds.FrameOfReferenceUID = study_uid
-        ds.SeriesNumber, ds.InstanceNumber, ds.SeriesDescription = 2, index + 1, "axial"
-        for keyword, value in (tags or {}).items():
-            setattr(ds, keyword, value)
-        ds.ImageOrientationPatient = [1, 0, 0, *column]
-        ds.ImagePositionPatient = [f"{v:.4f}" for v in np.array([-20.0, -10.0, 5.0])
-                                   + position * np.asarray(step_lps)]
-        ds.PixelSpacing, ds.SliceThickness = [0.9, 0.9], 2.0
-        ds.Rows = ds.Columns = 16
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
-        ds.PixelData = rng.integers(-1000, 1000, (16, 16)).astype(np.int16).tobytes()
-        ds.save_as(folder / f"slice{index:03d}.dcm", enforce_file_format=True)
+    pixels = np.random.default_rng(len(positions_mm)).integers(-1000, 1000, (len(positions_mm), 16, 16))
+    positions = [np.array([-20.0, -10.0, 5.0]) + p * np.asarray(step_lps) for p in positions_mm]
+    write_ct_series(folder, pixels.astype(np.int16), positions, column=column, tags=tags)
     return folder
 
 
