@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch.compile mode, e.g. max-autotune (CUDA graphs) or reduce-overhead")
     parser.add_argument("--peak-flops", type=float, default=None,
                         help=f"FLOP/s limit (default: {H100_BF16_PEAK_FLOPS:.3g} on CUDA, the H100 "
-                             "bf16 peak; on CPU measured with a bf16 and an fp32 matmul)")
+                             "bf16 peak; on CPU measured: one-thread bf16 and fp32 matmul rates "
+                             "times the thread count)")
     parser.add_argument("--train", action="store_true", help="also benchmark training steps")
     parser.add_argument("--train-settings", nargs="+", default=None,
                         help=f"training settings (default on CPU: {DEFAULT_TRAIN_SETTINGS['cpu']}; "
@@ -129,7 +130,8 @@ def _peak_flops(args: argparse.Namespace, device: torch.device) -> tuple[float, 
         return H100_BF16_PEAK_FLOPS, "H100 bf16 dense peak (790 TFLOP/s, measured; the issue's limit)"
     fp32 = measure_matmul_flops(device, torch.float32)
     bf16 = measure_matmul_flops(device, torch.bfloat16)
-    return max(fp32, bf16), (f"measured here: 2048^3 matmul fp32 {fp32 / 1e9:.0f} GFLOP/s, "
+    return max(fp32, bf16), (f"measured here: 2048^3 matmul on one thread x "
+                             f"{torch.get_num_threads()} threads, fp32 {fp32 / 1e9:.0f} GFLOP/s, "
                              f"bf16 {bf16 / 1e9:.0f} GFLOP/s; the larger is the limit")
 
 
