@@ -25,7 +25,7 @@ def test_demo_runs_end_to_end_and_reports_true_dice(tmp_path: Path, capsys) -> N
     data = out / "Dataset001_MNIBrain"
     assert json.loads((data / "dataset.json").read_text())["labels"]["white_matter"] == 2
     assert len(list((data / "imagesTr").glob("*_0000.nii.gz"))) == 3
-    summary = json.loads((out / "evaluation.json").read_text())
+    summary = json.loads((out / "evaluation" / "summary.json").read_text())
     printed = capsys.readouterr().out
     for row in summary["cases"]:
         truth = np.asarray(nib.load(data / "labelsTs" / f"{row['case']}.nii.gz").dataobj)

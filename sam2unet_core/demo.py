@@ -147,8 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    from sam2unet_core.cli import predict
-    from sam2unet_core.cli.evaluate import evaluate_folders
+    from sam2unet_core.cli import evaluate, predict
     from sam2unet_core.device import resolve_device
     from sam2unet_core.train.config import load_config
     from sam2unet_core.train.trainer import train
@@ -179,10 +178,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sam2unet-predict failed with exit code {rc}", file=sys.stderr)
         return rc
 
-    _say("[4/5] Dice of the held-out predictions (sam2unet-evaluate)")
-    summary = evaluate_folders(pred_dir, data_root / "labelsTs", mode="volume", labels=[1, 2])
-    (out / "evaluation.json").write_text(json.dumps(summary, indent=2))
-    print(f"      {'case':<12} {'grey matter':>12} {'white matter':>13}")
+    _say("[4/5] scoring the held-out predictions (sam2unet-evaluate)")
+    rc = evaluate.main(["--pred", str(pred_dir), "--gt", str(data_root / "labelsTs"), "--out",
+                        str(out / "evaluation"), "--labels", "1", "2"])
+    if rc != 0:
+        print(f"sam2unet-evaluate failed with exit code {rc}", file=sys.stderr)
+        return rc
+    summary = json.loads((out / "evaluation" / "summary.json").read_text())
+    print(f"      Dice per held-out case\n      {'case':<12} {'grey matter':>12} {'white matter':>13}")
     for row in summary["cases"] + [summary["mean"]]:
         print(f"      {row['case']:<12} {row['Dice_1']:>12.4f} {row['Dice_2']:>13.4f}")
 

@@ -156,10 +156,22 @@ def evaluate_folders(pred_dir: Path, gt_dir: Path, mode: str = "auto", labels: l
     }
 
 
+def _json_safe(value: Any) -> Any:
+    """NaN (undefined HD95) -> None, so that summary.json is strict JSON (null)."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def _write(summary: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    """``summary.json`` (NaN written as null) and ``metrics.csv`` (NaN as ``nan``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out_dir / "summary.json", out_dir / "metrics.csv"
-    json_path.write_text(json.dumps(summary, indent=2, allow_nan=True))
+    json_path.write_text(json.dumps(_json_safe(summary), indent=2, allow_nan=False))
     rows = summary["cases"] + [summary["mean"]]
     with csv_path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
