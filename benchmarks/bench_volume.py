@@ -41,6 +41,8 @@ from benchmarks.common import machine_description, peak_memory_bytes, reset_peak
 from sam2unet_core import SAM2UNet, save_model  # noqa: E402
 from sam2unet_core.cli import predict  # noqa: E402
 from sam2unet_core.device import resolve_device  # noqa: E402
+from sam2unet_core.io.readers import read_volume  # noqa: E402
+from sam2unet_core.io.writers import write_labels  # noqa: E402
 
 __all__ = ["main", "write_ct_phantom", "run_predict"]
 
@@ -64,8 +66,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="folder for the phantom, model and outputs (default: a temporary one)")
+    parser.add_argument("--io-only", action="store_true",
+                        help="time only reading the volume and writing a label volume (no model): "
+                             "the end-to-end bound when the model is fast")
     parser.add_argument("--json", type=Path, default=None, help="also write all results here")
     return parser
+
+
+def time_io(image: Path, output: Path, repeats: int) -> dict:
+    """Median wall and process-CPU seconds of the engine's reader and label writer on
+    ``image``: read the volume, threshold it (> 100 HU) into a uint8 label volume of the
+    same grid, write it. On a shared machine the CPU seconds are the robust figure."""
+    times: dict[str, list[float]] = {"read_s": [], "read_cpu_s": [], "write_s": [], "write_cpu_s": []}
+    for _ in range(repeats):
+        started, started_cpu = time.perf_counter(), time.process_time()
+        volume = read_volume(image)
+        times["read_s"].append(time.perf_counter() - started)
+        times["read_cpu_s"].append(time.process_time() - started_cpu)
+        labels = volume.with_array((volume.array_kji > 100).astype(np.uint8))
+        started, started_cpu = time.perf_counter(), time.process_time()
+        write_labels(labels, output)
+        times["write_s"].append(time.perf_counter() - started)
+        times["write_cpu_s"].append(time.process_time() - started_cpu)
+    result = {key: statistics.median(values) for key, values in times.items()}
+    result["slices"] = volume.shape_kji[0]
+    result["io_bound_slices_per_s"] = result["slices"] / (result["read_s"] + result["write_s"])
+    result["io_bound_slices_per_s_cpu"] = result["slices"] / (result["read_cpu_s"]
+                                                              + result["write_cpu_s"])
+    return result
 
 
 def write_ct_phantom(path: Path, shape_ijk: tuple[int, int, int], seed: int = 0) -> Path:
@@ -153,6 +181,16 @@ def main(argv: list[str] | None = None) -> int:
         }
         for key, value in header.items():
             print(f"# {key}: {value}")
+        if args.io_only:
+            io = time_io(image, workdir / "labels.nii.gz", args.repeats)
+            print(f"# I/O only, median of {args.repeats}: read {io['read_s']:.2f} s "
+                  f"(CPU {io['read_cpu_s']:.2f} s), write {io['write_s']:.2f} s "
+                  f"(CPU {io['write_cpu_s']:.2f} s) for {io['slices']} slices: at most "
+                  f"{io['io_bound_slices_per_s']:.0f} slices/s end to end "
+                  f"({io['io_bound_slices_per_s_cpu']:.0f} by CPU time) unless I/O overlaps")
+            if args.json:
+                args.json.write_text(json.dumps({"header": header, "io": io}, indent=2))
+            return 0
         runs, labels = [], {}
         for precision in args.precision:
             for repeat in range(args.repeats):
