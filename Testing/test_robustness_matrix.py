@@ -10,7 +10,7 @@ good reference cases of the same batch were segmented. Checkpoint and output-fol
 need their own runs (other ``-m`` / ``-o``).
 
 Rows covered elsewhere are listed with the test that covers them and skipped here:
-    * real 4D NIfTI, broken NIfTI bytes, extra-channel files:
+    * broken NIfTI bytes, extra-channel files:
       ``test_cli_predict.py::test_folder_run_names_outputs_keeps_geometry_and_survives_bad_files``
     * uneven DICOM slice gaps, mixed orientations, duplicate positions, folder without DICOM
       (reader level): ``test_io_dicom.py::test_series_that_are_not_one_regular_volume_are_refused``,
@@ -56,7 +56,7 @@ from sam2unet_core.cli.predict import main
 from sam2unet_core.io import writers
 from sam2unet_core.metadata import Architecture, ModelMetadata
 
-SHAPE_IJK = (32, 32, 8)  # tiny volumes: 8 slices of 32 x 32
+SHAPE_IJK = (32, 32, 4)  # tiny volumes: 4 slices of 32 x 32
 GOOD_CASES = ("good_ct", "good_dicom")
 
 
@@ -175,7 +175,7 @@ def non_image_object(path: Path, sop_class: str, modality: str) -> None:
 
 
 def series_with_non_images(folder: Path, name: str) -> Path:
-    path = dicom_series(folder / name, list(range(0, 16, 2)))
+    path = dicom_series(folder / name, list(range(0, 8, 2)))
     non_image_object(path / "report.dcm", pydicom.uid.BasicTextSRStorage, "SR")
     non_image_object(path / "pstate", pydicom.uid.GrayscaleSoftcopyPresentationStateStorage, "PR")
     (path / "DICOMDIR.txt").write_text("notes, not DICOM")
@@ -183,7 +183,7 @@ def series_with_non_images(folder: Path, name: str) -> Path:
 
 
 def mixed_series(folder: Path, name: str) -> Path:
-    dicom_series(folder / name / "thin", list(range(0, 16, 2)))
+    dicom_series(folder / name / "thin", list(range(0, 8, 2)))
     dicom_series(folder / name / "scout", [0.0, 40.0], column=(0.0, 0.0, -1.0),
                  step_lps=(0.0, 1.0, 0.0))
     return folder / name
@@ -204,7 +204,7 @@ PLS = np.array([[0, -1, 0], [-1, 0, 0], [0, 0, 1.0]])  # i posterior, j left
 
 ROWS: list[tuple[str, Builder, str | None]] = [
     ("good_ct", lambda f, n: nifti(f, n + ".nii.gz", voxels()), None),
-    ("good_dicom", lambda f, n: dicom_series(f / n, list(range(0, 16, 2))), None),
+    ("good_dicom", lambda f, n: dicom_series(f / n, list(range(0, 8, 2))), None),
     # corrupt and empty files
     ("truncated_nifti", lambda f, n: nifti_corrupted(
         f, n + ".nii.gz", lambda b: b[: len(b) // 2]), "Compressed file ended"),
@@ -216,6 +216,8 @@ ROWS: list[tuple[str, Builder, str | None]] = [
      "the file is empty"),
     # dimensions
     ("time_axis_of_one", lambda f, n: nifti(f, n + ".nii.gz", voxels()[..., np.newaxis]), None),
+    ("real_4d", lambda f, n: nifti(f, n + ".nii.gz", np.stack([voxels(seed=s) for s in range(3)], -1)),
+     "3 volumes/channels.*--volume-index"),  # --volume-index: test_volume_index_* below
     ("nifti_2d", lambda f, n: nifti(f, n + ".nii.gz", voxels()[:, :, 0]), None),
     ("mha_2d", lambda f, n: sitk_file(f, n + ".mha", voxels()[:, :, 0].T.copy(),
                                       direction_lps=Rotation.from_euler("z", 25, degrees=True).as_matrix()), None),
@@ -240,7 +242,7 @@ ROWS: list[tuple[str, Builder, str | None]] = [
     ("rgb24_nifti", lambda f, n: rgb_nifti(f, n + ".nii.gz", alpha=False), None),
     ("rgba32_nifti", lambda f, n: rgb_nifti(f, n + ".nii", alpha=True), None),
     ("rgb_mha", lambda f, n: sitk_file(f, n + ".mha", np.random.default_rng(5).integers(
-        0, 255, (8, 32, 32, 3), dtype=np.uint8), vector=True), None),
+        0, 255, (4, 32, 32, 3), dtype=np.uint8), vector=True), None),
     # geometry
     ("thick_slices", lambda f, n: nifti(f, n + ".nii.gz", voxels(), affine(spacing=(0.5, 0.5, 12.0))), None),
     ("very_anisotropic", lambda f, n: nifti(f, n + ".nii.gz", voxels(), affine(spacing=(0.05, 4.0, 30.0))), None),
@@ -255,7 +257,7 @@ ROWS: list[tuple[str, Builder, str | None]] = [
     ("dicom_uneven_spacing", lambda f, n: dicom_series(f / n, [0, 2, 4, 6.5, 9, 11.5]),
      "slice gaps are uneven"),
     ("dicom_gantry_tilt", lambda f, n: dicom_series(
-        f / n, list(range(0, 16, 2)), column=(0.0, np.cos(0.3), -np.sin(0.3))),
+        f / n, list(range(0, 8, 2)), column=(0.0, np.cos(0.3), -np.sin(0.3))),
      "gantry tilt"),
     ("dicom_with_non_images", series_with_non_images, None),
     ("no_dicom_at_all", not_dicom_folder, "no DICOM image files"),
@@ -346,6 +348,30 @@ def test_bool_and_float16_arrays_segment_like_their_uint8_and_float32_values(
                        (values.astype(np.float16), values.astype(np.float32))):
         np.testing.assert_array_equal(predictor.predict(Volume(odd)).array_kji,
                                       predictor.predict(Volume(plain)).array_kji)
+
+
+def test_volume_index_segments_one_volume_of_a_4d_image_like_that_volume_alone(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    volumes = [voxels(seed=s) for s in range(3)]
+    nifti(cases, "series.nii.gz", np.stack(volumes, axis=-1))
+    nifti(cases, "plain.nii.gz", volumes[1])  # a 3D case of the same batch: read as it is
+    code, events = run_cli(["-i", str(cases), "-o", str(tmp_path / "out"), "-m", str(checkpoint),
+                            "--volume-index", "1"])
+    assert code == 0 and events[-1]["ok"] == 2
+    series, plain = (nib.load(tmp_path / "out" / f"{n}.nii.gz") for n in ("series", "plain"))
+    assert series.shape == SHAPE_IJK
+    np.testing.assert_allclose(series.affine, nib.load(cases / "series.nii.gz").affine, atol=1e-5)
+    np.testing.assert_array_equal(np.asanyarray(series.dataobj), np.asanyarray(plain.dataobj))
+
+    code, events = run_cli(["-i", str(cases / "series.nii.gz"), "-o", str(tmp_path / "again"),
+                            "-m", str(checkpoint), "--volume-index", "3"])
+    error = next(e for e in events if e["event"] == "case_error")["error"]
+    assert code == 1 and str(cases / "series.nii.gz") in error
+    assert "volume index 3 is outside the 3 volumes" in error
+    assert not (tmp_path / "again" / "series.nii.gz").exists()
 
 
 # ------------------------------------------------------------- checkpoints (own runs)
@@ -497,7 +523,7 @@ def test_hostile_dicom_tags_never_reach_file_names(
     tags = {"SeriesDescription": hostile, "PatientName": hostile, "PatientID": hostile,
             "StudyDescription": hostile, "StudyID": "../x"}
     inputs = tmp_path / "inputs"
-    dicom_series(inputs / "scan", list(range(0, 16, 2)), tags=tags)
+    dicom_series(inputs / "scan", list(range(0, 8, 2)), tags=tags)
     out = tmp_path / "deep" / "out"
     before = set(tmp_path.parent.rglob("*sam2unet_x*"))
     for fmt in ("dcm", "seg.nrrd"):
@@ -525,7 +551,6 @@ def test_prediction_needs_no_network(
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: refuse(None, a))
     image = nifti(tmp_path, "case.nii.gz", voxels())
-    code, events = run_cli(["-i", str(image), "-o", str(tmp_path / "out"), "-m", str(checkpoint),
-                            "--tta"])
+    code, events = run_cli(["-i", str(image), "-o", str(tmp_path / "out"), "-m", str(checkpoint)])
     assert code == 0 and events[-1]["ok"] == 1
     assert attempts == []

@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only these slices (half-open indices along the chosen axis)")
     parser.add_argument("--series-uid", default=None,
                         help="DICOM SeriesInstanceUID to read (default: the largest series)")
+    parser.add_argument("--volume-index", type=int, default=None, metavar="N",
+                        help="for 4D NIfTI inputs (time series, echoes): segment volume N "
+                             "(0-based); 3D inputs are read as they are (default: 4D is refused)")
     parser.add_argument("--list-series", action="store_true",
                         help="list the DICOM series of the input and exit")
     parser.add_argument("--tta", action="store_true", help="average over flipped inputs")
@@ -342,7 +345,8 @@ class CaseRunner:
         for case, _ in unit:
             started = time.perf_counter()
             try:
-                volume: Any = read_volume(case.path, series_uid=self.args.series_uid)
+                volume: Any = read_volume(case.path, series_uid=self.args.series_uid,
+                                          volume_index=self.args.volume_index)
             except Exception as err:  # noqa: BLE001 - reported when the case's turn comes
                 volume = err
             loaded.append((volume, time.perf_counter() - started))

@@ -56,15 +56,28 @@ def volume_to_sitk(volume: Volume) -> sitk.Image:
     return image
 
 
-def volume_from_nifti(image: nib.spatialimages.SpatialImage, source: Path | None = None) -> Volume:
+def volume_from_nifti(
+    image: nib.spatialimages.SpatialImage,
+    source: Path | None = None,
+    volume_index: int | None = None,
+) -> Volume:
     """nibabel image -> :class:`Volume`.
 
-    Accepts 2D, 3D and 4D arrays whose 4th axis has length 1. The data array is
+    Accepts 2D, 3D and 4D arrays whose 4th axis has length 1; of a real 4D image (time
+    series, echoes) ``volume_index`` picks one 3D volume (only its voxels are read). The
+    data array is
     ``[i, j, k]``; it is transposed (a view, no copy) to ``[k, j, i]``. Scaling
     (scl_slope/scl_inter) is applied by nibabel. RGB voxels (NIfTI RGB24/RGBA32) become a
     ``(K, J, I, 3)`` colour volume.
     """
-    data = np.asanyarray(image.dataobj)
+    shape = image.shape
+    if volume_index is not None and len(shape) == 4 and shape[3] > 1:
+        if not 0 <= volume_index < shape[3]:
+            raise ValueError(f"{source}: volume index {volume_index} is outside the "
+                             f"{shape[3]} volumes of this 4D image (0 to {shape[3] - 1})")
+        data = np.asanyarray(image.dataobj[..., volume_index])
+    else:
+        data = np.asanyarray(image.dataobj)
     if data.ndim == 2:
         data = data[:, :, np.newaxis]
     if data.ndim > 3:
@@ -72,7 +85,8 @@ def volume_from_nifti(image: nib.spatialimages.SpatialImage, source: Path | None
         if int(np.prod(extra)) != 1:
             raise ValueError(
                 f"{source}: expected a 3D volume, got shape {data.shape} "
-                f"({int(np.prod(extra))} volumes/channels); split it into 3D files first"
+                f"({int(np.prod(extra))} volumes/channels); choose one with --volume-index "
+                "(4D images) or split it into 3D files first"
             )
         data = data.reshape(data.shape[:3])
     if data.ndim != 3:

@@ -24,6 +24,7 @@ from typing import Callable, Protocol
 
 import gzip
 import re
+from functools import partial
 
 import nibabel as nib
 import numpy as np
@@ -51,8 +52,9 @@ def _check_gzip(path: Path) -> None:
             pass
 
 
-def _read_nifti(path: Path) -> Volume:
-    """nibabel reads the header here and the voxels (lazily) in ``volume_from_nifti``."""
+def _read_nifti(path: Path, volume_index: int | None = None) -> Volume:
+    """nibabel reads the header here and the voxels (lazily) in ``volume_from_nifti``;
+    ``volume_index`` picks one volume of a 4D image."""
     try:
         image = nib.load(path)
     except Exception as err:  # noqa: BLE001 - nibabel's header checks raise many kinds
@@ -60,10 +62,11 @@ def _read_nifti(path: Path) -> Volume:
     slope, inter = image.header.get_slope_inter()
     scaled = slope not in (None, 1.0) or inter not in (None, 0.0)
     itemsize = 8 if scaled else image.get_data_dtype().itemsize  # scaling gives float64
-    check_fits_in_memory(path, image.shape, itemsize)
+    check_fits_in_memory(path, image.shape[:3] if volume_index is not None else image.shape,
+                         itemsize)
     if path.name.lower().endswith(".gz"):
         _check_gzip(path)
-    return volume_from_nifti(image, source=path)
+    return volume_from_nifti(image, source=path, volume_index=volume_index)
 
 
 def _read_sitk(path: Path) -> Volume:
@@ -125,13 +128,17 @@ def split_suffix(path: Path) -> tuple[str, str]:
     return name, ""
 
 
-def read_volume(path: str | Path, series_uid: str | None = None) -> Volume:
+def read_volume(
+    path: str | Path, series_uid: str | None = None, volume_index: int | None = None
+) -> Volume:
     """Read an image file or a DICOM folder as a :class:`Volume`.
 
     Args:
         path: a file with a supported ending, or a folder of DICOM files.
         series_uid: for DICOM folders with several series, the SeriesInstanceUID to read
             (default: the series with the most files).
+        volume_index: for 4D NIfTI images (time series, echoes), the 0-based volume to
+            read; 3D images ignore it. Without it, a 4D image is refused.
     """
     path = Path(path)
     if not path.exists():
@@ -146,6 +153,8 @@ def read_volume(path: str | Path, series_uid: str | None = None) -> Volume:
                 "or a folder of DICOM files"
             )
         reader = READERS[suffix]
+        if reader is _read_nifti and volume_index is not None:
+            reader = partial(_read_nifti, volume_index=volume_index)
     if path.is_file() and path.stat().st_size == 0:
         raise ValueError(f"{path}: the file is empty (0 bytes)")
     try:
