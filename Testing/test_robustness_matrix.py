@@ -374,6 +374,25 @@ def test_volume_index_segments_one_volume_of_a_4d_image_like_that_volume_alone(
     assert not (tmp_path / "again" / "series.nii.gz").exists()
 
 
+def test_probability_maps_that_would_not_fit_in_memory_are_refused_before_any_work(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Free memory (faked: 16 KiB) holds the 32x32x4 int16 image and its labels (12 KiB)
+    but not labels plus float32 probabilities (20 KiB): a clear case error, no output."""
+    from sam2unet_core.io import volume as volume_module
+
+    monkeypatch.setattr(volume_module, "available_memory", lambda: 16 * 1024)
+    image = nifti(tmp_path, "case.nii.gz", voxels())
+    out = tmp_path / "out"
+    code, events = run_cli(["-i", str(image), "-o", str(out), "-m", str(checkpoint),
+                            "--save-probabilities"])
+    error = next(e for e in events if e["event"] == "case_error")["error"]
+    assert code == 1 and str(image) in error
+    assert "float32 probabilities of shape (4, 32, 32) needs about" in error
+    assert "without --save-probabilities" in error
+    assert not list(out.rglob("case*"))
+
+
 # ------------------------------------------------------------- checkpoints (own runs)
 class _RunsCode:
     """Unpickling this would run a shell command that creates ``marker``."""

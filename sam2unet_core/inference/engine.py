@@ -26,7 +26,7 @@ from torch import nn
 
 from ..device import autocast_dtype, describe_device, resolve_device
 from ..io.orientation import PlaneView, plane_view
-from ..io.volume import Volume, label_dtype
+from ..io.volume import Volume, check_fits_in_memory, label_dtype
 from ..metadata import ModelMetadata
 from ..preprocessing import (
     IntensityMapping,
@@ -216,6 +216,12 @@ class Predictor:
         out_channels = 1 if self.num_classes == 1 else self.num_classes
         probabilities = None
         if return_probabilities:
+            check_fits_in_memory(
+                volume.source or "volume", volume.shape_kji, 4 * out_channels,
+                what=f"the labels and {out_channels}-channel float32 probabilities",
+                advice="segment without probabilities (sam2unet-predict without "
+                       "--save-probabilities)",
+            )
             shape = volume.shape_kji if out_channels == 1 else volume.shape_kji + (out_channels,)
             probabilities = np.zeros(shape, dtype=np.float32)
         probabilities_view = None if probabilities is None else view.to_plane(probabilities)

@@ -169,17 +169,23 @@ def available_memory() -> int | None:
     return min(limits) if limits else None
 
 
-def check_fits_in_memory(source: Path | str, shape: tuple[int, ...], itemsize: int) -> None:
-    """Raise ``ValueError`` before reading when an image of ``shape`` (any axis order) and
-    ``itemsize`` bytes a voxel, plus a one-byte label map of the same grid, would not fit
-    in the memory available now. Called by the readers with header sizes only."""
-    voxels = int(np.prod([int(n) for n in shape], dtype=object))
-    needed = voxels * (int(itemsize) + 1)
+def check_fits_in_memory(
+    source: Path | str,
+    shape: tuple[int, ...],
+    itemsize: int,
+    what: str = "the image (voxels plus a label map)",
+    advice: str = "crop or downsample it, or run on a machine with more memory",
+) -> None:
+    """Raise ``ValueError`` before allocating when arrays of ``shape`` (any axis order) with
+    ``itemsize`` bytes a voxel, plus a one-byte label map of the same grid, would not fit in
+    the memory available now. The readers call it with header sizes only (numpy allocates
+    lazily, so an oversized array would otherwise end in the kernel's out-of-memory kill
+    half-way through a run instead of an error)."""
+    shape = tuple(int(n) for n in shape)
+    needed = int(np.prod(shape, dtype=object)) * (int(itemsize) + 1)
     free = available_memory()
     if free is not None and needed > free:
         raise ValueError(
-            f"{source}: the image of shape {tuple(int(n) for n in shape)} needs about "
-            f"{needed / 2**30:.1f} GiB of memory (voxels plus a label map) but only "
-            f"{free / 2**30:.1f} GiB is available; crop or downsample it, or run on a "
-            "machine with more memory"
+            f"{source}: {what} of shape {shape} needs about {needed / 2**30:.1f} GiB of "
+            f"memory but only {free / 2**30:.1f} GiB is available; {advice}"
         )
