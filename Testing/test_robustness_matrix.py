@@ -573,3 +573,20 @@ def test_prediction_needs_no_network(
     code, events = run_cli(["-i", str(image), "-o", str(tmp_path / "out"), "-m", str(checkpoint)])
     assert code == 0 and events[-1]["ok"] == 1
     assert attempts == []
+
+
+def test_no_code_path_can_unpickle_a_file() -> None:
+    """Every loader of untrusted bytes in the package, the Slicer module and the training
+    scripts: torch.load only with weights_only=True, YAML only with safe_load, never
+    pickle/dill/joblib loads or numpy object arrays."""
+    root = Path(__file__).resolve().parents[1]
+    unsafe = re.compile(r"\b(pickle|dill|joblib|cloudpickle|marshal)\.loads?\(|allow_pickle\s*=\s*True"
+                        r"|yaml\.(load|unsafe_load|full_load)\(|weights_only\s*=\s*False")
+    found = []
+    for folder in ("sam2unet_core", "SAM2UNetSlicer", "training"):
+        for path in sorted((root / folder).rglob("*.py")):
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                calls_torch_load = "torch.load(" in line and "weights_only=True" not in line
+                if unsafe.search(line) or (calls_torch_load and "``" not in line):
+                    found.append(f"{path.relative_to(root)}:{number}: {line.strip()}")
+    assert found == []
