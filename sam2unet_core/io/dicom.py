@@ -76,6 +76,7 @@ class DicomSeries:
 
 
 def _numbers(ds: pydicom.Dataset, keyword: str, count: int) -> tuple[float, ...] | None:
+    """``count`` finite numbers of a multi-valued element; None when it is absent."""
     if keyword not in ds:
         return None
     values = tuple(float(v) for v in ds[keyword].value)
@@ -85,6 +86,7 @@ def _numbers(ds: pydicom.Dataset, keyword: str, count: int) -> tuple[float, ...]
 
 
 def _parse_header(ds: pydicom.Dataset) -> SliceHeader:
+    """Convert (and so decode) every field series reading uses; raises on bad values."""
     number = ds.get("SeriesNumber")
     header = SliceHeader(
         uid=str(ds.SeriesInstanceUID),

@@ -19,12 +19,11 @@ Sizes are checked against the free memory from the header, before any voxel is r
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Callable, Protocol
-
 import gzip
 import re
 from functools import partial
+from pathlib import Path
+from typing import Callable, Protocol
 
 import nibabel as nib
 import numpy as np
