@@ -501,14 +501,13 @@ def test_full_disk_mid_write_keeps_the_previous_output_and_the_batch_goes_on(
 ) -> None:
     """The NIfTI writer runs out of space half-way through caseA (rerun with --overwrite):
     caseA's previous output is untouched, no partial file stays, caseB is rewritten."""
-    cases = tmp_path / "cases"
+    cases, out = tmp_path / "cases", tmp_path / "out"
     cases.mkdir()
+    out.mkdir()
     for index, name in enumerate(("caseA", "caseB")):
         nifti(cases, f"{name}.nii.gz", voxels(seed=index))
-    out = tmp_path / "out"
-    assert run_cli(["-i", str(cases), "-o", str(out), "-m", str(checkpoint)])[0] == 0
-    before = {name: (out / f"{name}.nii.gz").read_bytes() for name in ("caseA", "caseB")}
-    (out / "caseB.nii.gz").write_bytes(b"stale")  # to see that caseB is written again
+        nifti(out, f"{name}.nii.gz", voxels(dtype="uint8", seed=index))  # previous outputs
+    previous = (out / "caseA.nii.gz").read_bytes()
 
     real_write = writers._write_nifti
 
@@ -524,8 +523,10 @@ def test_full_disk_mid_write_keeps_the_previous_output_and_the_batch_goes_on(
     error = next(e for e in events if e["event"] == "case_error")
     assert error["case"] == "caseA"
     assert f"cannot write {out / 'caseA.nii.gz'}: No space left on device" in error["error"]
-    assert (out / "caseA.nii.gz").read_bytes() == before["caseA"]
-    assert (out / "caseB.nii.gz").read_bytes() == before["caseB"]
+    assert (out / "caseA.nii.gz").read_bytes() == previous
+    rewritten = sitk.ReadImage(str(out / "caseB.nii.gz"))  # a label map on caseB's grid now
+    assert rewritten.GetPixelID() == sitk.sitkUInt8
+    assert set(np.unique(sitk.GetArrayViewFromImage(rewritten))) <= {0, 1}
     assert not [p for p in out.rglob("*") if p.name.startswith(".partial-")]
 
 
@@ -535,7 +536,8 @@ def test_hostile_dicom_tags_never_reach_file_names(
 ) -> None:
     """Output names come from the input's file or folder name, never from DICOM tags: a
     series whose description, patient name and IDs are path-traversal strings is written
-    as ``<folder>.dcm`` / ``<folder>.seg.nrrd`` inside the output folder and nowhere else.
+    as ``<folder>.dcm`` (DICOM SEG, the format that copies those tags) inside the output
+    folder and nowhere else.
     (Names come from :func:`sam2unet_core.io.cases.case_name`; no code path turns a tag
     into a path.)"""
     hostile = "../../etc/sam2unet_x"
@@ -545,12 +547,9 @@ def test_hostile_dicom_tags_never_reach_file_names(
     dicom_series(inputs / "scan", list(range(0, 8, 2)), tags=tags)
     out = tmp_path / "deep" / "out"
     before = set(tmp_path.parent.rglob("*sam2unet_x*"))
-    for fmt in ("dcm", "seg.nrrd"):
-        code, _ = run_cli(["-i", str(inputs), "-o", str(out), "-m", str(checkpoint),
-                           "--format", fmt])
-        assert code == 0
-    assert sorted(p.name for p in out.iterdir()) == [
-        "predict_summary.json", "scan.dcm", "scan.seg.nrrd"]
+    code, _ = run_cli(["-i", str(inputs), "-o", str(out), "-m", str(checkpoint), "--format", "dcm"])
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["predict_summary.json", "scan.dcm"]
     assert set(tmp_path.parent.rglob("*sam2unet_x*")) == before
     assert not Path("/etc/sam2unet_x").exists()
     assert pydicom.dcmread(out / "scan.dcm").PatientName == hostile  # copied as data only
