@@ -201,6 +201,7 @@ Builder = Callable[[Path, str], Path]
 OBLIQUE = Rotation.from_euler("zyx", [30, -20, 10], degrees=True).as_matrix()
 LPS = np.diag([-1.0, -1.0, 1.0])  # stored in LPS order: i to the left, j posterior
 PLS = np.array([[0, -1, 0], [-1, 0, 0], [0, 0, 1.0]])  # i posterior, j left
+ROTATED_IN_PLANE = Rotation.from_euler("z", 25, degrees=True).as_matrix()
 
 ROWS: list[tuple[str, Builder, str | None]] = [
     ("good_ct", lambda f, n: nifti(f, n + ".nii.gz", voxels()), None),
@@ -220,7 +221,7 @@ ROWS: list[tuple[str, Builder, str | None]] = [
      "3 volumes/channels.*--volume-index"),  # --volume-index: test_volume_index_* below
     ("nifti_2d", lambda f, n: nifti(f, n + ".nii.gz", voxels()[:, :, 0]), None),
     ("mha_2d", lambda f, n: sitk_file(f, n + ".mha", voxels()[:, :, 0].T.copy(),
-                                      direction_lps=Rotation.from_euler("z", 25, degrees=True).as_matrix()), None),
+                                      direction_lps=ROTATED_IN_PLANE), None),
     ("nifti_1d", lambda f, n: nifti(f, n + ".nii.gz", voxels()[:, 0, 0]),
      "expected a 3D volume"),
     # values
@@ -244,8 +245,10 @@ ROWS: list[tuple[str, Builder, str | None]] = [
     ("rgb_mha", lambda f, n: sitk_file(f, n + ".mha", np.random.default_rng(5).integers(
         0, 255, (4, 32, 32, 3), dtype=np.uint8), vector=True), None),
     # geometry
-    ("thick_slices", lambda f, n: nifti(f, n + ".nii.gz", voxels(), affine(spacing=(0.5, 0.5, 12.0))), None),
-    ("very_anisotropic", lambda f, n: nifti(f, n + ".nii.gz", voxels(), affine(spacing=(0.05, 4.0, 30.0))), None),
+    ("thick_slices",
+     lambda f, n: nifti(f, n + ".nii.gz", voxels(), affine(spacing=(0.5, 0.5, 12.0))), None),
+    ("very_anisotropic",
+     lambda f, n: nifti(f, n + ".nii.gz", voxels(), affine(spacing=(0.05, 4.0, 30.0))), None),
     ("oblique", lambda f, n: nifti(f, n + ".nii.gz", voxels(), affine(OBLIQUE)), None),
     ("stored_lps", lambda f, n: nifti(f, n + ".nii.gz", voxels(), affine(LPS)), None),
     ("stored_pls", lambda f, n: nifti(f, n + ".nii.gz", voxels(), affine(PLS)), None),
