@@ -91,9 +91,10 @@ def _kill_mid_epoch(cmd: list[str], resume_path: Path, timeout: float = 240.0) -
     return load_resume_state(resume_path)
 
 
-def test_resume_after_a_kill_mid_epoch_is_exact(polyp_root: Path, tmp_path: Path) -> None:
+def test_resume_after_a_kill_mid_epoch_is_exact(polyp_root: Path, sam2_checkpoint: Path, tmp_path: Path) -> None:
+    # Frozen trunk (SAM 2 weights): adapters and decoder train; small optimiser state.
     common = [f"data.root={polyp_root}", *TINY, "optim.epochs=2", "data.val_fraction=0.25",
-              "augment.rotate_deg=10", "augment.multiscale=[1.0,1.5]"]
+              "augment.rotate_deg=10", "augment.multiscale=[1.0,1.5]", f"model.sam2_checkpoint={sam2_checkpoint}"]
     # Reference: 2 epochs of 3 steps in one go.
     reference = train(load_config(None, [*common, f"run.output={tmp_path / 'a'}"]))
     # The same run in another process, saving its state every step, killed (SIGKILL)
@@ -116,21 +117,22 @@ def test_resume_after_a_kill_mid_epoch_is_exact(polyp_root: Path, tmp_path: Path
         assert torch.equal(ref_opt["exp_avg"], res_opt["exp_avg"]) and torch.equal(ref_opt["step"], res_opt["step"])
 
 
-def test_resume_refuses_a_different_config(polyp_root: Path, tmp_path: Path) -> None:
+def test_resume_refuses_a_different_config(polyp_root: Path, sam2_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    base = [f"data.root={polyp_root}", *TINY, "data.val_fraction=0.25", f"run.output={out}"]
+    base = [f"data.root={polyp_root}", *TINY, "data.val_fraction=0.25", f"run.output={out}",
+            f"model.sam2_checkpoint={sam2_checkpoint}"]
     train(load_config(None, [*base, "optim.epochs=1", "run.stop_after_steps=2", "run.resume_every_steps=1"]))
     assert (out / "resume.pt").exists()
     with pytest.raises(ValueError, match=r"other \['optim'\] settings"):
         train(load_config(None, [*base, "optim.epochs=1", "optim.lr=0.01"]))
 
 
-def test_two_process_torchrun_on_gloo(polyp_root: Path, tmp_path: Path) -> None:
+def test_two_process_torchrun_on_gloo(polyp_root: Path, sam2_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "training" / "train.py"), f"data.root={polyp_root}", *TINY, "optim.epochs=1",
-           "optim.batch_size=1", "data.val_fraction=0.25", f"run.output={out}"]
+           "optim.batch_size=1", "data.val_fraction=0.25", f"run.output={out}", f"model.sam2_checkpoint={sam2_checkpoint}"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 processes" in proc.stderr  # rank 0 logs the world size
