@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import datetime
 import json
 import logging
@@ -224,15 +223,16 @@ def _fp32_reference(model: nn.Module, images: torch.Tensor, batch: int, device: 
     return torch.cat(outputs)
 
 
-def _make_loss() -> tuple[Callable[[object, torch.Tensor], torch.Tensor], str]:
-    """The training engineer's deep-supervision structure loss, or a sum of BCE if absent."""
+def _make_loss(num_classes: int) -> tuple[Callable[[object, torch.Tensor], torch.Tensor], str]:
+    """The training engineer's deep-supervision loss (structure loss for binary models), or
+    a sum of BCE if that module is absent."""
     try:
         from sam2unet_core.train.losses import DeepSupervisionLoss
     except ImportError:
         def bce_sum(outputs: object, mask: torch.Tensor) -> torch.Tensor:
             return sum(F.binary_cross_entropy_with_logits(o.float(), mask) for o in outputs)
         return bce_sum, "sum of BCE over the 3 outputs (sam2unet_core.train.losses not found)"
-    return DeepSupervisionLoss(num_classes=1), "structure loss (sam2unet_core.train.losses)"
+    return DeepSupervisionLoss(num_classes), "DeepSupervisionLoss (sam2unet_core.train.losses)"
 
 
 def run_training(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
@@ -241,8 +241,9 @@ def run_training(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
     """Time training steps with the paper's recipe (frozen trunk + adapters, AdamW lr 1e-3,
     weight decay 5e-4; fused AdamW) on ``images`` ``(B, C, H, W)`` / ``masks`` ``(B, 1, H, W)``.
     Each setting starts from the same weights; its first-step loss is compared with fp32."""
-    loss_fn, loss_name = _make_loss()
-    initial = copy.deepcopy(model.state_dict())
+    loss_fn, loss_name = _make_loss(model.architecture.num_classes)
+    # kept on the host so that it does not count in the peak GPU memory
+    initial = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
     model.train()
     batch = args.train_batch
     x_ref, y = images[:batch].to(device), masks[:batch].to(device)
