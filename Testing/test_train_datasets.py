@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from train_data import write_msd_dataset, write_polyp_folder
+from train_data import SAGITTAL_AFFINE, write_msd_dataset, write_polyp_folder
 
 from sam2unet_core.inference.engine import Predictor
 from sam2unet_core.io.readers import read_volume
@@ -84,8 +84,9 @@ def test_split_is_seeded_and_honours_named_cases(tmp_path: Path) -> None:
 def test_volume_training_input_equals_the_inference_engine_input(tmp_path: Path) -> None:
     """Without augmentation, a training/validation slice is bit-for-bit (up to float
     rounding) what sam2unet-predict feeds the model: same plane view, intensity, 2.5D
-    stack, resize and mean/std."""
-    root = write_msd_dataset(tmp_path / "d", 3)
+    stack, resize and mean/std, here for a sagittally stored volume whose axial slices
+    run along the array's j axis."""
+    root = write_msd_dataset(tmp_path / "d", 3, affine=SAGITTAL_AFFINE)
     config = load_config(None, [f"data.root={root}", *VOLUME_OVERRIDES, "data.context_slices=1",
                                 "data.val_cases=[case_001]", "data.mean=[0.5,0.4,0.3]", "data.std=[0.2,0.25,0.3]"])
     data = build_training_data(config)
@@ -101,7 +102,7 @@ def test_volume_training_input_equals_the_inference_engine_input(tmp_path: Path)
     Predictor(predict_fn=capture, metadata=meta, device="cpu", batch_size=64).predict(volume, axis="axial")
     engine = torch.cat(seen)
     train_items = torch.stack([data.val[i]["image"] for i in range(len(data.val))])
-    assert engine.shape == train_items.shape == (10, 3, 64, 64)
+    assert engine.shape == train_items.shape == (40, 3, 64, 64)  # J = 40 axial slices
     torch.testing.assert_close(train_items, engine, atol=1e-5, rtol=1e-5)
 
 

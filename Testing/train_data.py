@@ -45,13 +45,18 @@ def blob_volume(rng: np.random.Generator, shape_kji: tuple[int, int, int] = (10,
     return image.astype(np.float32), label
 
 
-def write_msd_dataset(root: Path, count: int, seed: int = 0, classes: int = 3) -> Path:
+AXIAL_AFFINE = np.diag([-1.5, -1.2, 2.5, 1.0])  # RAS affine of an axial scan stored LPS-like
+# A sagittal acquisition: i runs anterior, j superior, k to the patient's left.
+SAGITTAL_AFFINE = np.array([[0.0, 0.0, -2.5, 0.0], [1.2, 0.0, 0.0, 0.0], [0.0, 1.5, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+
+
+def write_msd_dataset(root: Path, count: int, seed: int = 0, classes: int = 3,
+                      affine: np.ndarray = AXIAL_AFFINE) -> Path:
     """nnU-Net v2 layout: ``imagesTr/case_XXX_0000.nii.gz``, ``labelsTr/case_XXX.nii.gz`` and
     ``dataset.json``; ``classes == 2`` merges the labels into one foreground."""
     rng = np.random.default_rng(seed)
     (root / "imagesTr").mkdir(parents=True, exist_ok=True)
     (root / "labelsTr").mkdir(parents=True, exist_ok=True)
-    affine = np.diag([-1.5, -1.2, 2.5, 1.0])  # RAS affine of an LPS-ish scan
     for n in range(count):
         image, label = blob_volume(rng)
         if classes == 2:

@@ -26,6 +26,7 @@ from .transforms import (
     NormalizeChannelsd,
     ResizeToNetworkd,
     StackSlicesd,
+    ToPlaned,
     augmentation_transforms,
 )
 
@@ -131,9 +132,11 @@ def build_training_data(config: TrainConfig) -> TrainingData:
         context = data.context_slices
         in_channels = 3 if context == 0 else 2 * context + 1
         label_names = dataset.label_names[1:]
-    load = [LoadCased(picture, data.plane), IntensityNormalized(data.intensity)]
+    load = [LoadCased(picture), IntensityNormalized(data.intensity)]
     if picture:  # cache pictures at network size
         load += [StackSlicesd(0, in_channels), ResizeToNetworkd(data.input_size)]
+    else:
+        load.append(ToPlaned(data.plane))
     logger.info("loading %d training and %d validation cases", len(train_cases), len(val_cases))
     train_base = _cached(train_cases, Compose(load), config, "train")
     val_base = _cached(val_cases, Compose(load), config, "val")

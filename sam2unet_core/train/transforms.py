@@ -2,12 +2,14 @@
 
 The input preparation is the core's (``sam2unet_core.preprocessing``), wrapped in MONAI
 ``MapTransform``s, so training sees exactly what inference feeds the model:
-intensity per volume -> 2.5D slice stack -> bilinear resize -> per-channel mean/std.
+intensity per volume -> plane view -> 2.5D slice stack -> bilinear resize -> per-channel
+mean/std.
 Augmentation runs between the resize and the mean/std step.
 
 Sample dicts hold ``"image"`` and ``"label"``:
-    * loaded: image ``(S, A, B)`` (or ``(1, H, W, 3)`` for colour pictures) = slices of the
-      chosen anatomical plane as the inference engine sees them, label ``(S, A, B)`` int64;
+    * loaded: volumes ``(K, J, I)``, colour pictures ``(1, H, W, 3)``, grey ``(1, H, W)``;
+    * after :class:`ToPlaned` (volumes): image ``(S, A, B)`` = slices of the chosen plane as
+      the inference engine sees them, label ``(S, A, B)`` int64;
     * after :class:`StackSlicesd`: image ``(C, A, B)`` float32, label ``(1, A, B)``;
     * after :class:`ResizeToNetworkd`: ``(C, n, n)`` and ``(1, n, n)`` torch tensors.
 """
@@ -40,6 +42,7 @@ from .config import AugmentConfig
 __all__ = [
     "LoadCased",
     "IntensityNormalized",
+    "ToPlaned",
     "StackSlicesd",
     "ResizeToNetworkd",
     "NormalizeChannelsd",
@@ -53,16 +56,13 @@ class LoadCased(MapTransform):
     Pictures (PNG/JPEG, K == 1) keep a colour axis: image ``(1, H, W[, 3])``; the mask
     becomes {0, 1}: pixels > 128 as in the evaluation (> 0 for 0/1 masks), any channel of
     an RGB mask.
-    Volumes: the KJI arrays are viewed as ``(slice, row, column)`` stacks of the anatomical
-    ``plane`` exactly as the inference engine does (``io.orientation.plane_view``, from the
-    direction matrix): image float32, label int64, same shape.
+    Volumes: image ``(K, J, I)`` float32, label ``(K, J, I)`` int64, and ``"direction"``
+    (the image's LPS direction matrix) for :class:`ToPlaned`.
     """
 
-    def __init__(self, picture: bool, plane: str = "axial") -> None:
+    def __init__(self, picture: bool) -> None:
         super().__init__(keys=("image", "label"))
-        if plane not in PLANES:
-            raise ValueError(f"plane must be one of {sorted(PLANES)}, got {plane!r}")
-        self.picture, self.plane = picture, plane
+        self.picture = picture
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -80,9 +80,29 @@ class LoadCased(MapTransform):
                              "modality per volume (write one channel per image file)")
         if labels.ndim != 3 or not np.allclose(labels, np.round(labels)):
             raise ValueError(f"{d['label']} is not a label map (one channel of integer values expected)")
-        view = plane_view(image.direction_lps, self.plane)
-        d["image"] = np.ascontiguousarray(view.to_plane(image.array_kji.astype(np.float32)))
-        d["label"] = np.ascontiguousarray(view.to_plane(np.round(labels).astype(np.int64)))
+        d["image"] = image.array_kji.astype(np.float32)
+        d["label"] = np.round(labels).astype(np.int64)
+        d["direction"] = image.direction_lps
+        return d
+
+
+class ToPlaned(MapTransform):
+    """View ``(K, J, I)`` volumes as ``(slice, row, column)`` stacks of an anatomical plane,
+    exactly as the inference engine does (``io.orientation.plane_view`` from the direction
+    matrix). Runs after :class:`IntensityNormalized`, which (like the engine) fits its
+    statistics on the KJI array."""
+
+    def __init__(self, plane: str = "axial") -> None:
+        super().__init__(keys=("image", "label"))
+        if plane not in PLANES:
+            raise ValueError(f"plane must be one of {sorted(PLANES)}, got {plane!r}")
+        self.plane = plane
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        view = plane_view(d.pop("direction"), self.plane)
+        d["image"] = np.ascontiguousarray(view.to_plane(d["image"]))
+        d["label"] = np.ascontiguousarray(view.to_plane(d["label"]))
         return d
 
 
