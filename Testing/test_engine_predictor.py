@@ -286,6 +286,7 @@ def test_device_resolution_on_this_machine() -> None:
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type in ("cuda", "mps", "cpu")
     assert autocast_dtype(torch.device("cpu")) is None
+    assert autocast_dtype(torch.device("cpu"), training=True) is None
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="use --device cpu"):
             resolve_device("cuda")

@@ -73,11 +73,19 @@ def resolve_device(requested: str | torch.device = "auto") -> torch.device:
     raise ValueError(f"unknown device {requested!r}; expected one of {DEVICE_CHOICES} or cuda:N")
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 on CUDA GPUs that support it, else fp16 on CUDA; None (fp32) on CPU and MPS."""
+def autocast_dtype(device: torch.device, training: bool = False) -> torch.dtype | None:
+    """The autocast precision on ``device``; None (fp32) on CPU and MPS.
+
+    Inference on CUDA uses fp16: bf16 autocast of the whole model fails the agreement bar
+    with fp32 (Dice of the label maps >= 0.999; measured 0.993-0.9986 in
+    ``benchmarks/bench_model.py``, see benchmarks/RESULTS.md) while fp16 passes. Training
+    uses bf16 where the GPU has it, for its range (no loss scaling), else fp16.
+    """
     if device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if training and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
 
 
 def describe_device(device: torch.device) -> str:

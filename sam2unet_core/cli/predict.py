@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-probabilities", action="store_true",
                         help=f"also write float probability maps to {PROBABILITY_FOLDER}/")
     parser.add_argument("--no-mixed-precision", action="store_true",
-                        help="run fp32 on CUDA too (default: bf16/fp16 autocast on CUDA)")
+                        help="run fp32 on CUDA too (default: fp16 autocast on CUDA)")
     parser.add_argument("--progress", choices=("bar", "jsonl", "none"), default="bar",
                         help="progress display: tqdm bars on stderr, JSON lines on stdout, none")
     return parser

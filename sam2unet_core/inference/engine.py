@@ -74,7 +74,7 @@ class Predictor:
             replaces the model (tests, other networks).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         batch_size: slices per forward pass.
-        mixed_precision: autocast (bf16, else fp16) on CUDA; ignored elsewhere (fp32).
+        mixed_precision: fp16 autocast on CUDA (see ``device.autocast_dtype``); ignored elsewhere (fp32).
     """
 
     def __init__(

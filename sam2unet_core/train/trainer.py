@@ -164,7 +164,7 @@ def train(config: TrainConfig, resume: bool = True) -> TrainResult:
     config.validate()
     d, device = _init_distributed(config.run.device)
     out = Path(config.run.output)
-    amp = None if config.run.amp == "off" else autocast_dtype(device)
+    amp = None if config.run.amp == "off" else autocast_dtype(device, training=True)
     if config.run.amp == "bf16" and device.type == "cpu":
         amp = torch.bfloat16
     torch.manual_seed(config.run.seed)
