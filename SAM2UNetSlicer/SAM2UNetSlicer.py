@@ -292,9 +292,11 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Segmenting: slice {done} of {total}").format(done=done, total=total)
 
     def _poll(self) -> None:
-        running = self.logic.segmentation.poll()  # its runner also runs the pip steps
-        running = self._probeRunner.poll() or running
-        if not running:
+        self.logic.segmentation.poll()  # its runner also runs the pip steps
+        self._probeRunner.poll()
+        # Ask again after polling: a callback may have started the next process on a runner
+        # whose poll() just reported its previous process finished (next pip step, then Segment).
+        if not (self.logic.runner.isRunning() or self._probeRunner.isRunning()):
             self._timer.stop()
 
     # ------------------------------------------------------------------ devices

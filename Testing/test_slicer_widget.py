@@ -267,3 +267,26 @@ def test_declined_or_failed_installation_changes_nothing(monkeypatch: pytest.Mon
     assert kind == "error" and "Installing the dependencies failed" in text
     assert len(failing.logicRunner.started) == 1 and failing.nodeNames() == ["CT"]
     assert failing.ui.segmentButton.enabled
+
+
+def test_poll_timer_keeps_running_from_one_pip_step_to_the_next(monkeypatch, checkpoint) -> None:
+    """A runner that finishes and is restarted from its own callback (the next pip step, then
+    the segmentation) must still be polled: the QTimer may stop only when nothing runs."""
+    installed = {"numpy": "1.26.4", "simpleitk": "2.4.0", "torch": "2.5.1"}
+    beforeSetup, _ = fakeEnvironment(monkeypatch, installed, pyTorchUtils=True, coreInstalled=False)
+    panel = Panel(monkeypatch, beforeSetup=beforeSetup)
+    panel.answerProbe(cuda=[])  # the device probe is long done when the user presses Segment
+    panel.parameters.inputVolume = panel.addVolume()
+    panel.parameters.checkpointPath = checkpoint
+    panel.ui.segmentButton.emit("clicked(bool)", False)
+    assert panel.widget._timer.active and len(panel.logicRunner.started) == 1
+    panel.logicRunner.finish(0)
+    panel.widget._poll()
+    assert len(panel.logicRunner.started) == 2 and panel.widget._timer.active  # second pip step
+    panel.logicRunner.finish(0)
+    panel.widget._poll()  # pip done: the segmentation starts (and a new device probe)
+    panel.probeRunner.emit(json.dumps({"probe": "sam2unet-device-probe", "torch": "2.5.1", "cuda": [],
+                                       "mps": False, "error": ""}))
+    panel.probeRunner.finish(0)
+    panel.widget._poll()
+    assert panel.logicRunner.isRunning() and panel.widget._timer.active
