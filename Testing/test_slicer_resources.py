@@ -158,6 +158,20 @@ def test_extension_cmake_has_the_metadata_and_depends_on_pytorch() -> None:
     assert positions == sorted(positions)
 
 
+def test_extension_cmake_accepts_the_cmake_versions_of_slicer_5_10_and_5_12() -> None:
+    """Slicer v5.10.0 builds with CMake 3.20.6 or newer (its template says 3.20.6...3.22.6),
+    v5.12 with 3.28 (template 3.28.0...3.28.0): the minimum must not exclude 5.10's CMake."""
+    text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    match = re.search(r"cmake_minimum_required\(VERSION (\d+(?:\.\d+)*)(?:\.\.\.(\d+(?:\.\d+)*))? FATAL_ERROR\)", text)
+    assert match, "cmake_minimum_required(VERSION min...max FATAL_ERROR) is missing"
+
+    def version(text: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in text.split("."))
+
+    assert version(match.group(1)) <= (3, 20, 6)
+    assert match.group(2) is None or version(match.group(2)) >= (3, 28, 0)
+
+
 def test_icon_is_a_128_pixel_png() -> None:
     with Image.open(MODULE_DIR / "Resources" / "Icons" / "SAM2UNetSlicer.png") as icon:
         assert icon.format == "PNG" and icon.size == (128, 128)
