@@ -180,7 +180,9 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
-            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            # Exactly scalar volumes: the selector hides labelmaps and vector volumes (subclasses).
+            firstVolumeNode = next((node for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+                                    if node.GetClassName() == "vtkMRMLScalarVolumeNode"), None)
             if firstVolumeNode:
                 self._parameterNode.inputVolume = firstVolumeNode
         if _checkpointOf(self._parameterNode) is None:

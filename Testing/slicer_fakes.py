@@ -69,6 +69,8 @@ class FakeImageData:
 
 
 class FakeNode:
+    className = "vtkMRMLNode"
+
     def __init__(self, scene: "FakeScene", name: str) -> None:
         self._scene = scene
         self._id = f"vtkMRMLNode{next(_ids)}"
@@ -81,6 +83,9 @@ class FakeNode:
     def GetName(self) -> str:
         return self._name
 
+    def GetClassName(self) -> str:
+        return self.className
+
     def GetTransformNodeID(self) -> str | None:
         return self.transformNodeId
 
@@ -91,6 +96,8 @@ class FakeNode:
 
 class FakeVolumeNode(FakeNode):
     """A scalar volume: ``arrayKji`` (K, J, I) voxels and a RAS ``ijkToRas`` matrix."""
+
+    className = "vtkMRMLScalarVolumeNode"
 
     def __init__(self, scene: "FakeScene", name: str, arrayKji: np.ndarray, ijkToRas: np.ndarray) -> None:
         super().__init__(scene, name)
@@ -132,6 +139,8 @@ class FakeSegmentation:
 
 
 class FakeSegmentationNode(FakeNode):
+    className = "vtkMRMLSegmentationNode"
+
     def __init__(self, scene: "FakeScene", name: str) -> None:
         super().__init__(scene, name)
         self._segmentation = FakeSegmentation()
@@ -163,9 +172,12 @@ class FakeScene:
     def RemoveNode(self, node: FakeNode) -> None:
         self.nodes.remove(node)
 
-    def addVolume(self, name: str, arrayKji: np.ndarray, ijkToRas: np.ndarray) -> FakeVolumeNode:
-        """Test helper (not a Slicer call): a loaded volume."""
+    def addVolume(self, name: str, arrayKji: np.ndarray, ijkToRas: np.ndarray,
+                  className: str = "vtkMRMLScalarVolumeNode") -> FakeVolumeNode:
+        """Test helper (not a Slicer call): a loaded volume; ``className`` may name a subclass
+        of vtkMRMLScalarVolumeNode (vtkMRMLLabelMapVolumeNode, vtkMRMLVectorVolumeNode)."""
         node = FakeVolumeNode(self, name, arrayKji, ijkToRas)
+        node.className = className
         self.nodes.append(node)
         return node
 
@@ -177,7 +189,8 @@ class FakeVolumesLogic:
 
     def CreateAndAddLabelVolume(self, volumeNode: FakeVolumeNode, name: str) -> FakeVolumeNode:
         """Like Slicer: same geometry and parent transform as ``volumeNode``, zero voxels."""
-        label = self._scene.addVolume(name, np.zeros(volumeNode.arrayKji.shape, np.uint8), volumeNode.ijkToRas)
+        label = self._scene.addVolume(name, np.zeros(volumeNode.arrayKji.shape, np.uint8), volumeNode.ijkToRas,
+                                      "vtkMRMLLabelMapVolumeNode")
         label.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
         return label
 

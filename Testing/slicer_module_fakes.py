@@ -191,8 +191,14 @@ def installFakeSlicerModules(monkeypatch, confirm: bool = True) -> SimpleNamespa
     fake = makeFakeSlicer()
     scene = fake.mrmlScene
     scene.StartCloseEvent, scene.EndCloseEvent = "StartCloseEvent", "EndCloseEvent"
-    scene.GetFirstNodeByClass = lambda className: next(
-        (n for n in scene.nodes if className == "vtkMRMLScalarVolumeNode" and type(n) is FakeVolumeNode), None)
+    volumeClasses = {"vtkMRMLScalarVolumeNode", "vtkMRMLLabelMapVolumeNode", "vtkMRMLVectorVolumeNode"}
+    subclasses = {"vtkMRMLScalarVolumeNode": volumeClasses}  # as MRML's class hierarchy (the part used)
+
+    def getNodesByClass(className: str, scene=None) -> list[FakeNode]:
+        """Like slicer.util.getNodesByClass: nodes of ``className`` or one of its subclasses."""
+        return [n for n in fake.mrmlScene.nodes if n.GetClassName() in subclasses.get(className, {className})]
+
+    scene.GetFirstNodeByClass = lambda className: next(iter(getNodesByClass(className)), None)
     dialogs: list[tuple[str, str]] = []
     uiFile = MODULE_DIR / "Resources" / "UI" / "SAM2UNetSlicer.ui"
 
@@ -212,6 +218,7 @@ def installFakeSlicerModules(monkeypatch, confirm: bool = True) -> SimpleNamespa
     util.infoDisplay = lambda text, **kwargs: dialogs.append(("info", text))
     util.confirmOkCancelDisplay = lambda text, **kwargs: dialogs.append(("confirm", text)) or confirm
     util.VTKObservationMixin = FakeObservationMixin
+    util.getNodesByClass = getNodesByClass
     fake.dialogs = dialogs
     fake.app = SimpleNamespace(processEvents=lambda: None, setOverrideCursor=lambda cursor: None,
                                restoreOverrideCursor=lambda: None)

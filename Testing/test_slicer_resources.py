@@ -25,7 +25,7 @@ LIB_DIR = MODULE_DIR / "SAM2UNetSlicerLib"
 VERIFIED_SLICER_UTIL = {
     "loadUI", "childWidgetVariables", "tryWithErrorDisplay", "errorDisplay", "infoDisplay",
     "confirmOkCancelDisplay", "exportNode", "arrayFromVTKMatrix", "updateVolumeFromArray",
-    "arrayFromVolume", "arrayFromSegmentBinaryLabelmap", "VTKObservationMixin",
+    "arrayFromVolume", "arrayFromSegmentBinaryLabelmap", "VTKObservationMixin", "getNodesByClass",
 }
 
 # Widget classes that Slicer's parameterNodeWrapper connects to each field type

@@ -290,3 +290,14 @@ def test_poll_timer_keeps_running_from_one_pip_step_to_the_next(monkeypatch, che
     panel.probeRunner.finish(0)
     panel.widget._poll()
     assert panel.logicRunner.isRunning() and panel.widget._timer.active
+
+
+def test_default_input_is_a_plain_scalar_volume_never_a_labelmap_or_vector_volume(panel: Panel) -> None:
+    """The selector lists exactly vtkMRMLScalarVolumeNode (showChildNodeTypes false), so the
+    default input must not be a labelmap or vector volume, which are its subclasses in MRML."""
+    scene = panel.slicer.mrmlScene
+    scene.addVolume("labels", np.zeros(SHAPE_KJI, np.uint8), obliqueIjkToRas(), "vtkMRMLLabelMapVolumeNode")
+    scene.addVolume("photo", np.zeros(SHAPE_KJI, np.uint8), obliqueIjkToRas(), "vtkMRMLVectorVolumeNode")
+    ct = panel.addVolume("CT")
+    panel.widget.initializeParameterNode()
+    assert panel.parameters.inputVolume is ct
