@@ -39,6 +39,7 @@ from ..io.volume import Volume
 from ..io.writers import (
     LABEL_FORMATS,
     atomic_write,
+    dicom_seg_sources,
     output_suffix,
     remove_partials,
     write_labels,
@@ -422,6 +423,8 @@ class CaseRunner:
         if paths[0].name.endswith(".dcm") and not volume.is_dicom:
             raise ValueError(f"{case.path}: --format dcm (DICOM SEG) needs DICOM input; "
                              "use --format nii.gz or seg.nrrd")
+        if paths[0].name.endswith(".dcm"):
+            dicom_seg_sources(volume)  # refuses unusable sources before the model runs
 
     def _write(self, result: Volume | tuple[Volume, Volume], paths: list[Path]) -> float:
         """Write labels (and probabilities); returns the seconds it took."""

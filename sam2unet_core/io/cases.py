@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .dicom import looks_like_dicom
 from .readers import split_suffix
 
 __all__ = ["Case", "find_cases", "case_name", "select_part"]
@@ -51,21 +52,10 @@ def _channel(path: Path) -> int | None:
     return int(match.group("channel")) if match else None
 
 
-def _is_dicom_file(path: Path) -> bool:
-    """DICOM files carry ``DICM`` after a 128-byte preamble (or end in .dcm)."""
-    if path.suffix.lower() == ".dcm":
-        return True
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
-
-
 def _holds_dicom(folder: Path) -> bool:
     for root, dirs, names in os.walk(folder):
         dirs.sort()
-        if any(_is_dicom_file(Path(root) / name) for name in sorted(names)):
+        if any(looks_like_dicom(Path(root) / name) for name in sorted(names)):
             return True
     return False
 
@@ -85,7 +75,7 @@ def find_cases(input_path: Path) -> list[Case]:
     entries = sorted(p for p in input_path.iterdir() if _visible(p))
     images = [p for p in entries if p.is_file() and split_suffix(p)[1] not in ("", ".seg.nrrd", ".dcm")]
     folders = [p for p in entries if p.is_dir() and _holds_dicom(p)]
-    loose_dicom = [p for p in entries if p.is_file() and _is_dicom_file(p)]
+    loose_dicom = [p for p in entries if p.is_file() and looks_like_dicom(p)]
     if not images and not folders and loose_dicom:
         return [Case(input_path.name, input_path)]
     skipped_channels = [p.name for p in images if (_channel(p) or 0) > 0]

@@ -24,7 +24,7 @@ from .volume import Volume, check_fits_in_memory
 
 __all__ = [
     "DicomSeries", "SliceHeader", "list_dicom_series", "select_dicom_series", "read_dicom_series",
-    "read_dicom_file",
+    "read_dicom_file", "looks_like_dicom",
 ]
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,10 @@ _HEADER_TAGS = [
 ORIENTATION_TOLERANCE = 1e-4  # max difference between direction cosines of one series
 SPACING_TOLERANCE = 0.01  # max relative deviation of slice gaps from their median
 MAX_TILT_DEGREES = 0.05  # max angle between the slice normal and the slice-to-slice step
+NON_IMAGE_SOP_CLASSES = {  # objects with Rows/Columns that are not images to segment
+    "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation Storage (DICOM SEG)
+    "1.2.840.10008.5.1.4.1.1.66.7",  # Label Map Segmentation Storage
+}
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,18 @@ class DicomSeries:
             f"{self.uid} (#{self.number}, {self.modality}, '{self.description}', "
             f"{len(self.files)} files)"
         )
+
+
+def looks_like_dicom(path: Path) -> bool:
+    """True for files ending in ``.dcm`` or carrying ``DICM`` after the 128-byte preamble
+    (scanner exports often have no file ending at all)."""
+    if path.suffix.lower() == ".dcm":
+        return True
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
 
 
 def _numbers(ds: pydicom.Dataset, keyword: str, count: int) -> tuple[float, ...] | None:
@@ -118,6 +134,8 @@ def _read_header(path: Path) -> SliceHeader | None:
     except Exception as err:  # noqa: BLE001 - corrupt bytes make pydicom raise anything
         raise ValueError(f"{path}: corrupt DICOM file ({type(err).__name__}: {err})") from err
     if "SeriesInstanceUID" not in ds or "Rows" not in ds:
+        return None
+    if str(ds.get("SOPClassUID", "")) in NON_IMAGE_SOP_CLASSES:
         return None
     try:
         return _parse_header(ds)
@@ -249,27 +267,60 @@ def read_dicom_series(folder: Path, series_uid: str | None = None) -> Volume:
     return volume
 
 
+def _describe(path: Path) -> str:
+    """What a DICOM file that is no image to segment holds, for error messages."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=[
+            "SOPClassUID", "Modality", "SeriesInstanceUID", "Rows"])
+    except Exception:  # noqa: BLE001 - only a description; the caller raises anyway
+        return "no readable DICOM header"
+    if "Rows" in ds and "SeriesInstanceUID" not in ds:
+        return "an image without the SeriesInstanceUID that places it in a series"
+    sop_class = ds.get("SOPClassUID") or ds.get("file_meta", {}).get("MediaStorageSOPClassUID")
+    if sop_class:
+        sop = pydicom.uid.UID(str(sop_class))
+        return f"a {sop.name} object, modality {ds.get('Modality') or 'unknown'}"
+    return "no SOPClassUID and no image size (Rows)"
+
+
 def read_dicom_file(path: Path) -> Volume:
     """Read one DICOM file (a single slice or a multi-frame image) as a Volume."""
     path = Path(path)
     header = _read_header(path)
     if header is None:
-        raise ValueError(f"{path}: not a DICOM image file")
+        raise ValueError(f"{path}: not a DICOM image to segment ({_describe(path)})")
     series = DicomSeries(header.uid, header.description, header.modality, header.number,
                          files=[path], headers=[header])
     return _read_series(series, path)
+
+
+def _transfer_syntax(path: Path) -> str:
+    """The name of the file's transfer syntax (how its pixels are encoded), for messages."""
+    try:
+        meta = pydicom.dcmread(path, stop_before_pixels=True, force=True).file_meta
+        return str(pydicom.uid.UID(str(meta.TransferSyntaxUID)).name)
+    except Exception:  # noqa: BLE001 - only a description; the caller raises anyway
+        return "(unknown transfer syntax)"
 
 
 def _read_series(series: DicomSeries, where: Path) -> Volume:
     files, gap = _sorted_slices(series, where)
     first = series.headers[0]
     check_fits_in_memory(where, (len(files) * first.frames, first.rows, first.columns), 4)
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames([str(f) for f in files])
+    if first.frames > 1:  # one multi-frame file: the series reader would stack it as 4D
+        reader: sitk.ImageReaderBase = sitk.ImageFileReader()
+        reader.SetFileName(str(files[0]))
+    else:
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames([str(f) for f in files])
     try:
         image = reader.Execute()
     except RuntimeError as err:
-        raise ValueError(f"{where}: could not decode series {series.uid}: {err}") from err
+        cause = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown error"
+        raise ValueError(
+            f"{where}: could not decode the {_transfer_syntax(files[0])} pixel data of series "
+            f"{series.uid} with GDCM ({cause})"
+        ) from err
     volume = volume_from_sitk(image, source=where)
     if gap is not None and not np.isclose(volume.spacing_ijk[2], gap, rtol=SPACING_TOLERANCE):
         logger.warning("%s: slice spacing %.4f mm from positions replaces %.4f mm",

@@ -8,7 +8,8 @@ input                       reader
 ``.mha``, ``.mhd``          SimpleITK
 ``.png``, ``.jpg``/``.jpeg`` Pillow; grey -> ``(1, H, W)``, colour -> ``(1, H, W, 3)``
 a folder                    DICOM series (:mod:`sam2unet_core.io.dicom`)
-``.dcm``                    one DICOM file (a slice or a multi-frame image)
+``.dcm``                    one DICOM file (a slice or a multi-frame image), as is any
+                            file with another ending that carries ``DICM`` at byte 128
 ==========================  =========================================================
 
 Every reader raises ``ValueError`` naming the file and the cause when it cannot read it:
@@ -31,7 +32,7 @@ import SimpleITK as sitk
 from PIL import Image, UnidentifiedImageError
 
 from .convert import volume_from_nifti, volume_from_sitk
-from .dicom import read_dicom_file, read_dicom_series
+from .dicom import looks_like_dicom, read_dicom_file, read_dicom_series
 from .volume import Volume, check_fits_in_memory
 
 __all__ = ["read_volume", "VolumeReader", "READERS", "IMAGE_SUFFIXES", "split_suffix"]
@@ -58,6 +59,11 @@ def _read_nifti(path: Path, volume_index: int | None = None) -> Volume:
         image = nib.load(path)
     except Exception as err:  # noqa: BLE001 - nibabel's header checks raise many kinds
         raise ValueError(f"{path}: not a readable NIfTI file ({err})") from err
+    if not isinstance(image, nib.Nifti1Image):  # Nifti2Image is a Nifti1Image too
+        raise ValueError(  # CIFTI-2 (.dconn/.dtseries.nii...): surface/grayordinate matrices
+            f"{path}: a {type(image).__name__} file, not a NIfTI image volume; "
+            "expected a 3D (or 4D) NIfTI-1/NIfTI-2 image"
+        )
     slope, inter = image.header.get_slope_inter()
     scaled = slope not in (None, 1.0) or inter not in (None, 0.0)
     itemsize = 8 if scaled else image.get_data_dtype().itemsize  # scaling gives float64
@@ -111,6 +117,16 @@ READERS: dict[str, Callable[[Path], Volume]] = {
     ".dcm": read_dicom_file,
 }
 IMAGE_SUFFIXES = tuple(READERS)
+_CONVERT = "; convert it to NIfTI first (e.g. with nibabel, or Slicer's Save)"
+UNSUPPORTED_HINTS = {  # medical formats users try, with what to do about them
+    ".hdr": f" (Analyze 7.5 / NIfTI pair: its orientation is ambiguous){_CONVERT}",
+    ".img": f" (Analyze 7.5 / NIfTI pair: its orientation is ambiguous){_CONVERT}",
+    ".mgz": f" (FreeSurfer MGH){_CONVERT} or mri_convert",
+    ".mgh": f" (FreeSurfer MGH){_CONVERT} or mri_convert",
+    ".mnc": f" (MINC){_CONVERT}",
+    ".par": f" (Philips PAR/REC){_CONVERT} or dcm2niix",
+    ".rec": f" (Philips PAR/REC){_CONVERT} or dcm2niix",
+}
 
 
 def split_suffix(path: Path) -> tuple[str, str]:
@@ -146,12 +162,16 @@ def read_volume(
         reader: Callable[[Path], Volume] = lambda folder: read_dicom_series(folder, series_uid)
     else:
         _, suffix = split_suffix(path)
-        if suffix not in READERS:
+        if suffix in READERS:
+            reader = READERS[suffix]
+        elif looks_like_dicom(path):  # DICOM exports often have no file ending
+            reader = read_dicom_file
+        else:
+            hint = UNSUPPORTED_HINTS.get(path.suffix.lower(), "")
             raise ValueError(
-                f"{path}: unsupported file type; expected one of {', '.join(IMAGE_SUFFIXES)} "
-                "or a folder of DICOM files"
+                f"{path}: unsupported file type{hint}; expected one of "
+                f"{', '.join(IMAGE_SUFFIXES)} or a folder of DICOM files"
             )
-        reader = READERS[suffix]
         if reader is _read_nifti and volume_index is not None:
             reader = partial(_read_nifti, volume_index=volume_index)
     if path.is_file() and path.stat().st_size == 0:

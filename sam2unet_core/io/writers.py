@@ -20,7 +20,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -36,6 +36,7 @@ __all__ = [
     "write_probabilities",
     "LABEL_FORMATS",
     "output_suffix",
+    "dicom_seg_sources",
 ]
 
 logger = logging.getLogger(__name__)
@@ -167,17 +168,44 @@ def _write_png(volume: Volume, path: Path, labels: Sequence[LabelInfo]) -> None:
     Image.fromarray(array).save(path)
 
 
-def _write_dicom_seg(volume: Volume, path: Path, labels: Sequence[LabelInfo]) -> None:
-    import highdicom as hd
-    import pydicom
-    from pydicom.sr.codedict import codes
+def dicom_seg_sources(volume: Volume) -> list[Any]:
+    """The source image headers (pydicom datasets) a DICOM SEG of ``volume`` references, in k order.
 
+    Raises ``ValueError`` naming the file when the input cannot be the source of a DICOM
+    SEG (callers check this before predicting): not DICOM, no FrameOfReferenceUID (SEG
+    places its frames in that frame of reference), or a legacy multi-frame image such as
+    RT Dose or US cine (highdicom needs enhanced multi-frame geometry or single slices).
+    """
+    import pydicom
+
+    advice = "use --format nii.gz or seg.nrrd"
     if not volume.dicom_files:
         raise ValueError(
-            f"{path}: DICOM SEG needs a DICOM input (it references the source slices); "
-            f"{volume.source} is not DICOM. Use --format nii.gz or seg.nrrd."
+            f"{volume.source}: DICOM SEG needs a DICOM input (it references the source "
+            f"slices) and this is not DICOM; {advice}"
         )
     sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in volume.dicom_files]
+    for file, source in zip(volume.dicom_files, sources):
+        if not source.get("FrameOfReferenceUID"):
+            raise ValueError(
+                f"{file}: DICOM SEG needs the source's FrameOfReferenceUID, which this file "
+                f"lacks; {advice}"
+            )
+        frames = int(source.get("NumberOfFrames", 1) or 1)
+        if frames > 1 and "SharedFunctionalGroupsSequence" not in source:
+            raise ValueError(
+                f"{file}: a legacy multi-frame {source.get('Modality', '')} image ({frames} "
+                f"frames without per-frame functional groups) cannot be the source of a "
+                f"DICOM SEG; {advice}"
+            )
+    return sources
+
+
+def _write_dicom_seg(volume: Volume, path: Path, labels: Sequence[LabelInfo]) -> None:
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    sources = dicom_seg_sources(volume)
     for source in sources:  # anonymised files often drop these type 2 (may be empty) fields
         for keyword in _TYPE2_PATIENT_STUDY:
             if keyword not in source:

@@ -1,0 +1,165 @@
+"""Real files nobody on the team made (shipped inside nibabel and pydicom): each test pins
+a bug found by running ``sam2unet-predict`` on them.
+
+* a multi-frame RT Dose (one file, 15 frames) was read by GDCM's series reader as a 4D
+  image and refused; it is a 3D volume with its own geometry;
+* a DICOM SEG object was segmented as if it were an image; SEG, SR, RT objects are refused
+  naming what they are;
+* a CIFTI-2 ``.dconn.nii`` failed with an AttributeError from nibabel's internals;
+* DICOM SEG output from sources it cannot reference (no FrameOfReferenceUID, legacy
+  multi-frame) failed inside highdicom after the model ran, with its internal message;
+* a pixel-data decode failure did not say which encoding failed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from pydicom.data import get_testdata_file
+
+from sam2unet_core import SAM2UNet, save_model
+from sam2unet_core.cli.predict import main
+from sam2unet_core.io import read_volume
+from sam2unet_core.io.writers import dicom_seg_sources
+from sam2unet_core.metadata import Architecture, ModelMetadata
+
+NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
+
+
+def packaged_dicom(name: str) -> Path:
+    """A pydicom test file; the test is skipped only when this pydicom lacks it."""
+    path = get_testdata_file(name)
+    if path is None:
+        pytest.skip(f"pydicom's test data has no {name}")
+    return Path(path)
+
+
+def packaged_nifti(name: str) -> Path:
+    path = NIBABEL_DATA / name
+    if not path.exists():
+        pytest.skip(f"nibabel's test data has no {name}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    meta = ModelMetadata(
+        architecture=Architecture("hiera_t", num_classes=3, in_channels=1), input_size=32,
+        intensity={"kind": "percentile", "lower": 0.5, "upper": 99.5}, mean=[], std=[],
+    )
+    model = SAM2UNet("hiera_t", num_classes=3, in_channels=1)
+    return save_model(model, tmp_path_factory.mktemp("model") / "tiny.safetensors", meta)
+
+
+def predict(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, list[dict]]:
+    code = main(argv + ["--device", "cpu", "--progress", "jsonl"])
+    return code, [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+@pytest.mark.parametrize("name", ["rtdose.dcm", "rtdose_rle.dcm", "rtdose_expb.dcm"])
+def test_multiframe_rt_dose_is_one_3d_volume_with_its_geometry(name: str) -> None:
+    path = packaged_dicom(name)
+    volume = read_volume(path)
+    reference = sitk.ReadImage(str(path))  # GDCM's own reading of the one file
+    assert volume.array_kji.shape == (15, 10, 10)
+    np.testing.assert_allclose(volume.spacing_ijk, reference.GetSpacing())  # 5 mm frames
+    np.testing.assert_allclose(volume.origin_lps, reference.GetOrigin())
+    np.testing.assert_allclose(volume.direction_lps.ravel(), reference.GetDirection())
+    np.testing.assert_array_equal(volume.array_kji, sitk.GetArrayFromImage(reference))
+
+
+def test_multiframe_predicts_with_input_geometry_and_refuses_dicom_seg_before_the_model(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    source = packaged_dicom("rtdose.dcm")
+    reference = sitk.ReadImage(str(source))
+    code, _ = predict(["-i", str(source), "-o", str(tmp_path / "nii"), "-m", str(checkpoint),
+                       "--axis", "coronal"], capsys)
+    assert code == 0
+    output = tmp_path / "nii" / "rtdose.nii.gz"
+    image = sitk.ReadImage(str(output))
+    assert image.GetSize() == reference.GetSize()
+    np.testing.assert_allclose(image.GetSpacing(), reference.GetSpacing(), atol=1e-5)
+    np.testing.assert_allclose(image.GetOrigin(), reference.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(image.GetDirection(), reference.GetDirection(), atol=1e-6)
+    affine_lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ nib.load(output).affine
+    np.testing.assert_allclose(affine_lps[:3, 3], reference.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(affine_lps[:3, :3], axis=0),
+                               reference.GetSpacing(), atol=1e-5)
+
+    code, events = predict(["-i", str(source), "-o", str(tmp_path / "seg"), "-m",
+                            str(checkpoint), "--format", "dcm"], capsys)
+    error = next(e for e in events if e["event"] == "case_error")
+    assert code == 1 and str(source) in error["error"]
+    assert "legacy multi-frame" in error["error"] and "--format nii.gz" in error["error"]
+    assert not any(e["event"] == "case_start" for e in events)  # refused before the model
+    assert [p.name for p in (tmp_path / "seg").iterdir()] == ["predict_summary.json"]
+
+
+def test_dicom_seg_output_needs_a_frame_of_reference() -> None:
+    path = packaged_dicom("693_J2KI.dcm")  # a JPEG 2000 CT slice without one
+    with pytest.raises(ValueError, match="FrameOfReferenceUID") as caught:
+        dicom_seg_sources(read_volume(path))
+    assert str(path) in str(caught.value)
+    assert len(dicom_seg_sources(read_volume(packaged_dicom("CT_small.dcm")))) == 1
+
+
+@pytest.mark.parametrize("name, what", [
+    ("liver_1frame.dcm", "Segmentation Storage"),
+    ("rtstruct.dcm", "RT Structure Set Storage"),
+    ("reportsi.dcm", "Basic Text SR Storage"),
+    ("JPEGLSNearLossless_08.dcm", "without the SeriesInstanceUID"),
+])
+def test_non_image_dicom_objects_are_refused_naming_what_they_are(name: str, what: str) -> None:
+    path = packaged_dicom(name)
+    with pytest.raises(ValueError, match="not a DICOM image to segment") as caught:
+        read_volume(path)
+    assert str(path) in str(caught.value) and what in str(caught.value)
+
+
+def test_dicom_seg_files_in_a_series_folder_are_not_a_series(tmp_path: Path) -> None:
+    (tmp_path / "seg.dcm").write_bytes(packaged_dicom("liver_1frame.dcm").read_bytes())
+    with pytest.raises(ValueError, match="no DICOM image files found"):
+        read_volume(tmp_path)
+
+
+def test_undecodable_pixel_data_names_the_file_and_its_encoding() -> None:
+    path = packaged_dicom("JPEG2000-embedded-sequence-delimiter.dcm")
+    with pytest.raises(ValueError, match="could not decode the JPEG 2000") as caught:
+        read_volume(path)
+    assert str(path) in str(caught.value)
+
+
+def test_cifti2_file_is_refused_as_not_a_volume() -> None:
+    path = packaged_nifti("row_major.dconn.nii")
+    with pytest.raises(ValueError, match="Cifti2Image file, not a NIfTI image volume") as caught:
+        read_volume(path)
+    assert str(path) in str(caught.value)
+
+
+def test_dicom_file_without_an_ending_is_read_as_dicom() -> None:
+    path = packaged_dicom("CT_small.dcm").parent / "dicomdirtests" / "98892001" / "CT5N" / "2062"
+    if not path.exists():
+        pytest.skip("pydicom's test data has no dicomdirtests/98892001/CT5N/2062")
+    volume = read_volume(path)  # a scanner export: DICM preamble, no ".dcm"
+    reference = sitk.ReadImage(str(path))
+    assert volume.shape_kji == (1, 16, 16) and volume.is_dicom
+    np.testing.assert_allclose(volume.origin_lps, reference.GetOrigin())
+    np.testing.assert_allclose(volume.spacing_ijk[:2], reference.GetSpacing()[:2])
+
+
+@pytest.mark.parametrize("name, hint", [
+    ("analyze.hdr", "Analyze 7.5"), ("test.mgz", "FreeSurfer MGH"), ("tiny.mnc", "MINC"),
+    ("T1.PAR", "Philips PAR/REC"),
+])
+def test_unsupported_formats_say_what_they_are_and_what_to_do(name: str, hint: str) -> None:
+    path = packaged_nifti(name)
+    with pytest.raises(ValueError, match="unsupported file type") as caught:
+        read_volume(path)
+    assert str(path) in str(caught.value) and hint in str(caught.value)
+    assert "convert it to NIfTI" in str(caught.value)
