@@ -8,16 +8,24 @@ a bug found by running ``sam2unet-predict`` on them.
 * a CIFTI-2 ``.dconn.nii`` failed with an AttributeError from nibabel's internals;
 * DICOM SEG output from sources it cannot reference (no FrameOfReferenceUID, legacy
   multi-frame) failed inside highdicom after the model ran, with its internal message;
-* a pixel-data decode failure did not say which encoding failed.
+* a pixel-data decode failure did not say which encoding failed;
+* Siemens MOSAIC slices (nibabel's DICOM test data) were segmented as one 2D image placed
+  at the mosaic's position; they are refused with what to do;
+* DICOM SEG output failed inside highdicom on a real export's ``PatientSex "N/A"`` and
+  malformed dates;
+* loose DICOM files and Analyze/MGH/PAR files in a batch folder were skipped silently.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import SimpleITK as sitk
 from pydicom.data import get_testdata_file
@@ -25,8 +33,9 @@ from pydicom.data import get_testdata_file
 from sam2unet_core import SAM2UNet, save_model
 from sam2unet_core.cli.predict import main
 from sam2unet_core.io import read_volume
-from sam2unet_core.io.writers import dicom_seg_sources
-from sam2unet_core.metadata import Architecture, ModelMetadata
+from sam2unet_core.io.cases import find_cases
+from sam2unet_core.io.writers import dicom_seg_sources, write_labels
+from sam2unet_core.metadata import Architecture, ModelMetadata, default_labels
 
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 
@@ -40,7 +49,10 @@ def packaged_dicom(name: str) -> Path:
 
 
 def packaged_nifti(name: str) -> Path:
+    """A file of nibabel's test data (``name`` may hold a sub-folder of the package)."""
     path = NIBABEL_DATA / name
+    if not path.exists():
+        path = Path(nib.__file__).parent / name
     if not path.exists():
         pytest.skip(f"nibabel's test data has no {name}")
     return path
@@ -163,3 +175,35 @@ def test_unsupported_formats_say_what_they_are_and_what_to_do(name: str, hint: s
         read_volume(path)
     assert str(path) in str(caught.value) and hint in str(caught.value)
     assert "convert it to NIfTI" in str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["0.dcm", "nicom/tests/data/csa_slice_norm.dcm"])
+def test_siemens_mosaic_is_refused_with_what_to_do(name: str) -> None:
+    path = packaged_nifti(name)
+    with pytest.raises(ValueError, match="Siemens MOSAIC") as caught:
+        read_volume(path)
+    assert str(path) in str(caught.value) and "dcm2niix" in str(caught.value)
+
+
+def test_dicom_seg_of_a_real_export_with_malformed_patient_fields(tmp_path: Path) -> None:
+    source = packaged_nifti("nicom/tests/data/slicethickness_empty_string.dcm")
+    header = pydicom.dcmread(source, stop_before_pixels=True)
+    assert header.PatientSex == "N/A"  # what highdicom refused
+    volume = read_volume(source)
+    labels = volume.with_array(np.ones(volume.shape_kji, np.uint8))
+    seg = pydicom.dcmread(write_labels(labels, tmp_path / "seg.dcm", default_labels(2)))
+    assert seg.PatientSex == "" and seg.PatientID == header.PatientID
+    assert seg.StudyInstanceUID == header.StudyInstanceUID and seg.NumberOfFrames == 1
+
+
+def test_batch_folder_warns_about_files_it_leaves_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for name in ("anatomical.nii", "test.mgz", "analyze.hdr"):
+        shutil.copy(packaged_nifti(name), tmp_path / name)
+    shutil.copy(packaged_dicom("CT_small.dcm"), tmp_path / "CT_small.dcm")
+    with caplog.at_level(logging.WARNING, logger="sam2unet_core.io.cases"):
+        cases = find_cases(tmp_path)
+    assert [case.name for case in cases] == ["anatomical"]
+    assert "ignoring 1 DICOM files" in caplog.text and "CT_small.dcm" in caplog.text
+    assert "ignoring 2 files of unsupported formats (analyze.hdr, test.mgz)" in caplog.text

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .dicom import looks_like_dicom
-from .readers import split_suffix
+from .readers import UNSUPPORTED_HINTS, split_suffix
 
 __all__ = ["Case", "find_cases", "case_name", "select_part"]
 
@@ -60,6 +60,11 @@ def _holds_dicom(folder: Path) -> bool:
     return False
 
 
+def _first_names(paths: list[Path], count: int = 5) -> str:
+    names = ", ".join(p.name for p in paths[:count])
+    return names + (", ..." if len(paths) > count else "")
+
+
 def _visible(path: Path) -> bool:
     return not path.name.startswith(".")
 
@@ -78,6 +83,16 @@ def find_cases(input_path: Path) -> list[Case]:
     loose_dicom = [p for p in entries if p.is_file() and looks_like_dicom(p)]
     if not images and not folders and loose_dicom:
         return [Case(input_path.name, input_path)]
+    if loose_dicom:
+        logger.warning(
+            "%s: ignoring %d DICOM files lying next to other cases (%s); give each series "
+            "its own sub-folder, or pass the file or its folder with -i",
+            input_path, len(loose_dicom), _first_names(loose_dicom),
+        )
+    unsupported = [p for p in entries if p.is_file() and p.suffix.lower() in UNSUPPORTED_HINTS]
+    if unsupported:
+        logger.warning("%s: ignoring %d files of unsupported formats (%s); convert them to NIfTI",
+                       input_path, len(unsupported), _first_names(unsupported))
     skipped_channels = [p.name for p in images if (_channel(p) or 0) > 0]
     if skipped_channels:
         logger.warning(

@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 _HEADER_TAGS = [
     "SeriesInstanceUID", "SeriesDescription", "SeriesNumber", "Modality", "Rows", "Columns",
     "ImagePositionPatient", "ImageOrientationPatient", "NumberOfFrames", "SOPClassUID",
+    "ImageType",
 ]
 ORIENTATION_TOLERANCE = 1e-4  # max difference between direction cosines of one series
 SPACING_TOLERANCE = 0.01  # max relative deviation of slice gaps from their median
@@ -59,6 +60,7 @@ class SliceHeader:
     frames: int
     orientation: tuple[float, ...] | None
     position: tuple[float, ...] | None
+    mosaic: bool = False  # Siemens MOSAIC: many slices tiled into one image
 
 
 @dataclass
@@ -114,6 +116,7 @@ def _parse_header(ds: pydicom.Dataset) -> SliceHeader:
         frames=int(ds.get("NumberOfFrames", 1) or 1),
         orientation=_numbers(ds, "ImageOrientationPatient", 6),
         position=_numbers(ds, "ImagePositionPatient", 3),
+        mosaic="MOSAIC" in str(ds.get("ImageType", "")).upper(),  # one value or a list
     )
     if min(header.rows, header.columns, header.frames) < 1:
         raise ValueError(f"image size {header.rows} x {header.columns} x {header.frames} frames")
@@ -205,6 +208,11 @@ def _sorted_slices(series: DicomSeries, folder: Path) -> tuple[list[Path], float
     """
     headers = series.headers
     where = f"{folder}, series {series.uid}"
+    if any(h.mosaic for h in headers):
+        raise ValueError(
+            f"{where}: Siemens MOSAIC images (the slices of a volume tiled into one image, "
+            "whose position is not theirs); convert the series to NIfTI with dcm2niix first"
+        )
     if max(h.frames for h in headers) > 1:
         if len(headers) == 1:
             return list(series.files), None  # one multi-frame file: GDCM reads its geometry

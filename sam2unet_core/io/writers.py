@@ -168,6 +168,29 @@ def _write_png(volume: Volume, path: Path, labels: Sequence[LabelInfo]) -> None:
     Image.fromarray(array).save(path)
 
 
+def _valid_type2(source: Any, keyword: str) -> bool:
+    """False for a value highdicom refuses to copy into the SEG: a DA/TM that pydicom cannot
+    parse (``PatientBirthDate`` ``"1900/0/0"``) or a PatientSex other than M, F, O (``"N/A"``),
+    both seen in real exports. Such a value of a type 2 field is left empty, as anonymisers do."""
+    from pydicom.datadict import dictionary_VR
+    from pydicom.valuerep import DA, TM
+
+    value = source.get(keyword)
+    if not value:
+        return True
+    vr = dictionary_VR(keyword)
+    try:
+        if keyword == "PatientSex" and str(value) not in ("M", "F", "O"):
+            raise ValueError("expected M, F or O")
+        if vr in ("DA", "TM"):
+            {"DA": DA, "TM": TM}[vr](str(value))
+    except ValueError:
+        logger.warning("%s: %s %r is not a valid DICOM %s; the SEG leaves it empty",
+                       source.filename, keyword, str(value), vr)
+        return False
+    return True
+
+
 def dicom_seg_sources(volume: Volume) -> list[Any]:
     """The source image headers (pydicom datasets) a DICOM SEG of ``volume`` references, in k order.
 
@@ -208,7 +231,7 @@ def _write_dicom_seg(volume: Volume, path: Path, labels: Sequence[LabelInfo]) ->
     sources = dicom_seg_sources(volume)
     for source in sources:  # anonymised files often drop these type 2 (may be empty) fields
         for keyword in _TYPE2_PATIENT_STUDY:
-            if keyword not in source:
+            if keyword not in source or not _valid_type2(source, keyword):
                 setattr(source, keyword, "")
     algorithm = hd.AlgorithmIdentificationSequence(
         name="SAM2-UNet", family=codes.cid7162.ArtificialIntelligence, version="1"
