@@ -207,3 +207,39 @@ def test_batch_folder_warns_about_files_it_leaves_out(
     assert [case.name for case in cases] == ["anatomical"]
     assert "ignoring 1 DICOM files" in caplog.text and "CT_small.dcm" in caplog.text
     assert "ignoring 2 files of unsupported formats (analyze.hdr, test.mgz)" in caplog.text
+
+
+def test_wide_colour_rle_is_refused_and_8_bit_colour_rle_matches_pydicom() -> None:
+    wide = packaged_dicom("SC_rgb_rle_16bit.dcm")  # GDCM decodes its first pixel as
+    with pytest.raises(ValueError, match="16- or 32-bit samples") as caught:  # not red
+        read_volume(wide)
+    assert str(wide) in str(caught.value)
+    narrow = packaged_dicom("SC_rgb_rle.dcm")
+    expected = pydicom.dcmread(narrow).pixel_array  # pydicom's own RLE decoder
+    np.testing.assert_array_equal(read_volume(narrow).array_kji[0], expected)
+
+
+@pytest.mark.parametrize("name, fmt", [("reoriented_anat_moved.nii", "seg.nrrd"),
+                                       ("anatomical.nii", "nii.gz")])
+def test_labels_land_on_the_voxels_they_were_predicted_for(
+    name: str, fmt: str, tmp_path: Path
+) -> None:
+    """A "model" that thresholds intensity, run across sagittal slices: read back by
+    SimpleITK, the labels must match the threshold of SimpleITK's own reading of the input
+    voxel for voxel (a flip or transpose anywhere would break that)."""
+    from sam2unet_core.inference.engine import Predictor
+
+    path = packaged_nifti(name)
+    meta = ModelMetadata(
+        architecture=Architecture("hiera_t", num_classes=1, in_channels=1), input_size=128,
+        intensity={"kind": "percentile", "lower": 0.5, "upper": 99.5}, mean=[], std=[],
+    )
+    predictor = Predictor(metadata=meta, predict_fn=lambda x: (x[:, :1] - 0.5) * 40,
+                          device="cpu", mixed_precision=False)
+    volume = read_volume(path)
+    low, high = np.percentile(volume.array_kji, [0.5, 99.5])
+    output = write_labels(predictor.predict(volume, axis="sagittal"), tmp_path / f"l.{fmt}")
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(str(path))) > (low + high) / 2
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(output))) > 0
+    assert 0.2 < expected.mean() < 0.8
+    assert (labels == expected).mean() > 0.98

@@ -32,11 +32,12 @@ logger = logging.getLogger(__name__)
 _HEADER_TAGS = [
     "SeriesInstanceUID", "SeriesDescription", "SeriesNumber", "Modality", "Rows", "Columns",
     "ImagePositionPatient", "ImageOrientationPatient", "NumberOfFrames", "SOPClassUID",
-    "ImageType",
+    "ImageType", "SamplesPerPixel", "BitsAllocated",
 ]
 ORIENTATION_TOLERANCE = 1e-4  # max difference between direction cosines of one series
 SPACING_TOLERANCE = 0.01  # max relative deviation of slice gaps from their median
 MAX_TILT_DEGREES = 0.05  # max angle between the slice normal and the slice-to-slice step
+RLE_LOSSLESS = "1.2.840.10008.1.2.5"
 NON_IMAGE_SOP_CLASSES = {  # objects with Rows/Columns that are not images to segment
     "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation Storage (DICOM SEG)
     "1.2.840.10008.5.1.4.1.1.66.7",  # Label Map Segmentation Storage
@@ -61,6 +62,7 @@ class SliceHeader:
     orientation: tuple[float, ...] | None
     position: tuple[float, ...] | None
     mosaic: bool = False  # Siemens MOSAIC: many slices tiled into one image
+    wide_colour_rle: bool = False  # RLE colour with 16/32-bit samples (GDCM decodes it wrongly)
 
 
 @dataclass
@@ -117,6 +119,11 @@ def _parse_header(ds: pydicom.Dataset) -> SliceHeader:
         orientation=_numbers(ds, "ImageOrientationPatient", 6),
         position=_numbers(ds, "ImagePositionPatient", 3),
         mosaic="MOSAIC" in str(ds.get("ImageType", "")).upper(),  # one value or a list
+        wide_colour_rle=(
+            str(ds.get("file_meta", {}).get("TransferSyntaxUID", "")) == RLE_LOSSLESS
+            and int(ds.get("SamplesPerPixel", 1) or 1) > 1
+            and int(ds.get("BitsAllocated", 8) or 8) > 8
+        ),
     )
     if min(header.rows, header.columns, header.frames) < 1:
         raise ValueError(f"image size {header.rows} x {header.columns} x {header.frames} frames")
@@ -208,6 +215,11 @@ def _sorted_slices(series: DicomSeries, folder: Path) -> tuple[list[Path], float
     """
     headers = series.headers
     where = f"{folder}, series {series.uid}"
+    if any(h.wide_colour_rle for h in headers):
+        raise ValueError(
+            f"{where}: RLE-compressed colour with 16- or 32-bit samples, which GDCM decodes "
+            "into wrong colours; decompress it first (gdcmconv --raw, or dcmdrle)"
+        )
     if any(h.mosaic for h in headers):
         raise ValueError(
             f"{where}: Siemens MOSAIC images (the slices of a volume tiled into one image, "
