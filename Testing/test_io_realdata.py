@@ -243,3 +243,15 @@ def test_labels_land_on_the_voxels_they_were_predicted_for(
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(output))) > 0
     assert 0.2 < expected.mean() < 0.8
     assert (labels == expected).mean() > 0.98
+
+
+def test_axis_on_a_single_slice_is_reported_not_silently_dropped(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    source = packaged_dicom("MR_small.dcm")
+    with caplog.at_level(logging.WARNING, logger="sam2unet_core.cli.predict"):
+        code, _ = predict(["-i", str(source), "-o", str(tmp_path), "-m", str(checkpoint),
+                           "--axis", "sagittal"], capsys)
+    assert code == 0 and "a single slice; --axis sagittal does not apply" in caplog.text
+    assert sitk.ReadImage(str(tmp_path / "MR_small.nii.gz")).GetSize() == (64, 64, 1)
