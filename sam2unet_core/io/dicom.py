@@ -299,7 +299,8 @@ def _describe(path: Path) -> str:
     sop_class = ds.get("SOPClassUID") or ds.get("file_meta", {}).get("MediaStorageSOPClassUID")
     if sop_class:
         sop = pydicom.uid.UID(str(sop_class))
-        return f"a {sop.name} object, modality {ds.get('Modality') or 'unknown'}"
+        pixels = " without image pixels (no Rows)" if "Rows" not in ds else ""
+        return f"a {sop.name} object{pixels}, modality {ds.get('Modality') or 'unknown'}"
     return "no SOPClassUID and no image size (Rows)"
 
 
