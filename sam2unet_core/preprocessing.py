@@ -142,8 +142,9 @@ def stack_slices(
     if slices.ndim == 4:  # colour: channels come from the pixels
         if context != 0 or slices.shape[3] != in_channels:
             raise ValueError(
-                f"colour images have {slices.shape[3]} channels; the model expects "
-                f"{in_channels} channels with {context} context slices"
+                f"colour images have {slices.shape[3]} channels; the model takes "
+                f"in_channels={in_channels} with context_slices={context} (a colour model "
+                f"needs in_channels=3 and context_slices=0)"
             )
         return np.moveaxis(slices[np.asarray(centers)], 3, 1)  # (B, H, W, C) -> (B, C, H, W)
     stack = slices[context_indices(centers, context, slices.shape[0])]  # (B, 2c+1, H, W)
