@@ -35,6 +35,7 @@ from SAM2UNetSlicerLib.InstallLogic import (
     EnsureOutcome,
     installedVersions,
 )
+from SAM2UNetSlicerLib.LabelImport import volumeIjkToRas
 from SAM2UNetSlicerLib.ModelInfo import describeMetadata, readCheckpointMetadata
 from SAM2UNetSlicerLib.Parameters import Device, RunParameters, SliceAxis, sliceCountAlongAxis
 from SAM2UNetSlicerLib.ProcessRunner import SubprocessRunner, findPythonSlicer
@@ -255,9 +256,7 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.sliceRangeLabel.text = _("(checked when the run starts)")
             return
         volume = parameterNode.inputVolume
-        ijkToRas = vtk.vtkMatrix4x4()
-        volume.GetIJKToRASMatrix(ijkToRas)
-        count = sliceCountAlongAxis(slicer.util.arrayFromVTKMatrix(ijkToRas),
+        count = sliceCountAlongAxis(volumeIjkToRas(slicer, vtk, volume),
                                     volume.GetImageData().GetDimensions(), parameterNode.sliceAxis, plane_view)
         self.ui.sliceStartSpinBox.maximum = count - 1
         self.ui.sliceEndSpinBox.maximum = count - 1
