@@ -20,7 +20,6 @@ import logging
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -227,12 +226,17 @@ def load_sam2_trunk(model: SAM2UNet, path: str | os.PathLike) -> None:
     state = _read_torch_file(path)
     if checkpoint_kind(state) != "sam2":
         raise CheckpointError(f"{path}: not a SAM 2 / SAM 2.1 checkpoint ({_unknown_layout_message(path, state)})")
-    trunk = _sam2_trunk_state(state, path)
+    _fill_trunk(model, _sam2_trunk_state(state, path), path)
+
+
+def _fill_trunk(model: SAM2UNet, trunk: dict[str, torch.Tensor], path: Path) -> None:
+    """Copy Hiera trunk tensors (keyed as in ``Hiera.state_dict()``) into ``model.encoder``."""
     found = detect_backbone(trunk, str(path))
     if found != model.architecture.backbone:
         raise CheckpointError(
             f"{path}: holds a {found} trunk, but the model is {model.architecture.backbone}"
         )
+    trunk = dict(trunk)
     trunk[PATCH_EMBED_KEY] = adapt_patch_embed_weight(trunk[PATCH_EMBED_KEY], model.architecture.in_channels)
     encoder_state = {_wrap_adapter(k): v for k, v in trunk.items()}
     expected = {k for k in model.encoder.state_dict() if ".prompt_learn." not in k}
@@ -272,8 +276,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> S
         state = _read_torch_file(path)
         kind = checkpoint_kind(state)
         if kind == "sam2":
-            model = build_model(_sam2_metadata(_sam2_trunk_state(state, path), path))
-            load_sam2_trunk(model, path)
+            trunk = _sam2_trunk_state(state, path)
+            model = build_model(_sam2_metadata(trunk, path))
+            _fill_trunk(model, trunk, path)  # the file is read once
             logger.warning("%s is a SAM 2 / SAM 2.1 checkpoint: the decoder is untrained", path)
         elif kind == "official_sam2unet":
             model = build_model(_official_metadata(state, path))
