@@ -285,10 +285,7 @@ def test_poll_timer_keeps_running_from_one_pip_step_to_the_next(monkeypatch, che
     assert len(panel.logicRunner.started) == 2 and panel.widget._timer.active  # second pip step
     panel.logicRunner.finish(0)
     panel.widget._poll()  # pip done: the segmentation starts (and a new device probe)
-    panel.probeRunner.emit(json.dumps({"probe": "sam2unet-device-probe", "torch": "2.5.1", "cuda": [],
-                                       "mps": False, "error": ""}))
-    panel.probeRunner.finish(0)
-    panel.widget._poll()
+    panel.answerProbe(cuda=[])
     assert panel.logicRunner.isRunning() and panel.widget._timer.active
 
 
