@@ -198,7 +198,6 @@ def installFakeSlicerModules(monkeypatch, confirm: bool = True) -> SimpleNamespa
         """Like slicer.util.getNodesByClass: nodes of ``className`` or one of its subclasses."""
         return [n for n in fake.mrmlScene.nodes if n.GetClassName() in subclasses.get(className, {className})]
 
-    scene.GetFirstNodeByClass = lambda className: next(iter(getNodesByClass(className)), None)
     dialogs: list[tuple[str, str]] = []
     uiFile = MODULE_DIR / "Resources" / "UI" / "SAM2UNetSlicer.ui"
 
