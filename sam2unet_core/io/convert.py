@@ -17,10 +17,16 @@ from .volume import Volume, affine_ras, geometry_from_affine_ras
 
 __all__ = [
     "volume_from_sitk", "volume_to_sitk", "volume_from_nifti", "volume_to_nifti",
-    "NIFTI_TRANSFORMS",
+    "NIFTI_TRANSFORMS", "sitk_error_cause",
 ]
 
 NIFTI_TRANSFORMS = "nifti_transforms"  # Volume.meta key: the input's qform/sform and codes
+
+
+def sitk_error_cause(err: RuntimeError) -> str:
+    """The last line of a SimpleITK exception (ITK puts the cause there), for messages."""
+    text = str(err).strip()
+    return text.splitlines()[-1] if text else "unknown error"
 
 
 def volume_from_sitk(image: sitk.Image, source: Path | None = None) -> Volume:

@@ -19,7 +19,7 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
 
-from .convert import volume_from_sitk
+from .convert import sitk_error_cause, volume_from_sitk
 from .volume import Volume, check_fits_in_memory
 
 __all__ = [
@@ -337,10 +337,9 @@ def _read_series(series: DicomSeries, where: Path) -> Volume:
     try:
         image = reader.Execute()
     except RuntimeError as err:
-        cause = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown error"
         raise ValueError(
             f"{where}: could not decode the {_transfer_syntax(files[0])} pixel data of series "
-            f"{series.uid} with GDCM ({cause})"
+            f"{series.uid} with GDCM ({sitk_error_cause(err)})"
         ) from err
     volume = volume_from_sitk(image, source=where)
     if gap is not None and not np.isclose(volume.spacing_ijk[2], gap, rtol=SPACING_TOLERANCE):

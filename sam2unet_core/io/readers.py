@@ -31,7 +31,7 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image, UnidentifiedImageError
 
-from .convert import volume_from_nifti, volume_from_sitk
+from .convert import sitk_error_cause, volume_from_nifti, volume_from_sitk
 from .dicom import looks_like_dicom, read_dicom_file, read_dicom_series
 from .volume import Volume, check_fits_in_memory
 
@@ -85,8 +85,7 @@ def _read_sitk(path: Path) -> Volume:
         check_fits_in_memory(path, reader.GetSize(), itemsize)
         image = reader.Execute()
     except RuntimeError as err:
-        first_line = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown error"
-        raise ValueError(f"{path}: SimpleITK cannot read it ({first_line})") from err
+        raise ValueError(f"{path}: SimpleITK cannot read it ({sitk_error_cause(err)})") from err
     return volume_from_sitk(image, source=path)
 
 
