@@ -361,10 +361,10 @@ class CaseRunner:
                 raise volume
             self._check_format(case, volume, paths)
             started = time.perf_counter()
-            axis = "axial" if volume.shape_kji[0] == 1 else self.args.axis
-            if axis != self.args.axis:
+            axis = self.args.axis  # the Predictor segments a single slice in its own plane
+            if volume.shape_kji[0] == 1 and axis != "axial":
                 logger.warning("%s: a single slice; --axis %s does not apply, its own plane "
-                               "is segmented", case.path, self.args.axis)
+                               "is segmented", case.path, axis)
             total = self.predictor.count_slices(volume, axis, self.slice_range)
             self.reporter.event(event="case_start", case=case.name, slices=total)
             result = self.predictor.predict(
