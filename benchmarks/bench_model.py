@@ -39,7 +39,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -223,25 +222,15 @@ def _fp32_reference(model: nn.Module, images: torch.Tensor, batch: int, device: 
     return torch.cat(outputs)
 
 
-def _make_loss(num_classes: int) -> tuple[Callable[[object, torch.Tensor], torch.Tensor], str]:
-    """The training engineer's deep-supervision loss (structure loss for binary models), or
-    a sum of BCE if that module is absent."""
-    try:
-        from sam2unet_core.train.losses import DeepSupervisionLoss
-    except ImportError:
-        def bce_sum(outputs: object, mask: torch.Tensor) -> torch.Tensor:
-            return sum(F.binary_cross_entropy_with_logits(o.float(), mask) for o in outputs)
-        return bce_sum, "sum of BCE over the 3 outputs (sam2unet_core.train.losses not found)"
-    return DeepSupervisionLoss(num_classes), "DeepSupervisionLoss (sam2unet_core.train.losses)"
-
-
 def run_training(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
                  settings: list[Setting], args: argparse.Namespace, device: torch.device,
                  peak_flops: float) -> list[dict]:
     """Time training steps with the paper's recipe (frozen trunk + adapters, AdamW lr 1e-3,
     weight decay 5e-4; fused AdamW) on ``images`` ``(B, C, H, W)`` / ``masks`` ``(B, 1, H, W)``.
     Each setting starts from the same weights; its first-step loss is compared with fp32."""
-    loss_fn, loss_name = _make_loss(model.architecture.num_classes)
+    from sam2unet_core.train.losses import DeepSupervisionLoss  # imports MONAI: only when training
+
+    loss_fn = DeepSupervisionLoss(model.architecture.num_classes)
     # kept on the host so that it does not count in the peak GPU memory
     initial = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
     model.train()
@@ -279,7 +268,7 @@ def run_training(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
                 first_loss = step().item()
                 seconds = time_calls(step, device, args.warmup, args.iters, args.repeats)
             row = _result("training", setting, batch_s, seconds, flops_per_image, peak_flops, device)
-            row["loss"] = loss_name
+            row["loss"] = "DeepSupervisionLoss (sam2unet_core.train.losses)"
             if batch_s == batch:
                 row["first_loss_rel_diff"] = abs(first_loss - reference_loss) / abs(reference_loss)
         except Exception as err:  # noqa: BLE001 - report and go on with the next setting
