@@ -104,9 +104,9 @@ class _AllSlices(torch.utils.data.Dataset):
         return {"image": out["image"], "label": out["label"], "case": case}
 
 
-def _check_labels(base: torch.utils.data.Dataset, cases: list[Case], num_values: int) -> None:
-    for i, case in enumerate(cases):
-        values = np.unique(base[i]["label"])
+def _check_labels(labels: list[np.ndarray], cases: list[Case], num_values: int) -> None:
+    for label, case in zip(labels, cases):
+        values = np.unique(label)
         if values.min() < 0 or values.max() >= num_values:
             raise ValueError(f"{case.label} holds label values {values.tolist()}; dataset.json "
                              f"declares values 0..{num_values - 1}")
@@ -146,9 +146,11 @@ def build_training_data(config: TrainConfig) -> TrainingData:
         train = SeededSamples(len(train_base), _PickImage(train_base), Compose([*augment, normalize]), seed)
         val: torch.utils.data.Dataset = _AllSlices(val_base, Compose([normalize]))
     else:
-        _check_labels(train_base, train_cases, num_values)
-        _check_labels(val_base, val_cases, num_values)
-        plan = slice_plan([train_base[i]["label"] for i in range(len(train_base))])
+        # Read once: with data.cache=none every base[i] loads the volume again.
+        train_labels = [train_base[i]["label"] for i in range(len(train_base))]
+        _check_labels(train_labels, train_cases, num_values)
+        _check_labels([val_base[i]["label"] for i in range(len(val_base))], val_cases, num_values)
+        plan = slice_plan(train_labels)
         length = data.samples_per_epoch or sum(n for n, _ in plan)
         slice_steps = [StackSlicesd(context, in_channels), ResizeToNetworkd(data.input_size)]
         train = SeededSamples(length, _PickSlice(train_base, plan, data.foreground_fraction),
