@@ -256,9 +256,10 @@ def train(config: TrainConfig, resume: bool = True) -> TrainResult:
             global_step += 1
             steps_this_run += 1
             if d.main:
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                loss_value = loss.item()
+                bar.set_postfix(loss=f"{loss_value:.4f}")
                 if writer is not None and global_step % config.run.log_every_steps == 0:
-                    writer.add_scalar("train/loss", loss.item(), global_step)
+                    writer.add_scalar("train/loss", loss_value, global_step)
                     writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], global_step)
             if config.run.stop_after_steps and steps_this_run >= config.run.stop_after_steps:
                 stopped = True
