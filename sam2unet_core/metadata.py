@@ -31,6 +31,7 @@ from typing import Any
 
 __all__ = [
     "Architecture",
+    "Code",
     "LabelInfo",
     "ModelMetadata",
     "INTENSITY_KINDS",
@@ -75,13 +76,56 @@ class Architecture:
             raise ValueError(f"in_channels must be >= 1, got {self.in_channels}")
 
 
+@dataclass(frozen=True)
+class Code:
+    """A coded concept as DICOM writes it: coding scheme designator (``"SCT"`` for SNOMED CT),
+    code value and code meaning, e.g. ``Code("SCT", "10200004", "Liver")``."""
+
+    scheme: str
+    value: str
+    meaning: str
+
+    def to_list(self) -> list[str]:
+        return [self.scheme, self.value, self.meaning]
+
+    @classmethod
+    def from_list(cls, item: Any, where: str) -> "Code":
+        if not (isinstance(item, (list, tuple)) and len(item) == 3 and all(isinstance(x, str) and x for x in item)):
+            raise ValueError(f"{where} must be [scheme, value, meaning] (three non-empty strings), got {item!r}")
+        return cls(*item)
+
+
+CODED_FIELDS = ("category", "type", "modifier")  # DICOM CID 7150, CID 7151, laterality modifier
+
+
 @dataclass
 class LabelInfo:
-    """One output label value with its display name and RGB colour (0-255)."""
+    """One output label value with its display name, RGB colour (0-255) and, optionally, its
+    standard terminology: segmented property ``category`` (DICOM CID 7150), ``type`` (CID 7151)
+    and type ``modifier`` (e.g. laterality), SNOMED CT codes. ``sam2unet_core.terminology``
+    fills missing codes from the name."""
 
     value: int
     name: str
     color: tuple[int, int, int]
+    category: Code | None = None
+    type: Code | None = None
+    modifier: Code | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"value": self.value, "name": self.name, "color": list(self.color)}
+        for key in CODED_FIELDS:
+            code = getattr(self, key)
+            if code is not None:
+                data[key] = code.to_list()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LabelInfo":
+        """Read a label written by :meth:`to_dict`; files without codes load as before."""
+        name = str(data["name"])
+        codes = {key: Code.from_list(data[key], f"label {name!r} {key}") for key in CODED_FIELDS if key in data}
+        return cls(int(data["value"]), name, tuple(int(c) for c in data["color"]), **codes)
 
 
 @dataclass
@@ -143,9 +187,7 @@ class ModelMetadata:
     # ------------------------------------------------------------ conversion
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["labels"] = [
-            {"value": lab.value, "name": lab.name, "color": list(lab.color)} for lab in self.labels
-        ]
+        data["labels"] = [label.to_dict() for label in self.labels]
         return data
 
     def to_json(self) -> str:
@@ -165,10 +207,7 @@ class ModelMetadata:
         if unknown:
             raise ValueError(f"unknown metadata fields {unknown}; known: {sorted(known)}")
         arch = Architecture(**data.pop("architecture", {}))
-        labels = [
-            LabelInfo(int(lab["value"]), str(lab["name"]), tuple(int(c) for c in lab["color"]))
-            for lab in data.pop("labels", [])
-        ]
+        labels = [LabelInfo.from_dict(lab) for lab in data.pop("labels", [])]
         meta = cls(architecture=arch, labels=labels, **data)
         meta.validate()
         return meta
@@ -178,16 +217,63 @@ class ModelMetadata:
         return cls.from_dict(json.loads(text))
 
 
-def default_labels(num_classes: int, names: list[str] | None = None) -> list[LabelInfo]:
-    """Labels 1..K-1 (or 1 for a binary model) named ``names`` or ``label_<v>``."""
+def default_labels(
+    num_classes: int, names: list[str] | None = None, terms: dict[str, dict[str, Any]] | None = None
+) -> list[LabelInfo]:
+    """Labels 1..K-1 (or 1 for a binary model) named ``names`` or ``label_<v>``.
+
+    Codes come from ``terms`` (name -> ``{"category": [scheme, value, meaning], "type": ...,
+    "modifier": ...}``, the training config's ``model.label_terms``) or else from
+    ``sam2unet_core.terminology``'s table where the name is unambiguous; other labels get none.
+    """
+    from .terminology import standard_codes
+
     values = list(range(1, max(num_classes, 2)))
     if names is not None and len(names) != len(values):
         raise ValueError(f"{len(values)} label names expected, got {len(names)}: {names}")
-    return [
-        LabelInfo(
-            value=v,
-            name=names[i] if names else f"label_{v}",
-            color=DEFAULT_COLORS[i % len(DEFAULT_COLORS)],
-        )
-        for i, v in enumerate(values)
-    ]
+    terms = dict(terms or {})
+    labels = []
+    for i, v in enumerate(values):
+        name = names[i] if names else f"label_{v}"
+        color = DEFAULT_COLORS[i % len(DEFAULT_COLORS)]
+        term = terms.pop(name, None)
+        if term is not None:
+            unknown = sorted(set(term) - set(CODED_FIELDS))
+            if unknown or "type" not in term or "category" not in term:
+                raise ValueError(f"label_terms[{name!r}] needs category and type (optional modifier), got keys {sorted(term)}")
+            codes = {key: Code.from_list(term[key], f"label_terms[{name!r}].{key}") for key in term}
+        else:
+            codes = dict(zip(CODED_FIELDS, standard_codes(name) or (None, None, None)))
+        labels.append(LabelInfo(value=v, name=name, color=color, **codes))
+    if terms:
+        raise ValueError(f"label_terms name labels that do not exist: {sorted(terms)}; labels are {[lab.name for lab in labels]}")
+    return labels
+
+
+def read_safetensors_metadata(path: Any) -> ModelMetadata:
+    """The ``ModelMetadata`` of one of our ``.safetensors`` checkpoints, read from its header
+    alone (8-byte little-endian header length, then JSON): no torch, no weights read.
+
+    Raises ``ValueError`` naming the file when it is not a safetensors file or holds no
+    ``sam2unet`` metadata.
+    """
+    import struct
+    from pathlib import Path
+
+    path = Path(path)
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) != 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > 100_000_000:
+            raise ValueError(f"{path}: not a safetensors file (header length {length} bytes)")
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a safetensors file (header is not JSON: {err})") from err
+    text = (header.get("__metadata__") or {}).get("sam2unet") if isinstance(header, dict) else None
+    if not text:
+        raise ValueError(f"{path}: holds no sam2unet model metadata (not written by sam2unet_core)")
+    return ModelMetadata.from_json(text)

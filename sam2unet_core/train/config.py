@@ -61,6 +61,9 @@ class ModelConfig:
     backbone: str = "hiera_l"  # hiera_t, hiera_s, hiera_b+, hiera_l
     sam2_checkpoint: str = ""  # official SAM 2/2.1 checkpoint; "" = random init, train all
     label_names: list[str] = field(default_factory=list)  # polyp: names of labels 1..K-1
+    # Standard codes per label name, e.g. {"liver": {"category": ["SCT", "123037004", "Anatomical Structure"],
+    # "type": ["SCT", "10200004", "Liver"]}} (optional "modifier"); names in sam2unet_core.terminology need none.
+    label_terms: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
 
 @dataclass

@@ -106,7 +106,7 @@ def _metadata(config: TrainConfig, data: TrainingData) -> ModelMetadata:
     arch = Architecture(config.model.backbone, data.num_classes, data.in_channels, freeze_encoder=pretrained)
     meta = ModelMetadata(
         architecture=arch,
-        labels=default_labels(data.num_classes, data.label_names),
+        labels=default_labels(data.num_classes, data.label_names, config.model.label_terms),
         input_size=config.data.input_size,
         intensity=dict(config.data.intensity),
         mean=list(config.data.mean),
