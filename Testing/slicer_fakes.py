@@ -118,6 +118,13 @@ class FakeSegment:
         self.maskKji: np.ndarray | None = None
         self.ijkToRas: np.ndarray | None = None
         self.transformNodeId: str | None = None
+        self.tags: dict[str, str] = {}
+
+    def SetTag(self, key: str, value: str) -> None:
+        self.tags[key] = value
+
+    def GetTag(self, key: str) -> str:
+        return self.tags.get(key, "")
 
 
 class FakeSegmentation:
@@ -136,6 +143,9 @@ class FakeSegmentation:
 
     def RemoveSegment(self, segmentId: str) -> None:
         del self.segments[segmentId]
+
+    def GetSegment(self, segmentId: str) -> FakeSegment | None:
+        return self.segments.get(segmentId)
 
 
 class FakeSegmentationNode(FakeNode):

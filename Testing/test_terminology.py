@@ -25,6 +25,7 @@ from sam2unet_core.terminology import (
     STANDARD_TERMS,
     label_codes,
     slicer_terminology_entry,
+    slicer_terminology_string,
     standard_codes,
 )
 from sam2unet_core.train.config import TrainConfig, load_config
@@ -156,3 +157,10 @@ def test_seg_nrrd_written_with_slicerio_carries_terminology_and_geometry(tmp_pat
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image), volume.array_kji)
     tags = image.GetMetaData("Segment0_Tags")
     assert "TerminologyEntry:Segmentation category and type - DICOM master list~SCT^123037004^Anatomical Structure~SCT^10200004^Liver" in tags
+
+
+def test_slicer_tag_string_is_what_slicerio_writes_and_reads() -> None:
+    for label in default_labels(4, ["liver", "left kidney", "blob"]):
+        text = slicer_terminology_string(label)
+        assert text == slicerio.segmentation.terminology_entry_to_string(slicer_terminology_entry(label))
+        assert slicerio.segmentation.terminology_entry_from_string(text)["type"] == label_codes(label)[1].to_list()

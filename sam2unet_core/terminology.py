@@ -24,6 +24,7 @@ __all__ = [
     "standard_codes",
     "label_codes",
     "slicer_terminology_entry",
+    "slicer_terminology_string",
 ]
 
 PRIVATE_SCHEME = "99SAM2UNET"  # DICOM private coding schemes start with "99"
@@ -151,3 +152,20 @@ def slicer_terminology_entry(label: LabelInfo) -> dict[str, object]:
     if modifier is not None:
         entry["typeModifier"] = modifier.to_list()
     return entry
+
+
+def slicer_terminology_string(label: LabelInfo) -> str:
+    """The label's ``TerminologyEntry`` segment tag as 3D Slicer stores it:
+    ``context~category~type~modifier~anatomicContext~region~regionModifier``, each code
+    ``scheme^value^meaning`` (empty ``^^`` when absent)."""
+    entry = slicer_terminology_entry(label)
+    empty = ["", "", ""]
+    return "~".join([
+        str(entry["contextName"]),
+        "^".join(entry["category"]),  # type: ignore[arg-type]
+        "^".join(entry["type"]),  # type: ignore[arg-type]
+        "^".join(entry.get("typeModifier", empty)),  # type: ignore[arg-type]
+        str(entry["anatomicContextName"]),
+        "^".join(empty),
+        "^".join(empty),
+    ])

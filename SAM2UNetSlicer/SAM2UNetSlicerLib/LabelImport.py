@@ -31,10 +31,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _TEMPORARY_LABEL_NAME = "__SAM2UNetSlicer_labels__"
+TERMINOLOGY_TAG = "TerminologyEntry"  # vtkSegment.GetTerminologyEntryTagName()
 
 
 class LabelLike(Protocol):
-    """A label of ``sam2unet_core.metadata.LabelInfo``: value, name and RGB colour 0-255."""
+    """A label of ``sam2unet_core.metadata.LabelInfo``: value, name, RGB colour 0-255 (and
+    the optional codes that ``sam2unet_core.terminology.label_codes`` reads)."""
 
     value: int
     name: str
@@ -85,13 +87,15 @@ def checkSameGrid(path: Path, labelsKji: np.ndarray, labelIjkToRas: np.ndarray,
 
 def importLabels(slicer: Any, vtk: Any, labelPath: Path, inputVolume: Any, segmentationNode: Any,
                  labels: Sequence[LabelLike]) -> list[str]:
-    """Import label values 1..N of ``labelPath`` as segments of ``segmentationNode``.
+    """Import label values 1..N of ``labelPath`` as segments of ``segmentationNode``, each
+    tagged with its standard terminology (``sam2unet_core.terminology``).
 
     ``labels`` must describe the values 1..N in order (``ModelMetadata.labels``). A segment
     whose name already exists is overwritten; others are added. On failure every segment this
     call added is removed again and the error is raised. Returns the segment IDs, in label order.
     """
     from sam2unet_core.io import label_dtype
+    from sam2unet_core.terminology import slicer_terminology_string
 
     labelsKji, labelIjkToRas = readLabelFile(labelPath)
     dimensionsIjk = inputVolume.GetImageData().GetDimensions()
@@ -113,6 +117,8 @@ def importLabels(slicer: Any, vtk: Any, labelPath: Path, inputVolume: Any, segme
                 segmentId = segmentation.AddEmptySegment("", label.name, color)
                 addedIds.append(segmentId)
             segmentIds.append(segmentId)
+            # Slicer shows the standard name (SNOMED CT) of a known structure from this tag.
+            segmentation.GetSegment(segmentId).SetTag(TERMINOLOGY_TAG, slicer_terminology_string(label))
         idArray = vtk.vtkStringArray()
         for segmentId in segmentIds:
             idArray.InsertNextValue(segmentId)  # entry n receives label value n + 1
