@@ -36,7 +36,7 @@ from SAM2UNetSlicerLib.InstallLogic import (
     installedVersions,
 )
 from SAM2UNetSlicerLib.LabelImport import volumeIjkToRas
-from SAM2UNetSlicerLib.ModelInfo import describeMetadata, readCheckpointMetadata
+from SAM2UNetSlicerLib.ModelInfo import CheckpointDescriber, describeMetadata, readCheckpointMetadata
 from SAM2UNetSlicerLib.Parameters import Device, RunParameters, SliceAxis, sliceCountAlongAxis
 from SAM2UNetSlicerLib.ProcessRunner import SubprocessRunner, findPythonSlicer
 from SAM2UNetSlicerLib.SegmentationLogic import RunResult, RunStatus, SegmentationLogic
@@ -133,6 +133,7 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         segmentation.onProgress = self._onProgress
         segmentation.onFinished = self._onSegmentationFinished
         self._probeRunner = SubprocessRunner()
+        self._describer = CheckpointDescriber(SubprocessRunner())  # .pt/.pth: read in a child process
         self.installer = DependencyInstaller(  # shares the logic's runner: never both at once
             self.logic.runner, Path(self.resourcePath("requirements.txt")), findPythonSlicer,
             lambda name: importlib.util.find_spec(name) is not None, installedVersions)
@@ -158,6 +159,7 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         self.logic.segmentation.cancel()
         self._probeRunner.cancel()
+        self._describer.cancel()
         self._timer.stop()
         self.removeObservers()
 
@@ -263,17 +265,31 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.sliceRangeLabel.text = _("of {count} slices (0-based, inclusive)").format(count=count)
 
     def onCheckpointChanged(self) -> None:
+        """Show the checkpoint's details; returns at once (a .pt/.pth is read in a child process)."""
+        self._describer.cancel()
         checkpoint = _checkpointOf(self._parameterNode) if self._parameterNode else None
         if checkpoint is None:
             self.ui.modelInfoLabel.text = _("No model chosen")
             return
         try:
             metadata = readCheckpointMetadata(checkpoint)
+            if metadata is None:
+                self.ui.modelInfoLabel.text = _("Reading the model details...")
+                self._describer.describe(findPythonSlicer(), checkpoint, dict(os.environ),
+                                         lambda metadata, error: self._showModelInfo(checkpoint, metadata, error))
+                self._timer.start()
+                return
         except ImportError:  # dependencies not installed yet (or broken)
             self.ui.modelInfoLabel.text = _("Model details appear once the dependencies are installed (Segment installs them).")
             return
-        except ValueError as err:
+        except (ValueError, OSError, RuntimeError) as err:
             self.ui.modelInfoLabel.text = str(err)
+            return
+        self._showModelInfo(checkpoint, metadata, None)
+
+    def _showModelInfo(self, checkpoint: Path, metadata, error: Optional[str]) -> None:
+        if error is not None:
+            self.ui.modelInfoLabel.text = error
             return
         self.ui.modelInfoLabel.text = describeMetadata(metadata)
         qt.QSettings().setValue(SETTINGS_CHECKPOINT, str(checkpoint))
@@ -295,9 +311,10 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _poll(self) -> None:
         self.logic.segmentation.poll()  # its runner also runs the pip steps
         self._probeRunner.poll()
+        self._describer.runner.poll()
         # Ask again after polling: a callback may have started the next process on a runner
         # whose poll() just reported its previous process finished (next pip step, then Segment).
-        if not (self.logic.runner.isRunning() or self._probeRunner.isRunning()):
+        if not (self.logic.runner.isRunning() or self._probeRunner.isRunning() or self._describer.runner.isRunning()):
             self._timer.stop()
 
     # ------------------------------------------------------------------ devices

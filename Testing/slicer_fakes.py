@@ -123,9 +123,6 @@ class FakeSegment:
     def SetTag(self, key: str, value: str) -> None:
         self.tags[key] = value
 
-    def GetTag(self, key: str) -> str:
-        return self.tags.get(key, "")
-
 
 class FakeSegmentation:
     def __init__(self) -> None:

@@ -136,7 +136,7 @@ def test_success_creates_named_coloured_segments_on_the_oblique_input_grid(harne
         np.testing.assert_array_equal(segment.maskKji, (labelsKji == value).astype(np.uint8))
         np.testing.assert_array_equal(segment.ijkToRas, harness.volume.ijkToRas)  # input geometry, exactly
         assert segment.transformNodeId == harness.volume.GetTransformNodeID()
-    tags = [segments[sid].GetTag("TerminologyEntry") for sid in result.segmentIds]
+    tags = [segments[sid].tags["TerminologyEntry"] for sid in result.segmentIds]
     assert "~SCT^10200004^Liver~" in tags[0] and "~SCT^108369006^Tumor~" in tags[1]
     assert output.referenceVolume is harness.volume
     assert output.closedSurface

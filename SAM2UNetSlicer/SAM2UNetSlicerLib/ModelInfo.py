@@ -1,29 +1,104 @@
-"""What the panel shows about a checkpoint: read through ``sam2unet_core``, never re-parsed here."""
+"""What the panel shows about a checkpoint, read without torch in Slicer's own process.
+
+* ``.safetensors`` (ours): the metadata JSON is in the file header, read directly
+  (``sam2unet_core.metadata.read_safetensors_metadata``: a few kilobytes, no torch).
+* ``.pt``/``.pth`` (official SAM2-UNet, SAM 2; up to about 900 MB): reading them needs
+  ``torch.load``, so a child process describes them (``python -m sam2unet_core.cli.describe``,
+  one JSON line) through a ``ProcessRunnerProtocol``; the GUI thread never loads them.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["MetadataReader", "readCheckpointMetadata", "describeMetadata"]
+__all__ = [
+    "MetadataReader",
+    "HEADER_SUFFIXES",
+    "readCheckpointMetadata",
+    "describeCommand",
+    "parseDescribeOutput",
+    "CheckpointDescriber",
+    "describeMetadata",
+]
 
-MetadataReader = Callable[[Path], Any]  # path -> sam2unet_core.metadata.ModelMetadata
+MetadataReader = Callable[[Path], Any]  # path -> ModelMetadata, or None: "ask the child process"
+HEADER_SUFFIXES = (".safetensors",)  # metadata readable from the header, without torch
+
+
+def readHeaderMetadata(path: Path) -> Any:
+    """The ``ModelMetadata`` of a ``.safetensors`` checkpoint from its header; None for other
+    formats (they need the child process). A missing ``sam2unet_core`` raises ImportError."""
+    if path.suffix.lower() not in HEADER_SUFFIXES:
+        return None
+    from sam2unet_core.metadata import read_safetensors_metadata  # torch-free
+
+    return read_safetensors_metadata(path)
 
 
 def readCheckpointMetadata(path: Path, reader: MetadataReader | None = None) -> Any:
-    """The ``ModelMetadata`` of a checkpoint.
+    """The ``ModelMetadata`` of a checkpoint, or None when only a child process can read it
+    (``.pt``/``.pth``: see :class:`CheckpointDescriber`). Returns within milliseconds.
 
-    ``reader`` defaults to ``sam2unet_core.checkpoint.read_metadata``; a missing
-    ``sam2unet_core`` raises ``ModuleNotFoundError`` (the caller offers to install it).
+    ``reader`` defaults to the header reader; a missing ``sam2unet_core`` raises
+    ``ModuleNotFoundError`` (the caller offers to install it). Unreadable: ``ValueError``.
     """
-    if reader is None:
-        from sam2unet_core.checkpoint import read_metadata as reader  # lazily: needs the dependencies
+    reader = reader or readHeaderMetadata
     if not Path(path).is_file():
         raise ValueError(f"model checkpoint {path} is not a file")
     try:
         return reader(Path(path))
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"cannot read the model metadata of {path}: {err}") from err
+
+
+def describeCommand(python: str, path: Path) -> list[str]:
+    """Command line that prints the checkpoint's metadata JSON on one line (in the child)."""
+    return [python, "-m", "sam2unet_core.cli.describe", str(path)]
+
+
+def parseDescribeOutput(lines: list[str], path: Path, returnCode: int) -> Any:
+    """The ``ModelMetadata`` from the describe command's output; ``ValueError`` naming the
+    checkpoint and the child's last message otherwise."""
+    from sam2unet_core.metadata import ModelMetadata
+
+    if returnCode == 0:
+        for line in reversed(lines):
+            if line.startswith("{"):
+                try:
+                    return ModelMetadata.from_dict(json.loads(line))
+                except (ValueError, KeyError, TypeError) as err:
+                    raise ValueError(f"cannot read the model metadata of {path}: {err}") from err
+    detail = next((line for line in reversed(lines) if line.strip()), f"exit code {returnCode}")
+    raise ValueError(f"cannot read the model metadata of {path}: {detail}")
+
+
+class CheckpointDescriber:
+    """Describes ``.pt``/``.pth`` checkpoints in a child process on ``runner``.
+
+    ``describe`` returns at once; ``onDone(metadata, errorText)`` is called from the runner's
+    ``poll()`` (the main thread). A newer ``describe`` cancels the older one.
+    """
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+
+    def describe(self, python: str, path: Path, env: dict[str, str] | None,
+                 onDone: Callable[[Any, str | None], None]) -> None:
+        self.runner.cancel()
+        lines: list[str] = []
+
+        def finished(returnCode: int) -> None:
+            try:
+                onDone(parseDescribeOutput(lines, path, returnCode), None)
+            except ValueError as err:
+                onDone(None, str(err))
+
+        self.runner.start(describeCommand(python, path), env, lines.append, finished)
+
+    def cancel(self) -> None:
+        self.runner.cancel()
 
 
 def describeMetadata(metadata: Any) -> str:

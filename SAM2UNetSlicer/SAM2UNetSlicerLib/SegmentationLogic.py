@@ -2,7 +2,9 @@
 the result, or leave the scene as it was when cancelled or failed.
 
 Threading: the CLI runs in a child process; ``poll()`` (called by a ``qt.QTimer`` on the main
-thread) delivers its output, so every MRML change below happens on the main thread.
+thread) delivers its output, so every MRML change below happens on the main thread. A
+``.pt``/``.pth`` checkpoint is first described by a child process too (its labels are needed
+for the import), so Slicer's own process never imports torch.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .LabelImport import importLabels
-from .ModelInfo import MetadataReader, readCheckpointMetadata
+from .ModelInfo import MetadataReader, describeCommand, parseDescribeOutput, readCheckpointMetadata
 from .Parameters import RunParameters, buildPredictArgs, processEnvironment
 from .ProcessRunner import ProcessRunnerProtocol, findPythonSlicer, parseProgressLine
 
@@ -52,10 +54,12 @@ class _Run:
     inputVolume: Any
     segmentationNode: Any
     createdNode: Any  # the segmentation created by this run, or None
-    metadata: Any
+    metadata: Any  # None until the describe process has read a .pt/.pth checkpoint
     tempDir: Path
     show3D: bool
     startTime: float
+    predictArgs: list[str] = field(default_factory=list)
+    environment: dict[str, str] = field(default_factory=dict)
     totalSlices: int = 0
     outputPath: Path | None = None
     errors: list[str] = field(default_factory=list)
@@ -116,10 +120,15 @@ class SegmentationLogic:
             args = buildPredictArgs(python, inputPath, tempDir / "output", params)
             env = processEnvironment(dict(self._baseEnvironment or os.environ), params.device)
             self._run = _Run(inputVolume, outputSegmentation, createdNode, metadata, tempDir, show3D,
-                             time.monotonic())
+                             time.monotonic(), args, env)
             self.onLog(f"Segmenting {inputVolume.GetName()} with {params.checkpointPath.name} "
                        f"(device {params.device.value}, {params.sliceAxis.value} slices)")
-            self._runner.start(args, env, self._onLine, self._onProcessFinished)
+            if metadata is None:  # .pt/.pth: a child process reads the labels first
+                describeLines: list[str] = []
+                self._runner.start(describeCommand(python, params.checkpointPath), env, describeLines.append,
+                                   lambda returnCode: self._onDescribed(params.checkpointPath, describeLines, returnCode))
+            else:
+                self._runner.start(args, env, self._onLine, self._onProcessFinished)
         except Exception:
             self._run = None
             if createdNode is not None:
@@ -194,6 +203,16 @@ class SegmentationLogic:
             run.outputPath = Path(data["output"]) if data.get("output") else None
         elif progress.event == "case_error":
             run.errors.append(str(data.get("error", "unknown error")))
+
+    def _onDescribed(self, checkpoint: Path, lines: list[str], returnCode: int) -> None:
+        run = self._run
+        if run is None:
+            return
+        try:
+            run.metadata = parseDescribeOutput(lines, checkpoint, returnCode)
+            self._runner.start(run.predictArgs, run.environment, self._onLine, self._onProcessFinished)
+        except (ValueError, OSError) as err:
+            self._finish(RunStatus.failed, str(err))
 
     def _onProcessFinished(self, returnCode: int) -> None:
         run = self._run
