@@ -323,3 +323,40 @@ def test_run_and_wait_returns_the_result_and_cancels_on_request_or_timeout(harne
     result = harness.logic.runAndWait(harness.volume, None, harness.params(), idle=lambda: idleCalls.append(1))
     assert result.status is RunStatus.succeeded and idleCalls
     assert harness.logic.onFinished == harness.results.append  # restored
+
+
+def test_pt_checkpoint_is_described_by_a_child_process_before_the_run(tmp_path: Path) -> None:
+    """A .pt/.pth file is never read in Slicer's process: the describe command runs first on the
+    same runner, its JSON gives the labels, then sam2unet-predict starts."""
+    harness = Harness(tmp_path)
+    harness.logic._metadataReader = None  # the module's default reader
+    official = tmp_path / "SAM2-UNet-official.pth"
+    official.write_bytes(b"not read here")
+    harness.start(checkpointPath=official)
+    describeArgs, _ = harness.runner.started[0]
+    assert describeArgs == ["/opt/Slicer/bin/PythonSlicer", "-m", "sam2unet_core.cli.describe", str(official)]
+    harness.runner.emit(METADATA.to_json())
+    harness.runner.finish(0)
+    harness.logic.poll()
+    assert len(harness.runner.started) == 2 and harness.runner.argument("-m") == str(official)
+    harness.runFakeCli(expectedLabelsKji())
+    harness.pollUntilFinished()
+    [result] = harness.results
+    assert result.status is RunStatus.succeeded, result.message
+    segments = result.segmentationNode.GetSegmentation().segments
+    assert [segments[sid].name for sid in result.segmentIds] == ["liver", "tumour"]
+
+
+def test_pt_checkpoint_the_child_cannot_read_fails_naming_it_and_changes_nothing(tmp_path: Path) -> None:
+    harness = Harness(tmp_path)
+    harness.logic._metadataReader = None
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"\x00" * 10)
+    harness.start(checkpointPath=broken)
+    harness.runner.emit("error: broken.pt: not a readable PyTorch checkpoint (truncated or corrupt?)")
+    harness.runner.finish(1)
+    harness.pollUntilFinished()
+    [result] = harness.results
+    assert result.status is RunStatus.failed
+    assert f"cannot read the model metadata of {broken}: error: broken.pt: not a readable" in result.message
+    assert harness.sceneNames() == ["CT chest"] and len(harness.runner.started) == 1

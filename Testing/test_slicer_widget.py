@@ -298,3 +298,31 @@ def test_default_input_is_a_plain_scalar_volume_never_a_labelmap_or_vector_volum
     ct = panel.addVolume("CT")
     panel.widget.initializeParameterNode()
     assert panel.parameters.inputVolume is ct
+
+
+def test_pt_checkpoint_is_described_in_the_background_and_the_panel_returns_at_once(
+        panel: Panel, checkpoint: Path, tmp_path: Path) -> None:
+    """A 900 MB official .pth (sparse file here) must not be loaded on the GUI thread."""
+    import time
+
+    from sam2unet_core.metadata import read_safetensors_metadata
+
+    big = tmp_path / "SAM2-UNet-official.pth"
+    with open(big, "wb") as handle:
+        handle.truncate(900 * 1024 * 1024)
+    started = time.perf_counter()
+    panel.parameters.checkpointPath = big
+    seconds = time.perf_counter() - started
+    assert seconds < 0.1, f"choosing a 900 MB checkpoint took {seconds:.3f} s on the GUI thread"
+    assert panel.ui.modelInfoLabel.text == "Reading the model details..."
+    assert panel.describeRunner.args == [sys.executable, "-m", "sam2unet_core.cli.describe", str(big)]
+    assert panel.widget._timer.active
+    panel.describeRunner.emit(read_safetensors_metadata(checkpoint).to_json())
+    panel.describeRunner.finish(0)
+    panel.widget._poll()
+    assert "liver, spleen" in panel.ui.modelInfoLabel.text
+
+    panel.parameters.checkpointPath = checkpoint  # a newer choice cancels a pending description
+    panel.parameters.checkpointPath = big
+    panel.parameters.checkpointPath = checkpoint
+    assert panel.describeRunner.cancelled >= 2 and "liver, spleen" in panel.ui.modelInfoLabel.text
