@@ -1,0 +1,104 @@
+"""Slicer's own Python never imports torch, MONAI or sam2: a fresh interpreter drives
+SAM2UNetSlicer.py (on the Qt fakes of slicer_module_fakes) through choosing a .safetensors and a
+.pth checkpoint, starting a run and importing its labels, then lists the heavy modules loaded."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sam2unet_core import SAM2UNet, save_model
+from sam2unet_core.metadata import Architecture, ModelMetadata, default_labels
+
+TESTING = Path(__file__).resolve().parent
+REPO = TESTING.parent
+HEAVY = ("torch", "monai", "sam2", "torchvision")
+
+FLOW = r'''
+import json, sys, time
+from pathlib import Path
+sys.path.insert(0, TESTING)
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from slicer_fakes import FakeRunner, obliqueIjkToRas
+from slicer_module_fakes import installFakeSlicerModules
+
+monkeypatch = pytest.MonkeyPatch()
+fake = installFakeSlicerModules(monkeypatch)
+import importlib
+module = importlib.import_module("SAM2UNetSlicer")
+runners = []
+module.SubprocessRunner = lambda cwd=None: runners.append(FakeRunner()) or runners[-1]
+module.findPythonSlicer = lambda: sys.executable
+import SAM2UNetSlicerLib.SegmentationLogic as segmentationLogic
+segmentationLogic.findPythonSlicer = lambda: sys.executable
+widget = module.SAM2UNetSlicerWidget()
+widget.setup()
+logicRunner, probeRunner, describeRunner = runners
+parameters = widget._parameterNode
+parameters.inputVolume = fake.mrmlScene.addVolume("CT", np.zeros((4, 8, 10), np.int16), obliqueIjkToRas())
+
+started = time.perf_counter()
+parameters.checkpointPath = Path(PTH)  # the official format: described by a child process
+pthSeconds = time.perf_counter() - started
+describeRunner.emit(METADATA_JSON)
+describeRunner.finish(0)
+widget._poll()
+pthInfo = widget.ui.modelInfoLabel.text
+
+parameters.checkpointPath = Path(SAFETENSORS)  # ours: read from the header
+widget.ui.segmentButton.emit("clicked(bool)", False)
+inputPath = Path(logicRunner.argument("-i"))
+outputPath = Path(logicRunner.argument("-o")) / "input.nii.gz"
+outputPath.parent.mkdir()
+labels = sitk.GetImageFromArray(np.ones((4, 8, 10), np.uint8))
+labels.CopyInformation(sitk.ReadImage(str(inputPath)))
+sitk.WriteImage(labels, str(outputPath))
+logicRunner.emit(json.dumps({"event": "case_done", "case": "input", "output": str(outputPath), "seconds": 1}))
+logicRunner.finish(0)
+widget._poll()
+segments = [s.name for s in parameters.outputSegmentation.GetSegmentation().segments.values()]
+heavy = sorted(name for name in sys.modules if name.split(".")[0] in HEAVY)
+print(json.dumps({"pthSeconds": pthSeconds, "pthInfo": pthInfo, "status": widget.ui.statusLabel.text,
+                  "segments": segments, "heavy": heavy}))
+'''
+
+
+def _pythonEnvironment() -> dict[str, str]:
+    return {"PYTHONPATH": f"{REPO}:{REPO / 'SAM2UNetSlicer'}", "PATH": "/usr/bin:/bin"}
+
+
+def _importsTorch(statement: str) -> bool:
+    code = f"import sys; {statement}; print(any(n.split('.')[0] == 'torch' for n in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_pythonEnvironment(),
+                            cwd=REPO, timeout=300, check=True)
+    return result.stdout.strip().endswith("True")
+
+
+@pytest.mark.slow
+def test_choosing_a_checkpoint_running_and_importing_never_imports_torch(tmp_path: Path) -> None:
+    if _importsTorch("import sam2unet_core.metadata"):
+        pytest.skip("importing any sam2unet_core module still imports torch here: the package's lazy "
+                    "import (issue 11) is not merged into this branch")
+    metadata = ModelMetadata(architecture=Architecture(backbone="hiera_t", num_classes=3),
+                             labels=default_labels(3, ["liver", "spleen"]), input_size=64)
+    safetensors = save_model(SAM2UNet(backbone="hiera_t", num_classes=3), tmp_path / "organs.safetensors", metadata)
+    pth = tmp_path / "SAM2-UNet-official.pth"
+    with open(pth, "wb") as handle:
+        handle.truncate(900 * 1024 * 1024)  # the size of an official checkpoint (sparse)
+    script = FLOW.replace("TESTING", repr(str(TESTING))).replace("PTH", repr(str(pth)))
+    script = script.replace("SAFETENSORS", repr(str(safetensors))).replace("METADATA_JSON", repr(metadata.to_json()))
+    script = script.replace("HEAVY", repr(HEAVY))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,
+                            env=_pythonEnvironment(), timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["segments"] == ["liver", "spleen"] and report["status"] == "2 segment(s) in CT segmentation"
+    assert "liver, spleen" in report["pthInfo"]
+    assert report["pthSeconds"] < 0.1
+    assert report["heavy"] == [], f"Slicer's process imported {report['heavy']}"
