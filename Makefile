@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo clean
+.PHONY: venv test test-fast demo clean dicom3tools
 
 venv: $(STAMP)
 
@@ -22,7 +22,21 @@ $(STAMP): requirements.txt requirements-dev.txt setup.py
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-test: venv
+SLICER_STAMP := $(VENV)/.slicer-installed
+
+# Slicer's Qt-free core for the real-Slicer test tier (pinned, see requirements-slicer.txt).
+$(SLICER_STAMP): $(STAMP) requirements-slicer.txt
+	$(PIP) install -q -r requirements-slicer.txt
+	touch $(SLICER_STAMP)
+
+# dciodvfy (Debian package dicom3tools) checks the DICOM SEG files we write; installed only
+# when missing, with apt-get (as root, or through sudo).
+dicom3tools:
+	@command -v dciodvfy >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends dicom3tools; }
+
+test: venv $(SLICER_STAMP) dicom3tools
 	$(PY) -m pytest Testing
 
 demo: venv
