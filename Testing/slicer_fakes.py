@@ -120,6 +120,12 @@ class FakeSegment:
         self.transformNodeId: str | None = None
         self.tags: dict[str, str] = {}
 
+    def GetName(self) -> str:
+        return self.name
+
+    def GetColor(self) -> tuple[float, float, float]:
+        return self.color
+
     def SetTag(self, key: str, value: str) -> None:
         self.tags[key] = value
 

@@ -1,5 +1,6 @@
-"""SegmentationLogic with a fake Slicer scene and a fake process: run, progress, cancel,
-errors, and the label import (KJI arrays, IJK-to-RAS of oblique volumes)."""
+"""SegmentationLogic with a fake process: run, progress, cancel, errors, and the label import
+(KJI arrays, IJK-to-RAS of oblique volumes). Tests taking ``backend`` run twice: on the fake
+Slicer scene and on Slicer's real core (slicer-core), which checks the fakes against Slicer."""
 
 from __future__ import annotations
 
@@ -13,6 +14,11 @@ import pytest
 import SimpleITK as sitk
 
 from slicer_fakes import FakeRunner, fakeVtk, makeFakeSlicer, obliqueIjkToRas
+
+try:
+    from slicer_core_app import slicerCore  # noqa: F401 - a fixture
+except pytest.skip.Exception:  # slicer-core not installed: only the fakes run
+    slicerCore = None
 
 from sam2unet_core.metadata import Architecture, ModelMetadata, default_labels
 from SAM2UNetSlicerLib.LabelImport import checkSameGrid, readLabelFile
@@ -35,19 +41,32 @@ def expectedLabelsKji() -> np.ndarray:
 
 
 class Harness:
-    """A fake scene with one oblique volume, the logic under test and its recorded callbacks."""
+    """A scene with one oblique volume under a parent transform, the logic under test (with a
+    FakeRunner) and its recorded callbacks. ``core``: a slicer_core_app.SlicerCore for Slicer's
+    real scene and logics; None for the fakes."""
 
-    def __init__(self, tmp_path: Path, ijkToRas: np.ndarray | None = None) -> None:
-        self.slicer = makeFakeSlicer()
-        self.scene = self.slicer.mrmlScene
+    def __init__(self, tmp_path: Path, ijkToRas: np.ndarray | None = None, core=None) -> None:
         rng = np.random.default_rng(0)
-        self.volume = self.scene.addVolume("CT chest", rng.integers(-1000, 1000, SHAPE_KJI).astype(np.int16),
-                                           obliqueIjkToRas() if ijkToRas is None else ijkToRas)
-        self.volume.SetAndObserveTransformNodeID("vtkMRMLLinearTransformNode7")
+        voxels = rng.integers(-1000, 1000, SHAPE_KJI).astype(np.int16)
+        ijkToRas = obliqueIjkToRas() if ijkToRas is None else ijkToRas
+        self.core = core
+        if core is None:
+            self.slicer, vtkModule = makeFakeSlicer(), fakeVtk
+            self.scene = self.slicer.mrmlScene
+            self.volume = self.scene.addVolume("CT chest", voxels, ijkToRas)
+            self.volume.SetAndObserveTransformNodeID("vtkMRMLLinearTransformNode7")
+        else:
+            import slicer
+            import vtk as vtkModule
+
+            self.slicer, self.scene = slicer, slicer.mrmlScene
+            self.volume = slicer.util.addVolumeFromArray(voxels, ijkToRAS=ijkToRas, name="CT chest")
+            self.volume.SetAndObserveTransformNodeID(core.addTransform(np.eye(4)).GetID())
+        self.ijkToRas = ijkToRas
         self.checkpoint = tmp_path / "model.safetensors"
         self.checkpoint.write_bytes(b"weights")
         self.runner = FakeRunner()
-        self.logic = SegmentationLogic(self.slicer, fakeVtk, self.runner, pythonExecutable="/opt/Slicer/bin/PythonSlicer",
+        self.logic = SegmentationLogic(self.slicer, vtkModule, self.runner, pythonExecutable="/opt/Slicer/bin/PythonSlicer",
                                        metadataReader=lambda path: METADATA, baseEnvironment={"PATH": "/usr/bin"})
         self.logs: list[str] = []
         self.progress: list[tuple[int, int]] = []
@@ -55,6 +74,36 @@ class Harness:
         self.logic.onLog = self.logs.append
         self.logic.onProgress = lambda done, total: self.progress.append((done, total))
         self.logic.onFinished = self.results.append
+
+    # Reading the scene the same way on both backends.
+    def segmentNames(self, output, segmentIds) -> list[str]:
+        return [output.GetSegmentation().GetSegment(sid).GetName() for sid in segmentIds]
+
+    def segmentIds(self, output) -> set[str]:
+        segmentation = output.GetSegmentation()
+        if self.core is None:
+            return set(segmentation.segments)
+        return {segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())}
+
+    def segmentMask(self, output, segmentId) -> np.ndarray:
+        """The segment's voxels on the input volume's grid, KJI."""
+        if self.core is None:
+            segment = output.GetSegmentation().segments[segmentId]
+            if segment.maskKji is None:  # never imported into
+                return np.zeros(SHAPE_KJI, np.uint8)
+            np.testing.assert_array_equal(segment.ijkToRas, self.volume.ijkToRas)  # input geometry, exactly
+            return segment.maskKji
+        return self.slicer.util.arrayFromSegmentBinaryLabelmap(output, segmentId, self.volume)
+
+    def terminologyTag(self, output, segmentId) -> str:
+        segment = output.GetSegmentation().GetSegment(segmentId)
+        if self.core is None:
+            return segment.tags["TerminologyEntry"]
+        import vtk
+
+        value = vtk.reference("")
+        segment.GetTag("TerminologyEntry", value)
+        return str(value)
 
     def params(self, **overrides) -> RunParameters:
         return RunParameters(**{"checkpointPath": self.checkpoint, **overrides})
@@ -90,12 +139,27 @@ class Harness:
         raise AssertionError("the fake process did not finish")
 
     def sceneNames(self) -> list[str]:
-        return [node.GetName() for node in self.scene.nodes]
+        """Names of the volume and segmentation nodes, in scene order."""
+        if self.core is None:
+            return [node.GetName() for node in self.scene.nodes]
+        nodes = (self.scene.GetNthNode(i) for i in range(self.scene.GetNumberOfNodes()))
+        return [node.GetName() for node in nodes
+                if node.IsA("vtkMRMLVolumeNode") or node.IsA("vtkMRMLSegmentationNode")]
 
 
 @pytest.fixture
 def harness(tmp_path: Path) -> Harness:
     return Harness(tmp_path)
+
+
+@pytest.fixture(params=["fake", "slicer"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
+    """The harness on the fakes, then on Slicer's real core."""
+    if request.param == "fake":
+        return Harness(tmp_path)
+    if slicerCore is None:
+        pytest.skip("slicer-core is not installed (pip install -r requirements-slicer.txt)")
+    return Harness(tmp_path, core=request.getfixturevalue("slicerCore"))
 
 
 def test_command_line_carries_the_exported_input_and_all_options(harness: Harness) -> None:
@@ -116,7 +180,8 @@ def test_command_line_carries_the_exported_input_and_all_options(harness: Harnes
     np.testing.assert_allclose(ijkToRas, harness.volume.ijkToRas, atol=1e-6)
 
 
-def test_success_creates_named_coloured_segments_on_the_oblique_input_grid(harness: Harness) -> None:
+def test_success_creates_named_coloured_segments_on_the_oblique_input_grid(backend: Harness) -> None:
+    harness = backend
     output = harness.start(show3D=True)
     assert output.GetName() == "CT chest segmentation"
     assert output.GetTransformNodeID() == harness.volume.GetTransformNodeID()
@@ -128,18 +193,20 @@ def test_success_creates_named_coloured_segments_on_the_oblique_input_grid(harne
     [result] = harness.results
     assert result.status is RunStatus.succeeded, result.message
     assert result.segmentationNode is output
-    segments = output.GetSegmentation().segments
-    assert [segments[sid].name for sid in result.segmentIds] == ["liver", "tumour"]
-    assert segments[result.segmentIds[0]].color == pytest.approx(tuple(c / 255 for c in METADATA.labels[0].color))
+    assert harness.segmentNames(output, result.segmentIds) == ["liver", "tumour"]
+    color = output.GetSegmentation().GetSegment(result.segmentIds[0]).GetColor()
+    assert tuple(color) == pytest.approx(tuple(c / 255 for c in METADATA.labels[0].color))
     for value, segmentId in enumerate(result.segmentIds, start=1):
-        segment = segments[segmentId]
-        np.testing.assert_array_equal(segment.maskKji, (labelsKji == value).astype(np.uint8))
-        np.testing.assert_array_equal(segment.ijkToRas, harness.volume.ijkToRas)  # input geometry, exactly
-        assert segment.transformNodeId == harness.volume.GetTransformNodeID()
-    tags = [segments[sid].tags["TerminologyEntry"] for sid in result.segmentIds]
+        np.testing.assert_array_equal(harness.segmentMask(output, segmentId), (labelsKji == value).astype(np.uint8))
+    if harness.core is None:
+        for segmentId in result.segmentIds:
+            assert output.GetSegmentation().segments[segmentId].transformNodeId == harness.volume.GetTransformNodeID()
+        assert output.referenceVolume is harness.volume
+        assert output.closedSurface
+    else:
+        assert output.GetSegmentation().ContainsRepresentation("Closed surface")
+    tags = [harness.terminologyTag(output, sid) for sid in result.segmentIds]
     assert "~SCT^10200004^Liver~" in tags[0] and "~SCT^108369006^Tumor~" in tags[1]
-    assert output.referenceVolume is harness.volume
-    assert output.closedSurface
     assert harness.sceneNames() == ["CT chest", "CT chest segmentation"]  # temporary label volume removed
     assert not tempDir.exists()
     assert harness.progress[:3] == [(0, 0), (0, 7), (4, 7)] and harness.progress[-1] == (7, 7)
@@ -148,7 +215,8 @@ def test_success_creates_named_coloured_segments_on_the_oblique_input_grid(harne
     assert result.seconds >= 0
 
 
-def test_existing_output_keeps_its_segments_and_reuses_same_named_ones(harness: Harness) -> None:
+def test_existing_output_keeps_its_segments_and_reuses_same_named_ones(backend: Harness) -> None:
+    harness = backend
     output = harness.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my segmentation")
     segmentation = output.GetSegmentation()
     kept = segmentation.AddEmptySegment("", "lungs", (0.1, 0.2, 0.3))
@@ -159,12 +227,14 @@ def test_existing_output_keeps_its_segments_and_reuses_same_named_ones(harness: 
     [result] = harness.results
     assert result.status is RunStatus.succeeded
     assert result.segmentIds[1] == reused
-    assert set(segmentation.segments) == {kept, reused, result.segmentIds[0]}
-    assert segmentation.segments[reused].maskKji.sum() == 1
-    assert segmentation.segments[kept].maskKji is None  # untouched
+    assert harness.segmentIds(output) == {kept, reused, result.segmentIds[0]}
+    assert harness.segmentMask(output, reused).sum() == 1
+    assert harness.segmentMask(output, kept).sum() == 0  # untouched
+    assert segmentation.GetSegment(kept).GetName() == "lungs"
 
 
-def test_cancel_kills_the_process_and_removes_the_created_segmentation(harness: Harness) -> None:
+def test_cancel_kills_the_process_and_removes_the_created_segmentation(backend: Harness) -> None:
+    harness = backend
     namesBefore = harness.sceneNames()
     harness.start()
     assert harness.sceneNames() == namesBefore + ["CT chest segmentation"]
@@ -183,17 +253,20 @@ def test_cancel_kills_the_process_and_removes_the_created_segmentation(harness: 
     assert harness.runner.cancelled == 1 and len(harness.results) == 1
 
 
-def test_cancel_leaves_a_chosen_output_untouched(harness: Harness) -> None:
+def test_cancel_leaves_a_chosen_output_untouched(backend: Harness) -> None:
+    harness = backend
     output = harness.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mine")
     segmentId = output.GetSegmentation().AddEmptySegment("", "liver", (1.0, 0.0, 0.0))
     harness.start(output=output)
     harness.logic.cancel()
-    assert output in harness.scene.nodes
-    assert list(output.GetSegmentation().segments) == [segmentId]
-    assert output.referenceVolume is None
+    assert harness.sceneNames() == ["CT chest", "mine"]
+    assert harness.segmentIds(output) == {segmentId}
+    if harness.core is None:
+        assert output.referenceVolume is None
 
 
-def test_error_event_fails_with_its_message_and_removes_the_created_node(harness: Harness) -> None:
+def test_error_event_fails_with_its_message_and_removes_the_created_node(backend: Harness) -> None:
+    harness = backend
     harness.start()
     harness.runner.emit(json.dumps({"event": "case_error", "case": "input", "error": "CUDA out of memory"}))
     harness.runner.finish(1)
@@ -204,7 +277,8 @@ def test_error_event_fails_with_its_message_and_removes_the_created_node(harness
     assert harness.sceneNames() == ["CT chest"]
 
 
-def test_nonzero_exit_without_events_fails_and_names_the_exit_code(harness: Harness) -> None:
+def test_nonzero_exit_without_events_fails_and_names_the_exit_code(backend: Harness) -> None:
+    harness = backend
     harness.start()
     harness.runner.emit("Traceback (most recent call last):", "ModuleNotFoundError: No module named 'sam2'")
     harness.runner.finish(137)
@@ -215,7 +289,8 @@ def test_nonzero_exit_without_events_fails_and_names_the_exit_code(harness: Harn
     assert harness.sceneNames() == ["CT chest"]
 
 
-def test_label_map_off_the_input_grid_is_refused_and_nothing_is_left(harness: Harness, tmp_path: Path) -> None:
+def test_label_map_off_the_input_grid_is_refused_and_nothing_is_left(backend: Harness, tmp_path: Path) -> None:
+    harness = backend
     harness.start()
     shifted = sitk.ReadImage(harness.runner.argument("-i"))
     shifted.SetOrigin([value + 3.0 for value in shifted.GetOrigin()])  # 3 mm off
@@ -268,7 +343,8 @@ def test_second_start_while_running_is_refused(harness: Harness) -> None:
         harness.start()
 
 
-def test_unnamed_label_values_are_reported_not_imported(harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
+def test_unnamed_label_values_are_reported_not_imported(backend: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    harness = backend
     harness.start()
     labelsKji = expectedLabelsKji()
     labelsKji[0, 0, 0] = 9
