@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+import slicer_fakes  # noqa: F401 - puts SAM2UNetSlicer/ on sys.path
+
 from sam2unet_core import SAM2UNet, save_model
 from sam2unet_core.metadata import Architecture, ModelMetadata, default_labels
 
@@ -24,6 +26,8 @@ from pathlib import Path
 sys.path.insert(0, TESTING)
 import numpy as np
 import pytest
+
+import slicer_fakes  # noqa: F401 - puts SAM2UNetSlicer/ on sys.path
 import SimpleITK as sitk
 from slicer_fakes import FakeRunner, obliqueIjkToRas
 from slicer_module_fakes import installFakeSlicerModules
@@ -102,3 +106,21 @@ def test_choosing_a_checkpoint_running_and_importing_never_imports_torch(tmp_pat
     assert "liver, spleen" in report["pthInfo"]
     assert report["pthSeconds"] < 0.1
     assert report["heavy"] == [], f"Slicer's process imported {report['heavy']}"
+
+
+def test_describe_cli_reads_an_official_pth_in_the_child(official_sam2unet_checkpoint: Path, tmp_path: Path) -> None:
+    """What the panel runs for a .pth: one JSON line that parseDescribeOutput turns into metadata."""
+    from SAM2UNetSlicerLib.ModelInfo import describeCommand, parseDescribeOutput
+
+    result = subprocess.run(describeCommand(sys.executable, official_sam2unet_checkpoint), capture_output=True,
+                            text=True, cwd=REPO, env=_pythonEnvironment(), timeout=300)
+    metadata = parseDescribeOutput(result.stdout.splitlines(), official_sam2unet_checkpoint, result.returncode)
+    assert metadata.architecture.backbone == "hiera_t" and metadata.architecture.num_classes == 1
+
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"PK\x03\x04 truncated")
+    result = subprocess.run(describeCommand(sys.executable, broken), capture_output=True, text=True, cwd=REPO,
+                            env=_pythonEnvironment(), timeout=300)
+    assert result.returncode == 1
+    with pytest.raises(ValueError, match=r"cannot read the model metadata of .*broken\.pth: error: .*broken\.pth"):
+        parseDescribeOutput((result.stdout + result.stderr).splitlines(), broken, result.returncode)
