@@ -124,3 +124,19 @@ def test_describe_cli_reads_an_official_pth_in_the_child(official_sam2unet_check
     assert result.returncode == 1
     with pytest.raises(ValueError, match=r"cannot read the model metadata of .*broken\.pth: error: .*broken\.pth"):
         parseDescribeOutput((result.stdout + result.stderr).splitlines(), broken, result.returncode)
+
+
+def test_safetensors_header_is_read_without_torch_like_the_checkpoint_reader(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from sam2unet_core.checkpoint import read_metadata
+    from sam2unet_core.metadata import read_safetensors_metadata
+
+    assert read_safetensors_metadata(tiny_checkpoint) == read_metadata(tiny_checkpoint)
+    not_safetensors = tmp_path / "x.safetensors"
+    not_safetensors.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00hello")
+    with pytest.raises(ValueError, match=r"x\.safetensors: not a safetensors file \(header is not JSON"):
+        read_safetensors_metadata(not_safetensors)
+    foreign = tmp_path / "foreign.safetensors"
+    header = json.dumps({"__metadata__": {"format": "pt"}}).encode()
+    foreign.write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(ValueError, match=r"foreign\.safetensors: holds no sam2unet model metadata"):
+        read_safetensors_metadata(foreign)
