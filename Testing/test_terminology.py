@@ -68,19 +68,23 @@ def test_names_find_their_codes_and_unknown_names_stay_private() -> None:
 
 
 def test_metadata_round_trips_codes_and_old_files_still_load() -> None:
-    labels = default_labels(4, ["liver", "right kidney", "blob"])
-    assert labels[0].type == LIVER and labels[1].modifier.meaning == "Right" and labels[2].type is None
+    kidney = {"category": ANATOMY.to_list(), "type": ["SCT", "64033007", "Kidney"], "modifier": ["SCT", "24028007", "Right"]}
+    labels = default_labels(4, ["liver", "right kidney", "blob"], {"right kidney": kidney})
+    assert labels[1].modifier.meaning == "Right" and labels[0].type is None and labels[2].type is None
+    labels[0] = LabelInfo(1, "liver", (1, 2, 3), category=ANATOMY, type=LIVER)
     metadata = ModelMetadata(architecture=Architecture(num_classes=4), labels=labels)
     data = json.loads(metadata.to_json())
     assert data["labels"][0]["type"] == ["SCT", "10200004", "Liver"]
-    assert "type" not in data["labels"][2]  # no code stored for an unknown name
+    assert data["labels"][1]["modifier"] == ["SCT", "24028007", "Right"]
+    assert "type" not in data["labels"][2]  # no code stored for a label without one
     assert ModelMetadata.from_json(metadata.to_json()) == metadata
     for label in data["labels"]:  # a file written before the coded fields existed
         for key in ("category", "type", "modifier"):
             label.pop(key, None)
     old = ModelMetadata.from_dict(data)
     assert [label.name for label in old.labels] == ["liver", "right kidney", "blob"]
-    assert old.labels[0].type is None and label_codes(old.labels[0])[1] == LIVER  # filled at write time
+    assert old.labels[0].type is None and label_codes(old.labels[0])[1] == LIVER  # filled from the name when written
+    assert label_codes(old.labels[1])[2] == Code("SCT", "24028007", "Right")
     data["labels"][0]["type"] = ["SCT", "10200004"]
     with pytest.raises(ValueError, match=r"label 'liver' type must be \[scheme, value, meaning\]"):
         ModelMetadata.from_dict(data)
@@ -93,7 +97,7 @@ def test_training_config_label_terms_reach_the_labels(tmp_path: Path) -> None:
     config = load_config(config_path)
     assert isinstance(config, TrainConfig) and config.model.label_terms == terms
     labels = default_labels(3, ["hepar", "spleen"], config.model.label_terms)
-    assert labels[0].type == LIVER and labels[1].type.meaning == "Spleen"
+    assert labels[0].type == LIVER and labels[1].type is None and label_codes(labels[1])[1].meaning == "Spleen"
     with pytest.raises(ValueError, match=r"label_terms name labels that do not exist: \['kidney'\]"):
         default_labels(2, ["liver"], {"kidney": terms["hepar"]})
     with pytest.raises(ValueError, match="needs category and type"):

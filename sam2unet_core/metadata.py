@@ -223,10 +223,9 @@ def default_labels(
     """Labels 1..K-1 (or 1 for a binary model) named ``names`` or ``label_<v>``.
 
     Codes come from ``terms`` (name -> ``{"category": [scheme, value, meaning], "type": ...,
-    "modifier": ...}``, the training config's ``model.label_terms``) or else from
-    ``sam2unet_core.terminology``'s table where the name is unambiguous; other labels get none.
+    "modifier": ...}``, the training config's ``model.label_terms``); other labels store none
+    and get theirs from ``sam2unet_core.terminology.label_codes`` (the name table) when written.
     """
-    from .terminology import standard_codes
 
     values = list(range(1, max(num_classes, 2)))
     if names is not None and len(names) != len(values):
@@ -243,7 +242,7 @@ def default_labels(
                 raise ValueError(f"label_terms[{name!r}] needs category and type (optional modifier), got keys {sorted(term)}")
             codes = {key: Code.from_list(term[key], f"label_terms[{name!r}].{key}") for key in term}
         else:
-            codes = dict(zip(CODED_FIELDS, standard_codes(name) or (None, None, None)))
+            codes = {}
         labels.append(LabelInfo(value=v, name=name, color=color, **codes))
     if terms:
         raise ValueError(f"label_terms name labels that do not exist: {sorted(terms)}; labels are {[lab.name for lab in labels]}")
