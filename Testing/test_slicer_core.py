@@ -5,6 +5,7 @@ segment compared voxel for voxel, in physical space, with a direct CLI run on th
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,14 +71,17 @@ def scans(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     image.SetOrigin((10.0, -20.0, 5.0))
     image.SetDirection(sitk.VersorTransform((0.3, -0.5, 1.0), 0.6).GetMatrix())  # oblique
     sitk.WriteImage(image, str(folder / "anatomical_oblique.nrrd"))
-    # pydicom's real CT series: slicer-core's archetype reader has no DICOM support (the
-    # desktop application loads DICOM through its DICOM module), so the series comes as NRRD.
+    # pydicom's single-file CT, loaded as DICOM; its 5-slice CT series, which slicer-core's
+    # archetype reader refuses (the desktop application loads series through its DICOM
+    # module), as NRRD.
+    dicomFolder = tmp_path_factory.mktemp("dicom")
+    shutil.copy(get_testdata_file("CT_small.dcm"), dicomFolder / "CT_small.dcm")
     series = sitk.ImageSeriesReader()
     series.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(CT_SERIES)))
     ctFolder = tmp_path_factory.mktemp("ct")
     sitk.WriteImage(series.Execute(), str(ctFolder / "CT5N.nrrd"))
     return {"las_nifti": folder / "anatomical_las.nii.gz", "oblique_nrrd": folder / "anatomical_oblique.nrrd",
-            "ct_series": ctFolder / "CT5N.nrrd"}
+            "ct_series": ctFolder / "CT5N.nrrd", "dicom_file": dicomFolder / "CT_small.dcm"}
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +89,13 @@ def cliLabels(scans: dict[str, Path], checkpoint: Path, tmp_path_factory: pytest
     """Direct ``sam2unet-predict`` runs on the original files: the reference (one run for the
     folder holding the NIfTI and the NRRD, one for the DICOM series)."""
     output = tmp_path_factory.mktemp("cli")
-    for source in (scans["las_nifti"].parent, scans["ct_series"].parent):
+    for source in (scans["las_nifti"].parent, scans["ct_series"].parent, scans["dicom_file"].parent):
         subprocess.run([sys.executable, "-m", "sam2unet_core.cli.predict", "-i", str(source), "-o", str(output),
                         "-m", str(checkpoint), "--device", "cpu", "--axis", "axial", "--format", "nii.gz",
                         "--progress", "none"], check=True, env=ENVIRONMENT, cwd=REPO, timeout=300,
                        capture_output=True)
-    cases = {"las_nifti": "anatomical_las", "oblique_nrrd": "anatomical_oblique", "ct_series": "CT5N"}
+    cases = {"las_nifti": "anatomical_las", "oblique_nrrd": "anatomical_oblique", "ct_series": "CT5N",
+             "dicom_file": scans["dicom_file"].parent.name}
     return {name: read_volume(output / f"{case}.nii.gz") for name, case in cases.items()}
 
 
@@ -151,7 +156,7 @@ def _ijkToRas(node):
     return matrix
 
 
-@pytest.mark.parametrize("scan", ["las_nifti", "oblique_nrrd", "ct_series"])
+@pytest.mark.parametrize("scan", ["las_nifti", "oblique_nrrd", "ct_series", "dicom_file"])
 def test_segments_equal_a_direct_cli_run_in_physical_space(slicerCore, scans, cliLabels, checkpoint, scan: str) -> None:
     transform = slicerCore.addTransform(PARENT_RAS)
     volume = slicerCore.loadVolume(scans[scan], scan, transform)
