@@ -326,3 +326,15 @@ def test_pt_checkpoint_is_described_in_the_background_and_the_panel_returns_at_o
     panel.parameters.checkpointPath = big
     panel.parameters.checkpointPath = checkpoint
     assert panel.describeRunner.cancelled >= 2 and "liver, spleen" in panel.ui.modelInfoLabel.text
+
+
+def test_pt_checkpoint_before_the_dependencies_are_installed_says_so(panel: Panel, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    findSpec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "sam2unet_core" else findSpec(name, *args))
+    official = tmp_path / "SAM2-UNet-official.pth"
+    official.write_bytes(b"weights")
+    panel.parameters.checkpointPath = official
+    assert panel.ui.modelInfoLabel.text.startswith("Model details appear once the dependencies are installed")
+    assert panel.describeRunner.started == []

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -31,6 +32,8 @@ def readHeaderMetadata(path: Path) -> Any:
     """The ``ModelMetadata`` of a ``.safetensors`` checkpoint from its header; None for other
     formats (they need the child process). A missing ``sam2unet_core`` raises ImportError."""
     if path.suffix.lower() not in HEADER_SUFFIXES:
+        if importlib.util.find_spec("sam2unet_core") is None:  # the child could not describe it either
+            raise ModuleNotFoundError("sam2unet_core is not installed in Slicer's Python", name="sam2unet_core")
         return None
     from sam2unet_core.metadata import read_safetensors_metadata  # torch-free
 
