@@ -19,15 +19,21 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .metadata import Architecture, ModelMetadata, default_labels
+from .io.atomic import atomic_write
+from .metadata import (
+    METADATA_KEY,
+    Architecture,
+    CheckpointError,
+    ModelMetadata,
+    default_labels,
+    read_safetensors_metadata,
+)
 from .model.hiera import adapt_patch_embed_weight, detect_backbone
 from .model.sam2unet import SAM2UNet
 
@@ -43,14 +49,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-METADATA_KEY = "sam2unet"
 SAM2_TRUNK_PREFIX = "image_encoder.trunk."
 OFFICIAL_UNUSED_PREFIX = "up4."  # the official code builds a fourth Up block and never uses it
 PATCH_EMBED_KEY = "patch_embed.proj.weight"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used; the message names the file and the cause."""
 
 
 # --------------------------------------------------------------------------- reading
@@ -111,20 +112,7 @@ def read_metadata(path: str | os.PathLike) -> ModelMetadata:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                header = f.metadata() or {}
-        except Exception as err:  # noqa: BLE001 - the Rust reader raises several kinds on bad bytes
-            raise CheckpointError(f"{path}: not a readable safetensors file: {err}") from err
-        if METADATA_KEY not in header:
-            raise CheckpointError(
-                f"{path}: safetensors file without '{METADATA_KEY}' metadata; was it written "
-                f"by sam2unet_core.save_model?"
-            )
-        try:
-            return ModelMetadata.from_json(header[METADATA_KEY])
-        except (ValueError, TypeError, KeyError) as err:
-            raise CheckpointError(f"{path}: invalid model metadata: {err}") from err
+        return read_safetensors_metadata(path)
     state = _read_torch_file(path)
     kind = checkpoint_kind(state)
     if kind == "sam2":
@@ -314,13 +302,5 @@ def save_model(
             f"{model.architecture}"
         )
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp_name, metadata={METADATA_KEY: metadata.to_json()})
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={METADATA_KEY: metadata.to_json()}))
     return path
