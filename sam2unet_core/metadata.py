@@ -49,11 +49,14 @@ __all__ = [
     "PLANES",
     "CheckpointError",
     "read_safetensors_metadata",
+    "PREPROCESSING_FIELDS",
 ]
 
 FORMAT_VERSION = 2  # 2: adds ``plane``
 METADATA_KEY = "sam2unet"  # the safetensors header entry holding the metadata JSON
 PLANES = ("axial", "coronal", "sagittal")  # see sam2unet_core.io.orientation
+# the fields that say how a slice is prepared; the training config holds these same fields
+PREPROCESSING_FIELDS = ("input_size", "intensity", "mean", "std", "context_slices", "plane")
 MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit on its JSON header
 BACKBONES = ("hiera_t", "hiera_s", "hiera_b+", "hiera_l")
 INTENSITY_KINDS = {
@@ -126,9 +129,8 @@ class ModelMetadata:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first inconsistent field."""
         self.architecture.validate()
+        self.validate_preprocessing()
         arch = self.architecture
-        if self.plane not in PLANES:
-            raise ValueError(f"plane {self.plane!r} is not one of {PLANES}")
         expected_values = list(range(1, max(arch.num_classes, 2)))
         values = [label.value for label in self.labels]
         if values != expected_values:
@@ -136,16 +138,6 @@ class ModelMetadata:
                 f"labels must describe values {expected_values} for num_classes="
                 f"{arch.num_classes}, got {values}"
             )
-        if self.input_size % 32 != 0 or self.input_size <= 0:
-            raise ValueError(f"input_size must be a positive multiple of 32, got {self.input_size}")
-        kind = self.intensity.get("kind")
-        if kind not in INTENSITY_KINDS:
-            raise ValueError(f"intensity kind {kind!r} is not one of {sorted(INTENSITY_KINDS)}")
-        missing = [key for key in INTENSITY_KINDS[kind] if key not in self.intensity]
-        if missing:
-            raise ValueError(f"intensity {kind!r} needs {missing}, got {self.intensity}")
-        if self.context_slices < 0:
-            raise ValueError(f"context_slices must be >= 0, got {self.context_slices}")
         if len(self.mean) != len(self.std) or len(self.mean) not in (0, arch.in_channels):
             raise ValueError(
                 f"mean/std must be empty or have in_channels={arch.in_channels} entries, "
@@ -157,6 +149,24 @@ class ModelMetadata:
                 f"in_channels={arch.in_channels} does not fit context_slices="
                 f"{self.context_slices} (expects {stack} channels, or 3 for a repeated slice)"
             )
+
+    def validate_preprocessing(self) -> None:
+        """Check the fields of ``PREPROCESSING_FIELDS`` that do not depend on the network
+        (the training config uses this same check); ``ValueError`` names the field."""
+        if self.input_size % 32 != 0 or self.input_size <= 0:
+            raise ValueError(f"input_size must be a positive multiple of 32, got {self.input_size}")
+        kind = self.intensity.get("kind")
+        if kind not in INTENSITY_KINDS:
+            raise ValueError(f"intensity kind {kind!r} is not one of {sorted(INTENSITY_KINDS)}")
+        missing = [key for key in INTENSITY_KINDS[kind] if key not in self.intensity]
+        if missing:
+            raise ValueError(f"intensity {kind!r} needs {missing}, got {self.intensity}")
+        if self.context_slices < 0:
+            raise ValueError(f"context_slices must be >= 0, got {self.context_slices}")
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"mean and std must have as many entries, got {len(self.mean)} and {len(self.std)}")
+        if self.plane not in PLANES:
+            raise ValueError(f"plane {self.plane!r} is not one of {PLANES}")
 
     @property
     def class_names(self) -> list[str]:
