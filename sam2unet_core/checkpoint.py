@@ -16,6 +16,7 @@ refuses pickled code; safetensors files hold no code at all.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pickle
@@ -244,7 +245,7 @@ def build_model(metadata: ModelMetadata, sam2_checkpoint: str | os.PathLike | No
     metadata.validate()
     arch = metadata.architecture
     model = SAM2UNet(arch.backbone, arch.num_classes, arch.in_channels, arch.freeze_encoder)
-    model.metadata = metadata
+    model.metadata = dataclasses.replace(metadata, architecture=model.architecture)  # one object
     if sam2_checkpoint is not None:
         load_sam2_trunk(model, sam2_checkpoint)
     return model
@@ -292,6 +293,9 @@ def save_model(
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: our checkpoints end in .safetensors")
     if metadata is None:
+        if model.metadata is None:
+            raise ValueError("the model has no metadata (a bare SAM2UNet): build it with "
+                             "sam2unet_core.build_model, or pass metadata=ModelMetadata(...)")
         metadata = model.metadata
     elif isinstance(metadata, dict):
         metadata = ModelMetadata.from_dict(metadata)
