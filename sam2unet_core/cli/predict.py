@@ -19,7 +19,6 @@ case_done, case_error, done) for the 3D Slicer module; ``bar`` shows tqdm bars o
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -31,11 +30,11 @@ from ..inference.postprocess import POSTPROCESS_STEPS
 from ..io.dicom import list_dicom_series
 from ..io.orientation import PLANES
 from ..io.writers import LABEL_FORMATS
+from .progress import Progress
 
 __all__ = ["main", "build_parser"]
 
 logger = logging.getLogger(__name__)
-JSONL_EVENTS = ("start", "case_start", "slices", "case_done", "case_error", "done")  # on stdout
 # library option -> the flag that sets it, for error messages
 FLAGS = {"axis": "--axis", "output format": "--format", "part_id": "--part-id/--num-parts",
          "slice range": "--slice-range", "unknown post-processing": "--postprocess"}
@@ -110,56 +109,6 @@ def _with_flags(message: str) -> str:
     """A library error with the CLI flag it is about, e.g. ``--axis: axis 'x' is not ...``."""
     flags = [flag for option, flag in FLAGS.items() if message.startswith(option)]
     return f"{flags[0]}: {message}" if flags else message
-
-
-class Progress:
-    """Turns library events into JSON lines on stdout, or tqdm bars and a line per case on
-    stderr, or plain lines (``none``)."""
-
-    def __init__(self, mode: str) -> None:
-        self.mode = mode
-        self.case_bar = self.slice_bar = None
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        name = event["event"]
-        if self.mode == "jsonl":
-            if name in JSONL_EVENTS:
-                print(json.dumps(event), flush=True)
-            return
-        if self.mode == "bar":
-            self._bars(event)
-        if name == "case_done":
-            stages = ", ".join(f"{k} {v:.2f}s" for k, v in event["timings"].items())
-            self._say(f"{event['case']}: {event['seconds']:.2f}s ({stages}) -> {event['output']}")
-        elif name == "case_error":
-            self._say(f"{event['case']}: FAILED: {event['error']}")
-
-    def _bars(self, event: dict[str, Any]) -> None:
-        from tqdm import tqdm
-
-        name = event["event"]
-        if name == "start":
-            self.case_bar = tqdm(total=event["cases"], unit="case", file=sys.stderr, position=0)
-        elif name == "case_start":
-            self.slice_bar = tqdm(total=event["slices"], unit="slice", desc=event["case"],
-                                  leave=False, file=sys.stderr, position=1)
-        elif name == "slices" and self.slice_bar is not None:
-            self.slice_bar.update(event["done"] - self.slice_bar.n)
-        elif name in ("case_done", "case_error", "case_skipped"):
-            if self.slice_bar is not None:
-                self.slice_bar.close()
-                self.slice_bar = None
-            self.case_bar.update(1)
-        elif name == "done":
-            self.case_bar.close()
-
-    def _say(self, line: str) -> None:
-        if self.mode == "bar":
-            from tqdm import tqdm
-
-            tqdm.write(line)
-        else:
-            print(line, flush=True)
 
 
 def _list_series(input_path: Path) -> int:
