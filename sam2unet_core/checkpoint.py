@@ -42,6 +42,8 @@ __all__ = [
     "CheckpointError",
     "build_model",
     "checkpoint_kind",
+    "file_kind",
+    "FILE_KINDS",
     "load_model",
     "load_sam2_trunk",
     "read_metadata",
@@ -50,6 +52,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# file ending -> how it is read: "safetensors" (ours, metadata in the header) or "torch"
+# (.pt/.pth state dicts whose kind is detected from the tensors). Other backends add their
+# endings here (e.g. ".onnx").
+FILE_KINDS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch"}
 SAM2_TRUNK_PREFIX = "image_encoder.trunk."
 OFFICIAL_UNUSED_PREFIX = "up4."  # the official code builds a fourth Up block and never uses it
 PATCH_EMBED_KEY = "patch_embed.proj.weight"
@@ -104,15 +110,23 @@ def checkpoint_kind(state: dict[str, Any]) -> str:
     return "unknown"
 
 
+def file_kind(path: str | os.PathLike) -> str:
+    """The ``FILE_KINDS`` entry of ``path``'s ending; other endings (``.bin``, ``.ckpt``)
+    are tried as torch files, whose content then decides. ``CheckpointError`` for a missing
+    file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    return FILE_KINDS.get(path.suffix.lower(), "torch")
+
+
 def read_metadata(path: str | os.PathLike) -> ModelMetadata:
     """The metadata of a checkpoint without loading its weights.
 
     For official files (which carry none) this is what ``load_model`` would assume.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    if path.suffix == ".safetensors":
+    if file_kind(path) == "safetensors":
         return read_safetensors_metadata(path)
     state = _read_torch_file(path)
     kind = checkpoint_kind(state)
@@ -255,9 +269,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> S
     """Load any supported checkpoint (see the module docstring) and return the model in
     eval mode on ``device``, with ``model.metadata`` describing it."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    if path.suffix == ".safetensors":
+    if file_kind(path) == "safetensors":
         state, metadata = _read_safetensors(path)
         model = build_model(metadata)
         _load_strict(model, state, path)
