@@ -251,8 +251,8 @@ def test_axis_on_a_single_slice_is_reported_not_silently_dropped(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     source = packaged_dicom("MR_small.dcm")
-    with caplog.at_level(logging.WARNING, logger="sam2unet_core.cli.predict"):
+    with caplog.at_level(logging.WARNING, logger="sam2unet_core.inference.engine"):
         code, _ = predict(["-i", str(source), "-o", str(tmp_path), "-m", str(checkpoint),
                            "--axis", "sagittal"], capsys)
-    assert code == 0 and "a single slice; --axis sagittal does not apply" in caplog.text
+    assert code == 0 and "a single slice; the sagittal plane does not apply" in caplog.text
     assert sitk.ReadImage(str(tmp_path / "MR_small.nii.gz")).GetSize() == (64, 64, 1)
