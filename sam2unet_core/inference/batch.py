@@ -350,8 +350,7 @@ class _CaseRunner:
     def _failed(self, case: Case, err: Exception) -> None:
         message = str(err) if str(case.path) in str(err) else f"{case.path}: {err}"
         if type(err).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, no torch import
-            message += (f" (GPU out of memory: a batch size of {max(1, self.predictor.batch_size // 2)} "
-                        "may fit)")
+            message += f" (GPU out of memory: try batch_size={max(1, self.predictor.batch_size // 2)})"
         logger.debug("case %s failed", case.name, exc_info=err)
         self.summary.cases.append({"case": case.name, "input": str(case.path), "status": "failed",
                                    "error": message})

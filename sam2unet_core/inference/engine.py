@@ -193,7 +193,7 @@ class Predictor:
             check_fits_in_memory(
                 volume.source or "volume", volume.shape_kji, 4 * out_channels,
                 what=f"the labels and {out_channels}-channel float32 probabilities",
-                advice="segment without probabilities",
+                advice="segment without probabilities (probabilities=False)",
             )
             shape = volume.shape_kji if out_channels == 1 else volume.shape_kji + (out_channels,)
             probability_array = np.zeros(shape, dtype=np.float32)
