@@ -22,7 +22,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..device import DEVICE_CHOICES
 from ..inference.batch import PROBABILITY_FOLDER, PredictOptions, predict_from_files, select_cases
@@ -30,14 +30,12 @@ from ..inference.postprocess import POSTPROCESS_STEPS
 from ..io.dicom import list_dicom_series
 from ..io.orientation import PLANES
 from ..io.writers import LABEL_FORMATS
-from .progress import Progress
+from .progress import Progress, flag_words
 
 __all__ = ["main", "build_parser"]
 
 logger = logging.getLogger(__name__)
 # library option -> the flag that sets it, for error messages
-# library wording of a value that works -> the flag that gives it, in case errors
-OPTION_FLAGS = {"(probabilities=False)": "(without --save-probabilities)", "batch_size=": "--batch-size "}
 FLAGS = {"axis": "--axis", "output format": "--format", "part_id": "--part-id/--num-parts",
          "slice range": "--slice-range", "unknown post-processing": "--postprocess"}
 
@@ -113,20 +111,6 @@ def _with_flags(message: str) -> str:
     return f"{flags[0]}: {message}" if flags else message
 
 
-def _flag_words(text: str) -> str:
-    for words, flag in OPTION_FLAGS.items():
-        text = text.replace(words, flag)
-    return text
-
-
-def _with_cli_words(show: Progress) -> Callable[[dict[str, Any]], None]:
-    """``show`` events, case errors worded with this CLI's flags."""
-    def on_event(event: dict[str, Any]) -> None:
-        show({**event, "error": _flag_words(event["error"])} if "error" in event else event)
-
-    return on_event
-
-
 def _list_series(input_path: Path) -> int:
     found = list_dicom_series(input_path) if input_path.is_dir() else []
     if not found:
@@ -182,8 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     record = {"model": str(args.model),
               "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-    summary = predict_from_files(predictor, args.input, args.output, options,
-                                 _with_cli_words(Progress(args.progress)),
+    summary = predict_from_files(predictor, args.input, args.output, options, Progress(args.progress),
                                  record)
     counts = summary.counts
     if args.progress != "jsonl":
@@ -191,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{counts['failed']} failed; summary in {args.output}", file=sys.stderr)
     for case in summary.cases:
         if case["status"] == "failed":
-            print(f"FAILED {case['case']}: {_flag_words(case['error'])}", file=sys.stderr)
+            print(f"FAILED {case['case']}: {flag_words(case['error'])}", file=sys.stderr)
     if summary.interrupted:
         return 130
     return 1 if counts["failed"] else 0

@@ -7,9 +7,18 @@ import json
 import sys
 from typing import Any
 
-__all__ = ["Progress", "JSONL_EVENTS"]
+__all__ = ["Progress", "JSONL_EVENTS", "flag_words"]
 
 JSONL_EVENTS = ("start", "case_start", "slices", "case_done", "case_error", "done")  # on stdout
+# library wording of a value that works -> the flag that gives it, in case errors
+OPTION_FLAGS = {"(probabilities=False)": "(without --save-probabilities)", "batch_size=": "--batch-size "}
+
+
+def flag_words(text: str) -> str:
+    """A library message worded with ``sam2unet-predict``'s flags."""
+    for words, flag in OPTION_FLAGS.items():
+        text = text.replace(words, flag)
+    return text
 
 
 class Progress:
@@ -22,6 +31,8 @@ class Progress:
 
     def __call__(self, event: dict[str, Any]) -> None:
         name = event["event"]
+        if "error" in event:
+            event = {**event, "error": flag_words(event["error"])}
         if self.mode == "jsonl":
             if name in JSONL_EVENTS:
                 print(json.dumps(event), flush=True)
