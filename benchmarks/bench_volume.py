@@ -38,7 +38,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and the repo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine_description, peak_memory_bytes, reset_peak_memory  # noqa: E402
-from sam2unet_core import SAM2UNet, save_model  # noqa: E402
+from sam2unet_core import ModelMetadata, SAM2UNet, save_model  # noqa: E402
 from sam2unet_core.checkpoint import load_model  # noqa: E402
 from sam2unet_core.inference import Predictor  # noqa: E402
 from sam2unet_core.inference.batch import PredictOptions, predict_from_files  # noqa: E402
@@ -122,9 +122,8 @@ def write_ct_phantom(path: Path, shape_ijk: tuple[int, int, int], seed: int = 0)
 def _write_model(path: Path, backbone: str, size: int) -> Path:
     torch.manual_seed(0)
     model = SAM2UNet(backbone)
-    model.metadata.input_size = size
-    model.metadata.intensity = {"kind": "ct_window", "center": 40, "width": 400}
-    save_model(model, path)
+    save_model(model, path, ModelMetadata(architecture=model.architecture, input_size=size,
+                                          intensity={"kind": "ct_window", "center": 40, "width": 400}))
     return path
 
 
