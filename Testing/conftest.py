@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sam2unet_core import SAM2UNet, save_model
+from sam2unet_core import SAM2UNet, build_model, save_model
+from sam2unet_core.metadata import Architecture, ModelMetadata
 from sam2unet_core.model.blocks import UpBlock
 from sam2unet_core.model.hiera import build_hiera_trunk
 
@@ -38,7 +39,7 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 @pytest.fixture(scope="session")
 def tiny_model() -> SAM2UNet:
     """A hiera_t binary model with random weights, eval mode."""
-    return randomize_(SAM2UNet("hiera_t"), seed=1).eval()
+    return randomize_(build_model(ModelMetadata(architecture=Architecture("hiera_t"))), seed=1).eval()
 
 
 @pytest.fixture(scope="session")

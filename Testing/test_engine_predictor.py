@@ -12,6 +12,7 @@ from scipy.spatial.transform import Rotation
 
 from sam2unet_core.device import autocast_dtype, resolve_device
 from sam2unet_core.inference import Predictor
+from sam2unet_core.inference.torch_runner import TorchRunner
 from sam2unet_core.io import Volume
 from sam2unet_core.io.orientation import PLANES, plane_view
 from sam2unet_core.metadata import Architecture, ModelMetadata
@@ -57,8 +58,8 @@ def random_volume(shape_kji=(SIZE, SIZE, SIZE), direction=np.eye(3), seed=0) -> 
 @pytest.mark.parametrize("axis", sorted(PLANES))
 def test_labels_match_a_pointwise_model_on_every_axis(axis: str) -> None:
     volume = random_volume(direction=Rotation.from_euler("z", 30, degrees=True).as_matrix())
-    predictor = Predictor(predict_fn=threshold_fn, metadata=metadata(), device="cpu", batch_size=5)
-    labels = predictor.predict(volume, axis=axis)
+    predictor = Predictor(TorchRunner(threshold_fn, metadata=metadata(), device="cpu"), batch_size=5)
+    labels = predictor.predict(volume, axis=axis).labels
     assert labels.array_kji.dtype == np.uint8
     assert labels.same_grid(volume)
     np.testing.assert_array_equal(labels.array_kji, volume.array_kji > 0.5)
@@ -74,7 +75,7 @@ def test_model_sees_the_same_axial_slices_for_lps_and_ras_storage() -> None:
     seen = []
     for volume in (lps, ras):
         recorder = Recorder()
-        Predictor(predict_fn=recorder, metadata=metadata(), device="cpu").predict(volume)
+        Predictor(TorchRunner(recorder, metadata=metadata(), device="cpu")).predict(volume)
         seen.append(torch.cat(recorder.batches))
     torch.testing.assert_close(seen[0], seen[1])
 
@@ -85,7 +86,7 @@ def test_sagittal_slices_are_taken_across_left_right_whatever_the_array_order() 
     direction = np.array([[0, 0, 1], [1, 0, 0], [0, 1, 0]], dtype=float)  # i->P, j->S, k->L
     volume = random_volume(shape_kji=(3, SIZE, SIZE), direction=direction)
     recorder = Recorder()
-    Predictor(predict_fn=recorder, metadata=metadata(), device="cpu").predict(volume, axis="sagittal")
+    Predictor(TorchRunner(recorder, metadata=metadata(), device="cpu")).predict(volume, axis="sagittal")
     batch = torch.cat(recorder.batches)
     assert batch.shape == (3, 1, SIZE, SIZE)
     # slice 0 = k 0 (rightmost); rows = j reversed (superior first); columns = i (A -> P... i is +P)
@@ -110,13 +111,13 @@ def test_plane_view_round_trips_for_any_direction(angles, plane, channels) -> No
 
 def test_slice_range_limits_the_slices_in_file_order() -> None:
     volume = random_volume(shape_kji=(10, SIZE, SIZE))
-    predictor = Predictor(predict_fn=threshold_fn, metadata=metadata(), device="cpu", batch_size=4)
-    labels = predictor.predict(volume, slice_range=(3, 7)).array_kji
+    predictor = Predictor(TorchRunner(threshold_fn, metadata=metadata(), device="cpu"), batch_size=4)
+    labels = predictor.predict(volume, slice_range=(3, 7)).labels.array_kji
     np.testing.assert_array_equal(labels[3:7], volume.array_kji[3:7] > 0.5)
     assert not labels[:3].any() and not labels[7:].any()
     # k runs inferior here (view flipped): the range still means file indices 3..6
     flipped = Volume(volume.array_kji, direction_lps=np.diag([1.0, 1.0, -1.0]))
-    labels = predictor.predict(flipped, slice_range=(3, 7)).array_kji
+    labels = predictor.predict(flipped, slice_range=(3, 7)).labels.array_kji
     np.testing.assert_array_equal(labels[3:7], volume.array_kji[3:7] > 0.5)
     assert not labels[:3].any() and not labels[7:].any()
     with pytest.raises(ValueError, match="slice range 5:11 is outside the 10 slices"):
@@ -126,8 +127,8 @@ def test_slice_range_limits_the_slices_in_file_order() -> None:
 def test_25d_stacks_neighbours_with_edge_repeat() -> None:
     volume = Volume(np.arange(5, dtype=np.float32)[:, None, None] * np.ones((5, SIZE, SIZE)))
     recorder = Recorder()
-    predictor = Predictor(predict_fn=recorder, metadata=metadata(context=1, in_channels=3),
-                          device="cpu", batch_size=2)
+    predictor = Predictor(TorchRunner(recorder, metadata=metadata(context=1, in_channels=3),
+                          device="cpu"), batch_size=2)
     predictor.predict(volume)
     means = torch.cat(recorder.batches).mean(dim=(2, 3))
     torch.testing.assert_close(means, torch.tensor(
@@ -142,21 +143,22 @@ def test_multiclass_argmax_probabilities_and_progress() -> None:
         return -((batch - centres) ** 2) * 1000
 
     calls = []
-    predictor = Predictor(predict_fn=three_classes, metadata=metadata(num_classes=3),
-                          device="cpu", batch_size=4)
-    labels, probs = predictor.predict(volume, return_probabilities=True,
-                                      progress=lambda d, t: calls.append((d, t)))
+    predictor = Predictor(TorchRunner(three_classes, metadata=metadata(num_classes=3),
+                          device="cpu"), batch_size=4)
+    prediction = predictor.predict(volume, probabilities=True,
+                                   progress=lambda d, t: calls.append((d, t)))
+    labels, probs = prediction.labels, prediction.probabilities
     np.testing.assert_array_equal(labels.array_kji, np.floor(volume.array_kji * 3))
     assert probs.array_kji.shape == (6, SIZE, SIZE, 3) and probs.array_kji.dtype == np.float32
     np.testing.assert_allclose(probs.array_kji.sum(-1), 1.0, atol=1e-5)
     assert calls == [(4, 6), (6, 6)]
-    assert set(predictor.last_times.as_dict()) == {"preprocess", "model", "postprocess"}
+    assert set(prediction.times.as_dict()) == {"preprocess", "model", "postprocess"}
 
 
 def test_many_classes_give_uint16_labels() -> None:
     volume = random_volume(shape_kji=(2, SIZE, SIZE))
     fn = lambda batch: torch.zeros(batch.shape[0], 300, SIZE, SIZE).index_fill_(1, torch.tensor([299]), 1.0)
-    labels = Predictor(predict_fn=fn, metadata=metadata(num_classes=300), device="cpu").predict(volume)
+    labels = Predictor(TorchRunner(fn, metadata=metadata(num_classes=300), device="cpu")).predict(volume).labels
     assert labels.array_kji.dtype == np.uint16 and np.all(labels.array_kji == 299)
 
 
@@ -165,7 +167,7 @@ def test_resize_to_model_input_and_back_keeps_the_grid() -> None:
     volume.array_kji[:] = 0
     volume.array_kji[:, 10:40, 20:60] = 1
     recorder = Recorder()
-    labels = Predictor(predict_fn=recorder, metadata=metadata(), device="cpu").predict(volume)
+    labels = Predictor(TorchRunner(recorder, metadata=metadata(), device="cpu")).predict(volume).labels
     assert recorder.batches[0].shape[-2:] == (SIZE, SIZE)
     assert labels.shape_kji == (3, 50, 70)
     rows = np.flatnonzero(labels.array_kji[0].any(axis=1))
@@ -184,11 +186,11 @@ def test_flip_tta_averages_three_passes() -> None:
         return logits
 
     recorder = Recorder(left_half)
-    predictor = Predictor(predict_fn=recorder, metadata=metadata(), device="cpu")
-    plain = predictor.predict(volume).array_kji
+    predictor = Predictor(TorchRunner(recorder, metadata=metadata(), device="cpu"))
+    plain = predictor.predict(volume).labels.array_kji
     assert plain[0, :, : SIZE // 2].all() and not plain[0, :, SIZE // 2:].any()
     recorder.batches.clear()
-    _, probs = predictor.predict(volume, tta=True, return_probabilities=True)
+    probs = predictor.predict(volume, tta=True, probabilities=True).probabilities
     assert len(recorder.batches) == 3
     # left-right flipped pass votes the other way: p = (1 + 0 + 1) / 3 on the left
     np.testing.assert_allclose(probs.array_kji[0, 0, 0], 2 / 3, atol=1e-3)
@@ -201,10 +203,10 @@ def test_postprocessing_keeps_largest_component_and_fills_holes() -> None:
     array[3:5, 10:13, 10:13] = 0
     array[2:4, 25:28, 25:28] = 1  # small blob
     volume = Volume(array)
-    predictor = Predictor(predict_fn=threshold_fn, metadata=metadata(), device="cpu")
-    raw = predictor.predict(volume).array_kji
+    predictor = Predictor(TorchRunner(threshold_fn, metadata=metadata(), device="cpu"))
+    raw = predictor.predict(volume).labels.array_kji
     assert raw[2, 26, 26] == 1 and raw[3, 11, 11] == 0
-    cleaned = predictor.predict(volume, postprocess=["largest_component", "fill_holes"]).array_kji
+    cleaned = predictor.predict(volume, postprocess=["largest_component", "fill_holes"]).labels.array_kji
     assert cleaned[2, 26, 26] == 0 and cleaned[3, 11, 11] == 1
     assert cleaned.sum() == 6 * 16 * 16 and cleaned.dtype == np.uint8
     with pytest.raises(ValueError, match="unknown post-processing"):
@@ -216,21 +218,21 @@ def test_colour_images_feed_rgb_models_with_imagenet_normalisation() -> None:
     meta = metadata(in_channels=3, intensity={"kind": "scale", "divisor": 255.0})
     meta.mean, meta.std = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
     recorder = Recorder()
-    Predictor(predict_fn=recorder, metadata=meta, device="cpu").predict(Volume(rgb))
+    Predictor(TorchRunner(recorder, metadata=meta, device="cpu")).predict(Volume(rgb))
     expected = (torch.from_numpy(rgb[0]).permute(2, 0, 1).float() / 255 - 0.5) / 0.25
     torch.testing.assert_close(recorder.batches[0][0], expected)
 
 
 def test_wrong_model_output_and_missing_metadata_are_reported() -> None:
     volume = random_volume(shape_kji=(2, SIZE, SIZE))
-    wrong = Predictor(predict_fn=lambda b: torch.zeros(b.shape[0], 2, SIZE, SIZE),
-                      metadata=metadata(num_classes=3), device="cpu")
+    wrong = Predictor(TorchRunner(lambda b: torch.zeros(b.shape[0], 2, SIZE, SIZE),
+                                  metadata=metadata(num_classes=3), device="cpu"))
     with pytest.raises(ValueError, match=r"expected \(B, 3, H, W\)"):
         wrong.predict(volume)
-    with pytest.raises(ValueError, match="predict_fn together with metadata"):
-        Predictor(predict_fn=threshold_fn, device="cpu")
+    with pytest.raises(ValueError, match="metadata= with a forward function"):
+        Predictor(threshold_fn, device="cpu")
     with pytest.raises(ValueError, match="plane 'oblique'"):
-        Predictor(predict_fn=threshold_fn, metadata=metadata(), device="cpu").predict(volume, axis="oblique")
+        Predictor(TorchRunner(threshold_fn, metadata=metadata(), device="cpu")).predict(volume, axis="oblique")
 
 
 def test_real_tiny_sam2unet_runs_through_the_engine(tiny_model) -> None:
@@ -238,12 +240,13 @@ def test_real_tiny_sam2unet_runs_through_the_engine(tiny_model) -> None:
     tiny_model.metadata.input_size = 32
     try:
         predictor = Predictor(tiny_model, device="cpu", batch_size=2)
-        labels, probs = predictor.predict(volume, return_probabilities=True)
+        prediction = predictor.predict(volume, probabilities=True)
+        labels, probs = prediction.labels, prediction.probabilities
     finally:
         tiny_model.metadata.input_size = 352
     assert labels.shape_kji == (3, 40, 24) and labels.array_kji.dtype == np.uint8
     np.testing.assert_array_equal(labels.array_kji, probs.array_kji > 0.5)
-    assert predictor.last_times.model > 0
+    assert prediction.times.model > 0
 
 
 def test_intensity_modes() -> None:
@@ -300,8 +303,8 @@ def test_any_voxel_type_gives_the_same_labels(dtype: str) -> None:
     and are normalised there."""
     array = np.random.default_rng(0).integers(0, 200, (3, SIZE, SIZE))
     meta = metadata(intensity={"kind": "ct_window", "center": 100, "width": 100})
-    predictor = Predictor(predict_fn=threshold_fn, metadata=meta, device="cpu")
-    labels = predictor.predict(Volume(array.astype(dtype))).array_kji
+    predictor = Predictor(TorchRunner(threshold_fn, metadata=meta, device="cpu"))
+    labels = predictor.predict(Volume(array.astype(dtype))).labels.array_kji
     np.testing.assert_array_equal(labels, array > 100)
 
 
@@ -312,8 +315,8 @@ def test_nan_padding_does_not_spoil_percentile_normalisation() -> None:
     padded = array.copy()
     padded[:, :, :4] = np.nan
     meta = metadata(intensity={"kind": "percentile", "lower": 0.0, "upper": 100.0})
-    predictor = Predictor(predict_fn=threshold_fn, metadata=meta, device="cpu")
-    labels = predictor.predict(Volume(padded)).array_kji
+    predictor = Predictor(TorchRunner(threshold_fn, metadata=meta, device="cpu"))
+    labels = predictor.predict(Volume(padded)).labels.array_kji
     assert not labels[:, :, :4].any()
     expected = (padded[:, :, 4:] - np.nanmin(padded)) / (np.nanmax(padded) - np.nanmin(padded)) > 0.5
     np.testing.assert_array_equal(labels[:, :, 4:], expected)
@@ -324,7 +327,7 @@ def test_nan_padding_does_not_spoil_percentile_normalisation() -> None:
 def test_many_2d_images_share_batches_and_match_one_by_one_prediction() -> None:
     rng = np.random.default_rng(0)
     frames = [Volume(rng.integers(0, 256, (1, h, w, 3)).astype(np.uint8)) for h, w in
-              [(20, 30), (32, 32), (45, 17), (8, 50), (33, 40)]]
+              [(20, 30), (20, 30), (20, 30), (45, 17), (8, 50), (8, 50)]]
     meta = metadata(num_classes=3, in_channels=3, intensity={"kind": "scale", "divisor": 255.0})
 
     def brightness_classes(batch: torch.Tensor) -> torch.Tensor:
@@ -332,11 +335,13 @@ def test_many_2d_images_share_batches_and_match_one_by_one_prediction() -> None:
         return -((batch.mean(1, keepdim=True) - centres) ** 2) * 1000
 
     recorder = Recorder(brightness_classes)
-    predictor = Predictor(predict_fn=recorder, metadata=meta, device="cpu", batch_size=2)
-    together = predictor.predict_images(frames, return_probabilities=True)
-    assert [len(b) for b in recorder.batches] == [2, 2, 1]
-    for frame, (labels, probs) in zip(frames, together):
-        alone = predictor.predict(frame)
+    predictor = Predictor(TorchRunner(recorder, metadata=meta, device="cpu"), batch_size=2)
+    together = predictor.predict_images(frames, probabilities=True)
+    # runner batches hold one frame size: runs of equal sizes share them, up to batch_size
+    assert [len(b) for b in recorder.batches] == [2, 1, 1, 2]
+    for frame, prediction in zip(frames, together):
+        labels, probs = prediction.labels, prediction.probabilities
+        alone = predictor.predict(frame).labels
         assert labels.same_grid(frame) and labels.array_kji.dtype == np.uint8
         np.testing.assert_array_equal(labels.array_kji, alone.array_kji)
         assert probs.array_kji.shape == frame.shape_kji + (3,)

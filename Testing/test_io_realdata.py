@@ -228,17 +228,18 @@ def test_labels_land_on_the_voxels_they_were_predicted_for(
     SimpleITK, the labels must match the threshold of SimpleITK's own reading of the input
     voxel for voxel (a flip or transpose anywhere would break that)."""
     from sam2unet_core.inference.engine import Predictor
+    from sam2unet_core.inference.torch_runner import TorchRunner
 
     path = packaged_nifti(name)
     meta = ModelMetadata(
         architecture=Architecture("hiera_t", num_classes=1, in_channels=1), input_size=128,
         intensity={"kind": "percentile", "lower": 0.5, "upper": 99.5}, mean=[], std=[],
     )
-    predictor = Predictor(metadata=meta, predict_fn=lambda x: (x[:, :1] - 0.5) * 40,
-                          device="cpu", mixed_precision=False)
+    predictor = Predictor(TorchRunner(lambda x: (x[:, :1] - 0.5) * 40, metadata=meta,
+                                      device="cpu", mixed_precision=False))
     volume = read_volume(path)
     low, high = np.percentile(volume.array_kji, [0.5, 99.5])
-    output = write_labels(predictor.predict(volume, axis="sagittal"), tmp_path / f"l.{fmt}")
+    output = write_labels(predictor.predict(volume, axis="sagittal").labels, tmp_path / f"l.{fmt}")
     expected = sitk.GetArrayFromImage(sitk.ReadImage(str(path))) > (low + high) / 2
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(output))) > 0
     assert 0.2 < expected.mean() < 0.8
@@ -250,8 +251,8 @@ def test_axis_on_a_single_slice_is_reported_not_silently_dropped(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     source = packaged_dicom("MR_small.dcm")
-    with caplog.at_level(logging.WARNING, logger="sam2unet_core.cli.predict"):
+    with caplog.at_level(logging.WARNING, logger="sam2unet_core.inference.engine"):
         code, _ = predict(["-i", str(source), "-o", str(tmp_path), "-m", str(checkpoint),
                            "--axis", "sagittal"], capsys)
-    assert code == 0 and "a single slice; --axis sagittal does not apply" in caplog.text
+    assert code == 0 and "a single slice; the sagittal plane does not apply" in caplog.text
     assert sitk.ReadImage(str(tmp_path / "MR_small.nii.gz")).GetSize() == (64, 64, 1)

@@ -341,16 +341,17 @@ def test_bool_and_float16_arrays_segment_like_their_uint8_and_float32_values(
 ) -> None:
     """No NIfTI/NRRD/MHA code exists for bool or float16 voxels, but API users hand such
     arrays to the engine: they give the labels of the same values in uint8 / float32."""
+    from sam2unet_core import load_model
     from sam2unet_core.inference import Predictor
     from sam2unet_core.io import Volume
 
-    predictor = Predictor(checkpoint, device="cpu")
+    predictor = Predictor(load_model(checkpoint), device="cpu")
     values = np.random.default_rng(7).integers(0, 1000, (2, 32, 32))  # exact in float16
     mask = values > 500
     for odd, plain in ((mask, mask.astype(np.uint8)),
                        (values.astype(np.float16), values.astype(np.float32))):
-        np.testing.assert_array_equal(predictor.predict(Volume(odd)).array_kji,
-                                      predictor.predict(Volume(plain)).array_kji)
+        np.testing.assert_array_equal(predictor.predict(Volume(odd)).labels.array_kji,
+                                      predictor.predict(Volume(plain)).labels.array_kji)
 
 
 def test_volume_index_segments_one_volume_of_a_4d_image_like_that_volume_alone(

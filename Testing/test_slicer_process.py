@@ -155,6 +155,12 @@ def test_predict_arguments_without_slice_range_and_environment_untouched(tmp_pat
     assert processEnvironment(base, Device.cpu)["CUDA_VISIBLE_DEVICES"] == ""
 
 
+def test_default_plane_is_the_models_and_passes_no_axis(tmp_path: Path) -> None:
+    params = RunParameters(tmp_path / "m.safetensors")
+    assert params.sliceAxis is SliceAxis.model and SliceAxis.model.label() == "Model's plane"
+    assert "--axis" not in buildPredictArgs("python", tmp_path / "in.nrrd", tmp_path / "out", params)
+
+
 def test_slice_count_follows_the_anatomical_axis_as_the_cli_counts_it() -> None:
     from sam2unet_core.io.orientation import plane_view
 
@@ -170,6 +176,7 @@ def test_slice_count_follows_the_anatomical_axis_as_the_cli_counts_it() -> None:
     # Oblique by 20 degrees: still the closest voxel axis.
     oblique = slicer_fakes.obliqueIjkToRas(degrees=(20, 0, 0))
     assert sliceCountAlongAxis(oblique, dimensionsIjk, SliceAxis.axial, plane_view) == 40
+    assert sliceCountAlongAxis(axialAcquisition, dimensionsIjk, SliceAxis.model, plane_view, "coronal") == 200
 
 
 def test_probe_output_parsing_and_summaries() -> None:

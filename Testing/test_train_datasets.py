@@ -13,6 +13,7 @@ import torch
 from train_data import SAGITTAL_AFFINE, write_msd_dataset, write_polyp_folder
 
 from sam2unet_core.inference.engine import Predictor
+from sam2unet_core.inference.torch_runner import TorchRunner
 from sam2unet_core.io.readers import read_volume
 from sam2unet_core.train.config import load_config
 from sam2unet_core.train.datasets import find_polyp_cases, read_volume_dataset, split_cases
@@ -99,7 +100,7 @@ def test_volume_training_input_equals_the_inference_engine_input(tmp_path: Path)
         return torch.zeros(batch.shape[0], 3, *batch.shape[2:])
 
     volume = read_volume(root / "imagesTr" / "case_001_0000.nii.gz")
-    Predictor(predict_fn=capture, metadata=meta, device="cpu", batch_size=64).predict(volume, axis="axial")
+    Predictor(TorchRunner(capture, metadata=meta, device="cpu"), batch_size=64).predict(volume, axis="axial")
     engine = torch.cat(seen)
     train_items = torch.stack([data.val[i]["image"] for i in range(len(data.val))])
     assert engine.shape == train_items.shape == (40, 3, 64, 64)  # J = 40 axial slices

@@ -1,7 +1,7 @@
 """A CT-sized volume through ``sam2unet-predict``, with the time of each stage.
 
 Writes a synthetic CT phantom (int16 HU, ``.nii.gz``) and a randomly initialised model
-checkpoint, runs the real CLI (``sam2unet_core.cli.predict.main``) on it ``--repeats``
+checkpoint, runs the library under ``sam2unet-predict`` (``predict_from_files``) on it ``--repeats``
 times, and prints for each run: wall seconds, slices/s end to end, the stages that
 ``predict_summary.json`` reports (read, preprocess, model, postprocess, write), the part of
 the wall time not covered by the model stage, and the peak memory. ``setup`` is the model
@@ -38,8 +38,10 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and the repo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine_description, peak_memory_bytes, reset_peak_memory  # noqa: E402
-from sam2unet_core import SAM2UNet, save_model  # noqa: E402
-from sam2unet_core.cli import predict  # noqa: E402
+from sam2unet_core import ModelMetadata, SAM2UNet, save_model  # noqa: E402
+from sam2unet_core.checkpoint import load_model  # noqa: E402
+from sam2unet_core.inference import Predictor  # noqa: E402
+from sam2unet_core.inference.batch import PredictOptions, predict_from_files  # noqa: E402
 from sam2unet_core.device import resolve_device  # noqa: E402
 from sam2unet_core.io.readers import read_volume  # noqa: E402
 from sam2unet_core.io.writers import write_labels  # noqa: E402
@@ -120,28 +122,26 @@ def write_ct_phantom(path: Path, shape_ijk: tuple[int, int, int], seed: int = 0)
 def _write_model(path: Path, backbone: str, size: int) -> Path:
     torch.manual_seed(0)
     model = SAM2UNet(backbone)
-    model.metadata.input_size = size
-    model.metadata.intensity = {"kind": "ct_window", "center": 40, "width": 400}
-    save_model(model, path)
+    save_model(model, path, ModelMetadata(architecture=model.architecture, input_size=size,
+                                          intensity={"kind": "ct_window", "center": 40, "width": 400}))
     return path
 
 
 def run_predict(image: Path, model: Path, output: Path, device: str, batch_size: int,
                 precision: str) -> dict:
-    """One ``sam2unet-predict`` run; returns wall seconds, stage seconds and peak memory."""
-    argv = ["-i", str(image), "-o", str(output), "-m", str(model), "--device", device,
-            "--batch-size", str(batch_size), "--progress", "none", "--overwrite"]
-    if precision == "fp32":
-        argv.append("--no-mixed-precision")
+    """One library run as ``sam2unet-predict`` does it (load, ``predict_from_files``);
+    returns wall seconds, stage seconds and peak memory."""
     torch_device = resolve_device(device)
     reset_peak_memory(torch_device)
     started = time.perf_counter()
-    code = predict.main(argv)
+    predictor = Predictor(load_model(model), batch_size=batch_size, device=torch_device,
+                          mixed_precision=precision != "fp32")
+    run = predict_from_files(predictor, image, output, PredictOptions(overwrite=True))
     wall = time.perf_counter() - started
-    if code != 0:
-        raise RuntimeError(f"sam2unet-predict returned {code} for {image} (arguments {argv})")
-    summary = json.loads((output / "predict_summary.json").read_text())
-    case = summary["cases"][0]
+    case = run.cases[0]
+    if case["status"] != "ok":
+        raise RuntimeError(f"prediction of {image} failed: {case.get('error')}")
+    summary = json.loads(run.summary_path.read_text())
     peak, memory_kind = peak_memory_bytes(torch_device)
     stages = {stage: case["timings"].get(stage, 0.0) for stage in STAGES}
     stages["setup"] = wall - case["seconds"]  # model loading, case discovery, summary

@@ -1,18 +1,47 @@
 """sam2unet_core: SAM2-UNet for medical images and volumes.
 
-Main entry points:
+Main entry points (imported on first use, so ``import sam2unet_core.io`` or
+``sam2unet_core.metadata`` costs no torch):
     * ``SAM2UNet``: the network (``sam2unet_core.model``).
     * ``load_model`` / ``save_model`` / ``build_model`` / ``read_metadata``: checkpoints of
       every kind (``sam2unet_core.checkpoint``).
-    * ``ModelMetadata``: architecture, labels and preprocessing stored with the weights.
-    * ``Predictor``: the slice-wise inference engine for volumes and images.
+    * ``ModelMetadata``: architecture, labels, preprocessing and plane stored with the weights.
+    * ``Predictor`` / ``Prediction``: the slice-wise inference engine for volumes and images.
+    * ``PredictOptions`` / ``predict_from_files``: segment a file or a folder of cases.
 """
 
-from .checkpoint import build_model, load_model, read_metadata, save_model
-from .inference import Predictor
-from .metadata import ModelMetadata
-from .model import SAM2UNet
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["SAM2UNet", "ModelMetadata", "Predictor", "build_model", "load_model", "read_metadata", "save_model"]
+# public name -> module that defines it (relative to this package)
+_LAZY_NAMES = {
+    "SAM2UNet": ".model",
+    "ModelMetadata": ".metadata",
+    "read_safetensors_metadata": ".metadata",
+    "Predictor": ".inference.engine",
+    "Prediction": ".inference.engine",
+    "PredictOptions": ".inference.batch",
+    "predict_from_files": ".inference.batch",
+    "build_model": ".checkpoint",
+    "load_model": ".checkpoint",
+    "read_metadata": ".checkpoint",
+    "save_model": ".checkpoint",
+}
+
+__all__ = sorted(_LAZY_NAMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY_NAMES[name], __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY_NAMES])

@@ -16,18 +16,25 @@ refuses pickled code; safetensors files hold no code at all.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .metadata import Architecture, ModelMetadata, default_labels
+from .io.atomic import atomic_write
+from .metadata import (
+    METADATA_KEY,
+    Architecture,
+    CheckpointError,
+    ModelMetadata,
+    default_labels,
+    read_safetensors_metadata,
+)
 from .model.hiera import adapt_patch_embed_weight, detect_backbone
 from .model.sam2unet import SAM2UNet
 
@@ -35,6 +42,8 @@ __all__ = [
     "CheckpointError",
     "build_model",
     "checkpoint_kind",
+    "file_kind",
+    "FILE_KINDS",
     "load_model",
     "load_sam2_trunk",
     "read_metadata",
@@ -43,14 +52,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-METADATA_KEY = "sam2unet"
+# file ending -> how it is read: "safetensors" (ours, metadata in the header) or "torch"
+# (.pt/.pth state dicts whose kind is detected from the tensors). Other backends add their
+# endings here (e.g. ".onnx").
+FILE_KINDS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch"}
 SAM2_TRUNK_PREFIX = "image_encoder.trunk."
 OFFICIAL_UNUSED_PREFIX = "up4."  # the official code builds a fourth Up block and never uses it
 PATCH_EMBED_KEY = "patch_embed.proj.weight"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used; the message names the file and the cause."""
 
 
 # --------------------------------------------------------------------------- reading
@@ -102,29 +110,24 @@ def checkpoint_kind(state: dict[str, Any]) -> str:
     return "unknown"
 
 
+def file_kind(path: str | os.PathLike) -> str:
+    """The ``FILE_KINDS`` entry of ``path``'s ending; other endings (``.bin``, ``.ckpt``)
+    are tried as torch files, whose content then decides. ``CheckpointError`` for a missing
+    file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    return FILE_KINDS.get(path.suffix.lower(), "torch")
+
+
 def read_metadata(path: str | os.PathLike) -> ModelMetadata:
     """The metadata of a checkpoint without loading its weights.
 
     For official files (which carry none) this is what ``load_model`` would assume.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                header = f.metadata() or {}
-        except Exception as err:  # noqa: BLE001 - the Rust reader raises several kinds on bad bytes
-            raise CheckpointError(f"{path}: not a readable safetensors file: {err}") from err
-        if METADATA_KEY not in header:
-            raise CheckpointError(
-                f"{path}: safetensors file without '{METADATA_KEY}' metadata; was it written "
-                f"by sam2unet_core.save_model?"
-            )
-        try:
-            return ModelMetadata.from_json(header[METADATA_KEY])
-        except (ValueError, TypeError, KeyError) as err:
-            raise CheckpointError(f"{path}: invalid model metadata: {err}") from err
+    if file_kind(path) == "safetensors":
+        return read_safetensors_metadata(path)
     state = _read_torch_file(path)
     kind = checkpoint_kind(state)
     if kind == "sam2":
@@ -256,7 +259,7 @@ def build_model(metadata: ModelMetadata, sam2_checkpoint: str | os.PathLike | No
     metadata.validate()
     arch = metadata.architecture
     model = SAM2UNet(arch.backbone, arch.num_classes, arch.in_channels, arch.freeze_encoder)
-    model.metadata = metadata
+    model.metadata = dataclasses.replace(metadata, architecture=model.architecture)  # one object
     if sam2_checkpoint is not None:
         load_sam2_trunk(model, sam2_checkpoint)
     return model
@@ -266,9 +269,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> S
     """Load any supported checkpoint (see the module docstring) and return the model in
     eval mode on ``device``, with ``model.metadata`` describing it."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    if path.suffix == ".safetensors":
+    if file_kind(path) == "safetensors":
         state, metadata = _read_safetensors(path)
         model = build_model(metadata)
         _load_strict(model, state, path)
@@ -304,6 +305,9 @@ def save_model(
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: our checkpoints end in .safetensors")
     if metadata is None:
+        if model.metadata is None:
+            raise ValueError("the model has no metadata (a bare SAM2UNet): build it with "
+                             "sam2unet_core.build_model, or pass metadata=ModelMetadata(...)")
         metadata = model.metadata
     elif isinstance(metadata, dict):
         metadata = ModelMetadata.from_dict(metadata)
@@ -314,13 +318,5 @@ def save_model(
             f"{model.architecture}"
         )
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp_name, metadata={METADATA_KEY: metadata.to_json()})
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={METADATA_KEY: metadata.to_json()}))
     return path

@@ -147,8 +147,11 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    from sam2unet_core.cli import evaluate, predict
+    from sam2unet_core.checkpoint import load_model
+    from sam2unet_core.cli import evaluate
     from sam2unet_core.device import resolve_device
+    from sam2unet_core.inference import Predictor
+    from sam2unet_core.inference.batch import PredictOptions, predict_from_files
     from sam2unet_core.train.config import load_config
     from sam2unet_core.train.trainer import train
 
@@ -171,12 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     _say(f"      best validation Dice {result.best_dice:.4f} (epoch {result.best_epoch}); model {model_path}")
 
     pred_dir = out / "predictions"
-    _say(f"[3/5] sam2unet-predict on the held-out cases -> {pred_dir}")
-    rc = predict.main(["-i", str(data_root / "imagesTs"), "-o", str(pred_dir), "-m", str(model_path),
-                       "--device", str(device), "--overwrite"])
-    if rc != 0:
-        print(f"sam2unet-predict failed with exit code {rc}", file=sys.stderr)
-        return rc
+    _say(f"[3/5] predicting the held-out cases (predict_from_files) -> {pred_dir}")
+    predictor = Predictor(load_model(model_path), device=device)
+    run = predict_from_files(predictor, data_root / "imagesTs", pred_dir, PredictOptions(overwrite=True))
+    failed = [case for case in run.cases if case["status"] == "failed"]
+    if failed:
+        print(f"prediction failed: {failed[0]['case']}: {failed[0]['error']}", file=sys.stderr)
+        return 1
 
     _say("[4/5] scoring the held-out predictions (sam2unet-evaluate)")
     rc = evaluate.main(["--pred", str(pred_dir), "--gt", str(data_root / "labelsTs"), "--out",

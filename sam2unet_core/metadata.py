@@ -3,7 +3,12 @@ prepare its input.
 
 The metadata travels as JSON inside our safetensors checkpoints (header key ``sam2unet``),
 so one file rebuilds the network (``architecture``), its input preparation
-(``preprocessing``, ``input_size``) and the meaning of its outputs (``labels``).
+(``preprocessing``, ``input_size``), the anatomical ``plane`` its 2D slices are cut along
+and the meaning of its outputs (``labels``). :func:`read_safetensors_metadata` reads it
+from the file's JSON header with the standard library only (no torch).
+
+Format versions: 1 had no ``plane`` (such files read as ``axial``, the plane every model
+was then run on); 2 adds it.
 
 Label convention:
     * ``num_classes == 1``: one sigmoid channel; voxels with p > 0.5 get label value 1.
@@ -26,7 +31,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import struct
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 __all__ = [
@@ -38,9 +46,19 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "FORMAT_VERSION",
+    "METADATA_KEY",
+    "PLANES",
+    "CheckpointError",
+    "read_safetensors_metadata",
+    "PREPROCESSING_FIELDS",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: adds ``plane``
+METADATA_KEY = "sam2unet"  # the safetensors header entry holding the metadata JSON
+PLANES = ("axial", "coronal", "sagittal")  # see sam2unet_core.io.orientation
+# the fields that say how a slice is prepared; the training config holds these same fields
+PREPROCESSING_FIELDS = ("input_size", "intensity", "mean", "std", "context_slices", "plane")
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit on its JSON header
 BACKBONES = ("hiera_t", "hiera_s", "hiera_b+", "hiera_l")
 INTENSITY_KINDS = {
     "ct_window": ("center", "width"),
@@ -56,6 +74,10 @@ DEFAULT_COLORS = [
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
     (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
 ]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file and the cause."""
 
 
 @dataclass
@@ -139,6 +161,7 @@ class ModelMetadata:
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     context_slices: int = 0
+    plane: str = "axial"  # anatomical plane of the 2D slices the model was trained on
     provenance: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -150,6 +173,7 @@ class ModelMetadata:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first inconsistent field."""
         self.architecture.validate()
+        self.validate_preprocessing()
         arch = self.architecture
         expected_values = list(range(1, max(arch.num_classes, 2)))
         values = [label.value for label in self.labels]
@@ -158,16 +182,6 @@ class ModelMetadata:
                 f"labels must describe values {expected_values} for num_classes="
                 f"{arch.num_classes}, got {values}"
             )
-        if self.input_size % 32 != 0 or self.input_size <= 0:
-            raise ValueError(f"input_size must be a positive multiple of 32, got {self.input_size}")
-        kind = self.intensity.get("kind")
-        if kind not in INTENSITY_KINDS:
-            raise ValueError(f"intensity kind {kind!r} is not one of {sorted(INTENSITY_KINDS)}")
-        missing = [key for key in INTENSITY_KINDS[kind] if key not in self.intensity]
-        if missing:
-            raise ValueError(f"intensity {kind!r} needs {missing}, got {self.intensity}")
-        if self.context_slices < 0:
-            raise ValueError(f"context_slices must be >= 0, got {self.context_slices}")
         if len(self.mean) != len(self.std) or len(self.mean) not in (0, arch.in_channels):
             raise ValueError(
                 f"mean/std must be empty or have in_channels={arch.in_channels} entries, "
@@ -179,6 +193,24 @@ class ModelMetadata:
                 f"in_channels={arch.in_channels} does not fit context_slices="
                 f"{self.context_slices} (expects {stack} channels, or 3 for a repeated slice)"
             )
+
+    def validate_preprocessing(self) -> None:
+        """Check the fields of ``PREPROCESSING_FIELDS`` that do not depend on the network
+        (the training config uses this same check); ``ValueError`` names the field."""
+        if self.input_size % 32 != 0 or self.input_size <= 0:
+            raise ValueError(f"input_size must be a positive multiple of 32, got {self.input_size}")
+        kind = self.intensity.get("kind")
+        if kind not in INTENSITY_KINDS:
+            raise ValueError(f"intensity kind {kind!r} is not one of {sorted(INTENSITY_KINDS)}")
+        missing = [key for key in INTENSITY_KINDS[kind] if key not in self.intensity]
+        if missing:
+            raise ValueError(f"intensity {kind!r} needs {missing}, got {self.intensity}")
+        if self.context_slices < 0:
+            raise ValueError(f"context_slices must be >= 0, got {self.context_slices}")
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"mean and std must have as many entries, got {len(self.mean)} and {len(self.std)}")
+        if self.plane not in PLANES:
+            raise ValueError(f"plane {self.plane!r} is not one of {PLANES}")
 
     @property
     def class_names(self) -> list[str]:
@@ -208,7 +240,7 @@ class ModelMetadata:
             raise ValueError(f"unknown metadata fields {unknown}; known: {sorted(known)}")
         arch = Architecture(**data.pop("architecture", {}))
         labels = [LabelInfo.from_dict(lab) for lab in data.pop("labels", [])]
-        meta = cls(architecture=arch, labels=labels, **data)
+        meta = cls(architecture=arch, labels=labels, **data)  # version 1: plane "axial"
         meta.validate()
         return meta
 
@@ -249,30 +281,42 @@ def default_labels(
     return labels
 
 
-def read_safetensors_metadata(path: Any) -> ModelMetadata:
-    """The ``ModelMetadata`` of one of our ``.safetensors`` checkpoints, read from its header
-    alone (8-byte little-endian header length, then JSON): no torch, no weights read.
+def read_safetensors_metadata(path: str | os.PathLike) -> ModelMetadata:
+    """The :class:`ModelMetadata` of one of our ``.safetensors`` checkpoints, read from the
+    file's header without loading weights or importing torch.
 
-    Raises ``ValueError`` naming the file when it is not a safetensors file or holds no
-    ``sam2unet`` metadata.
+    A safetensors file starts with an 8-byte little-endian header length, then that many
+    bytes of JSON whose ``__metadata__`` maps strings to strings; ours holds the metadata
+    JSON under ``METADATA_KEY``. Raises :class:`CheckpointError` naming the file and what
+    is wrong.
     """
-    import struct
-    from pathlib import Path
-
     path = Path(path)
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) != 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > 100_000_000:
-            raise ValueError(f"{path}: not a safetensors file (header length {length} bytes)")
-        raw = handle.read(length)
     try:
-        header = json.loads(raw)
+        with open(path, "rb") as fh:
+            start = fh.read(8)
+            if len(start) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            (length,) = struct.unpack("<Q", start)
+            if length > MAX_HEADER_BYTES:
+                raise CheckpointError(
+                    f"{path}: not a safetensors file (header length {length} bytes is over "
+                    f"the format's limit of {MAX_HEADER_BYTES})")
+            raw = fh.read(length)
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read the checkpoint: {err.strerror or err}") from err
+    if len(raw) < length:
+        raise CheckpointError(f"{path}: truncated safetensors header ({len(raw)} of {length} bytes)")
+    try:
+        header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not a safetensors file (header is not JSON: {err})") from err
-    text = (header.get("__metadata__") or {}).get("sam2unet") if isinstance(header, dict) else None
-    if not text:
-        raise ValueError(f"{path}: holds no sam2unet model metadata (not written by sam2unet_core)")
-    return ModelMetadata.from_json(text)
+        raise CheckpointError(f"{path}: not a readable safetensors file (bad JSON header: {err})") from err
+    entries = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(entries, dict) or METADATA_KEY not in entries:
+        raise CheckpointError(
+            f"{path}: safetensors file without '{METADATA_KEY}' metadata; was it written "
+            f"by sam2unet_core.save_model?"
+        )
+    try:
+        return ModelMetadata.from_json(entries[METADATA_KEY])
+    except (ValueError, TypeError, KeyError) as err:
+        raise CheckpointError(f"{path}: invalid model metadata: {err}") from err

@@ -5,16 +5,21 @@ The ``intensity`` specs are those of :class:`sam2unet_core.metadata.ModelMetadat
 statistics (percentiles, mean/std) are computed once with :func:`fit_intensity` and then
 applied batch by batch with :func:`apply_intensity`, so a large volume is never copied to
 float as a whole.
+
+numpy-only functions (``fit_intensity``, ``stack_slices``, the numpy path of
+``apply_intensity``) import no torch: the backend-neutral ``Predictor`` uses them. The
+tensor functions import torch when called.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "IntensityMapping",
@@ -86,7 +91,9 @@ def apply_intensity(
     """Apply ``mapping`` to a numpy array or a torch tensor (on any device) of any shape;
     returns float32 of the same shape and kind. Non-finite voxels (NaN, +-Inf: no
     measurement) become 0, the low end; unclipped mappings would otherwise pass +-3e38 on."""
-    if isinstance(array, torch.Tensor):
+    if not isinstance(array, np.ndarray):  # a torch tensor
+        import torch
+
         out = torch.nan_to_num_((array.float() - mapping.offset) / mapping.scale,
                                 nan=0.0, posinf=0.0, neginf=0.0)
         return out.clamp_(0.0, 1.0) if mapping.clip else out
@@ -103,6 +110,8 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
     """numpy -> CPU tensor without a float copy where torch has the dtype (int16 CT stays
     2 bytes a voxel on its way to the GPU); big-endian and unsigned 16/32/64-bit data are
     converted to native types torch supports."""
+    import torch
+
     dtype = array.dtype.newbyteorder("=")
     if dtype.kind == "u" and dtype.itemsize > 1:  # uint64 as float64: int64 would wrap
         dtype = np.dtype({2: np.int32, 4: np.int64}.get(dtype.itemsize, np.float64))
@@ -163,6 +172,8 @@ def normalize_channels(
     """``(batch - mean) / std`` per channel of a ``(B, C, H, W)`` tensor; no-op when empty."""
     if not mean:
         return batch
+    import torch
+
     shape = (1, len(mean), 1, 1)
     mean_t = torch.as_tensor(mean, dtype=batch.dtype, device=batch.device).view(shape)
     std_t = torch.as_tensor(std, dtype=batch.dtype, device=batch.device).view(shape)
@@ -174,4 +185,6 @@ def resize_batch(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     returns the input unchanged when it already has that size."""
     if tuple(batch.shape[-2:]) == tuple(size):
         return batch
+    import torch.nn.functional as F
+
     return F.interpolate(batch, size=size, mode="bilinear", align_corners=False)

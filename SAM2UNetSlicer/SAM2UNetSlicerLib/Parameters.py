@@ -36,14 +36,16 @@ class Device(enum.Enum):
 
 
 class SliceAxis(enum.Enum):
-    """Anatomical axis the 2D model slices along (whatever the array order of the volume)."""
+    """Anatomical plane the 2D model slices along (whatever the array order of the volume);
+    ``model``: the plane the model was trained on (its metadata's ``plane``)."""
 
+    model = "model"
     axial = "axial"
     coronal = "coronal"
     sagittal = "sagittal"
 
     def label(self) -> str:
-        return self.name.capitalize()
+        return "Model's plane" if self is SliceAxis.model else self.name.capitalize()
 
 
 @dataclass
@@ -56,7 +58,7 @@ class RunParameters:
 
     checkpointPath: Path
     device: Device = Device.auto
-    sliceAxis: SliceAxis = SliceAxis.axial
+    sliceAxis: SliceAxis = SliceAxis.model
     sliceRange: tuple[int, int] | None = None
     batchSize: int = 8  # slices per forward pass; lower it when the GPU runs out of memory
 
@@ -80,11 +82,12 @@ def buildPredictArgs(python: str, inputPath: Path, outputDir: Path, params: RunP
         "-o", str(outputDir),
         "-m", str(params.checkpointPath),
         "--device", params.device.value,
-        "--axis", params.sliceAxis.value,
         "--batch-size", str(params.batchSize),
         "--format", "nii.gz",
         "--progress", "jsonl",
     ]
+    if params.sliceAxis is not SliceAxis.model:  # without --axis the CLI uses the model's plane
+        args += ["--axis", params.sliceAxis.value]
     if params.sliceRange is not None:
         first, last = params.sliceRange
         args += ["--slice-range", f"{first}:{last + 1}"]  # the CLI takes half-open START:STOP
@@ -103,16 +106,18 @@ def processEnvironment(baseEnvironment: dict[str, str], device: Device) -> dict[
 
 
 def sliceCountAlongAxis(ijkToRas: np.ndarray, dimensionsIjk: tuple[int, int, int], axis: SliceAxis,
-                        planeView: Callable[[np.ndarray, str], Any]) -> int:
+                        planeView: Callable[[np.ndarray, str], Any], modelPlane: str = "axial") -> int:
     """Number of slices of a volume along an anatomical axis, as ``sam2unet-predict`` counts them.
 
     ``ijkToRas`` is the 4x4 IJK-to-RAS matrix, ``dimensionsIjk`` the size along I, J, K (VTK
     order, not the KJI order of numpy arrays). ``planeView`` is
     ``sam2unet_core.io.orientation.plane_view`` (passed in: the same rule as the CLI, also
     for oblique volumes); it takes the LPS direction matrix (columns i, j, k).
+    ``modelPlane`` is the model's plane, used for ``SliceAxis.model``.
     """
     matrix = np.asarray(ijkToRas, dtype=float)[:3, :3]
     directionRas = matrix / np.linalg.norm(matrix, axis=0, keepdims=True)  # unit column per IJK axis
     directionLps = np.diag([-1.0, -1.0, 1.0]) @ directionRas
     shapeKji = tuple(int(d) for d in reversed(dimensionsIjk))
-    return shapeKji[planeView(directionLps, axis.value).slice_array_axis]
+    plane = modelPlane if axis is SliceAxis.model else axis.value
+    return shapeKji[planeView(directionLps, plane).slice_array_axis]

@@ -30,13 +30,13 @@ from typing import Any
 
 import numpy as np
 
+from sam2unet_core.io.readers import PICTURE_SUFFIXES
 from sam2unet_core.metrics import IMAGE_METRIC_NAMES, image_metrics, volume_metrics
 
 __all__ = ["main", "evaluate_folders"]
 
 logger = logging.getLogger(__name__)
 
-PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def _index(folder: Path) -> dict[str, Path]:

@@ -1,11 +1,11 @@
-"""Label-map clean-up with MONAI transforms, applied on the whole 3D label volume."""
+"""Label-map clean-up with MONAI transforms, applied on the whole 3D label volume (torch and
+MONAI are imported only when a step runs)."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
 import numpy as np
-import torch
 
 __all__ = ["POSTPROCESS_STEPS", "check_steps", "postprocess_labels"]
 
@@ -30,6 +30,7 @@ def postprocess_labels(
 
     Returns an array of the input's dtype and shape.
     """
+    import torch
     from monai.transforms import FillHoles, KeepLargestConnectedComponent
 
     transforms = {

@@ -4,12 +4,13 @@ See :mod:`sam2unet_core.io.volume` for the axis-order (KJI arrays, IJK indices) 
 coordinate (LPS inside, RAS in nibabel) conventions.
 """
 
+from .atomic import atomic_write, remove_partials
 from .cases import Case, find_cases
 from .dicom import DicomSeries, list_dicom_series, read_dicom_series
 from .orientation import PLANES, PlaneView, plane_view
 from .readers import IMAGE_SUFFIXES, read_volume, split_suffix
 from .volume import Volume, affine_lps, affine_ras, label_dtype
-from .writers import LABEL_FORMATS, atomic_write, output_suffix, write_labels, write_probabilities
+from .writers import LABEL_FORMATS, output_suffix, write_labels, write_probabilities
 
 __all__ = [
     "Volume",
@@ -29,6 +30,7 @@ __all__ = [
     "output_suffix",
     "read_dicom_series",
     "read_volume",
+    "remove_partials",
     "split_suffix",
     "write_labels",
     "write_probabilities",

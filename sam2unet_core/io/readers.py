@@ -35,7 +35,7 @@ from .convert import sitk_error_cause, volume_from_nifti, volume_from_sitk
 from .dicom import looks_like_dicom, read_dicom_file, read_dicom_series
 from .volume import Volume, check_fits_in_memory
 
-__all__ = ["read_volume", "VolumeReader", "READERS", "IMAGE_SUFFIXES", "split_suffix"]
+__all__ = ["read_volume", "VolumeReader", "READERS", "IMAGE_SUFFIXES", "PICTURE_SUFFIXES", "split_suffix"]
 
 GZIP_CHECK_CHUNK = 1 << 24  # bytes decompressed at a time by the integrity check
 
@@ -116,6 +116,7 @@ READERS: dict[str, Callable[[Path], Volume]] = {
     ".dcm": read_dicom_file,
 }
 IMAGE_SUFFIXES = tuple(READERS)
+PICTURE_SUFFIXES = tuple(s for s, read in READERS.items() if read is _read_picture)  # 2D frames
 _CONVERT = "; convert it to NIfTI first (e.g. with nibabel, or Slicer's Save)"
 UNSUPPORTED_HINTS = {  # medical formats users try, with what to do about them
     ".hdr": f" (Analyze 7.5 / NIfTI pair: its orientation is ambiguous){_CONVERT}",

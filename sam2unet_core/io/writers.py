@@ -17,14 +17,13 @@ an interrupted run never leaves a half-written output under the final name.
 from __future__ import annotations
 
 import logging
-import os
-import re
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from ..metadata import LabelInfo
+from .atomic import PARTIAL_PREFIX, atomic_write, remove_partials
 from .convert import volume_to_nifti, volume_to_sitk
 from .volume import Volume
 
@@ -43,8 +42,6 @@ logger = logging.getLogger(__name__)
 
 LABEL_FORMATS = ("nii.gz", "nii", "seg.nrrd", "nrrd", "mha", "dcm", "png")
 MANUFACTURER = "sam2unet_core"
-PARTIAL_PREFIX = ".partial-"  # temporary files of atomic_write start with this
-_PARTIAL_NAME = re.compile(re.escape(PARTIAL_PREFIX) + r"\d+-(?P<name>.+)")  # pid, then name
 _TYPE2_PATIENT_STUDY = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
     "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName",
@@ -64,44 +61,6 @@ def _suffix_of(path: Path) -> str:
         if lower.endswith("." + fmt):
             return "." + fmt
     raise ValueError(f"{path}: unsupported output ending; expected one of {LABEL_FORMATS}")
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(temporary_path)`` and rename the result to ``path``.
-
-    The temporary file ``.partial-<pid>-<name>`` sits next to ``path`` and ends like it
-    (writers pick the format from the ending); it is removed if ``write`` fails.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{PARTIAL_PREFIX}{os.getpid()}-{path.name}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-    return path
-
-
-def remove_partials(paths: Iterable[Path]) -> list[Path]:
-    """Delete the temporary files that :func:`atomic_write` calls of any process left for
-    these output paths (``.partial-<pid>-<name>``: half-written outputs of a killed run);
-    returns them. Call it only for outputs that no other running process is writing."""
-    wanted: dict[Path, set[str]] = {}
-    for path in paths:
-        wanted.setdefault(Path(path).parent, set()).add(Path(path).name)
-    removed = []
-    for folder, names in wanted.items():
-        if not folder.is_dir():
-            continue
-        for entry in sorted(folder.iterdir()):
-            match = _PARTIAL_NAME.fullmatch(entry.name)
-            if match and match.group("name") in names:
-                entry.unlink(missing_ok=True)
-                logger.info("removed %s, left by an interrupted run", entry)
-                removed.append(entry)
-    return removed
 
 
 # --------------------------------------------------------------------------- formats

@@ -51,9 +51,11 @@ class SAM2UNet(nn.Module):
         freeze_encoder: bool = True,
     ) -> None:
         super().__init__()
-        architecture = Architecture(backbone, num_classes, in_channels, freeze_encoder)
-        architecture.validate()
-        self.metadata = ModelMetadata(architecture=architecture)
+        self.architecture = Architecture(backbone, num_classes, in_channels, freeze_encoder)
+        self.architecture.validate()
+        # labels, preprocessing and plane: set where checkpoints are built and loaded
+        # (sam2unet_core.checkpoint.build_model / load_model); None for a bare network
+        self.metadata: ModelMetadata | None = None
 
         self.encoder = build_hiera_trunk(backbone)
         self.encoder.blocks = nn.ModuleList(
@@ -79,10 +81,6 @@ class SAM2UNet(nn.Module):
         self.head = nn.Conv2d(width, num_classes, kernel_size=1)
 
         self.set_encoder_trainable(not freeze_encoder)
-
-    @property
-    def architecture(self) -> Architecture:
-        return self.metadata.architecture
 
     def set_encoder_trainable(self, trainable: bool) -> None:
         """Train the whole trunk (True) or only adapters, decoder and a new patch embedding."""

@@ -7,6 +7,7 @@ Defaults are the paper's recipe (AdamW lr 1e-3, weight decay 5e-4, cosine to 1e-
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import asdict, dataclass, field, fields
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from sam2unet_core.metadata import PREPROCESSING_FIELDS, ModelMetadata
 
 __all__ = [
     "DataConfig",
@@ -34,17 +37,29 @@ class DataConfig:
     val_root: str = ""  # polyp: a separate validation folder (images/, masks/); "" = split off
     val_fraction: float = 0.1  # share of training cases held out for validation when no val_root
     val_cases: list[str] = field(default_factory=list)  # volume: explicit validation case names
-    input_size: int = 352  # square side the images/slices are resized to (multiple of 32)
-    intensity: dict[str, Any] = field(default_factory=lambda: {"kind": "scale", "divisor": 255.0})
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # after intensity
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    context_slices: int = 0  # volume: 2.5D, the model sees 2c+1 neighbouring slices
-    plane: str = "axial"  # volume: slice plane (axial, coronal, sagittal), as sam2unet-predict --axis
+    # The model's preprocessing (PREPROCESSING_FIELDS of ModelMetadata, same defaults, same
+    # check, written into the checkpoint): input_size (square side, multiple of 32),
+    # intensity, mean/std (after intensity), context_slices (volume: 2.5D, 2c+1 slices),
+    # plane (volume: slice plane the model is trained on and predicts along).
+    input_size: int = ModelMetadata.input_size
+    intensity: dict[str, Any] = field(default_factory=lambda: ModelMetadata().intensity)
+    mean: list[float] = field(default_factory=lambda: ModelMetadata().mean)
+    std: list[float] = field(default_factory=lambda: ModelMetadata().std)
+    context_slices: int = ModelMetadata.context_slices
+    plane: str = ModelMetadata.plane
     foreground_fraction: float = 0.5  # volume: share of samples drawn from foreground slices
     samples_per_epoch: int = 0  # volume: 0 = number of slices in the training cases
     cache: str = "memory"  # volume: "memory" (CacheDataset), "disk" (PersistentDataset), "none"
     cache_dir: str = ""  # disk cache folder; "" = <output>/cache
     num_workers: int = 2  # DataLoader worker processes
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The ``PREPROCESSING_FIELDS`` as ModelMetadata keyword arguments (2D images have
+        no context and are their own axial plane)."""
+        values = {name: copy.deepcopy(getattr(self, name)) for name in PREPROCESSING_FIELDS}
+        if self.kind != "volume":
+            values.update(context_slices=0, plane="axial")
+        return values
 
 
 @dataclass
@@ -103,8 +118,10 @@ class TrainConfig:
             raise ValueError(f"data.kind must be 'polyp' or 'volume', got {self.data.kind!r}")
         if not self.data.root:
             raise ValueError("data.root is not set: give the dataset folder")
-        if self.data.input_size <= 0 or self.data.input_size % 32:
-            raise ValueError(f"data.input_size must be a positive multiple of 32, got {self.data.input_size}")
+        try:
+            ModelMetadata(**self.data.preprocessing()).validate_preprocessing()
+        except ValueError as err:
+            raise ValueError(f"data.{err}") from err
         if self.data.cache not in ("memory", "disk", "none"):
             raise ValueError(f"data.cache must be memory, disk or none, got {self.data.cache!r}")
         if not 0.0 <= self.data.foreground_fraction <= 1.0:

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from ..io.atomic import atomic_write
 
 __all__ = ["capture_rng", "restore_rng", "save_resume_state", "load_resume_state"]
 
@@ -51,21 +52,9 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def save_resume_state(state: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``state`` to ``path`` atomically (temporary file in the same folder, then
-    rename), so a kill during the write leaves the previous state intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-    return path
+    """Write ``state`` to ``path`` atomically (``io.atomic.atomic_write``), so a kill during
+    the write leaves the previous state intact."""
+    return atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
 
 
 def load_resume_state(path: str | os.PathLike) -> dict[str, Any]:

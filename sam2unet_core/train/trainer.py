@@ -107,11 +107,7 @@ def _metadata(config: TrainConfig, data: TrainingData) -> ModelMetadata:
     meta = ModelMetadata(
         architecture=arch,
         labels=default_labels(data.num_classes, data.label_names, config.model.label_terms),
-        input_size=config.data.input_size,
-        intensity=dict(config.data.intensity),
-        mean=list(config.data.mean),
-        std=list(config.data.std),
-        context_slices=config.data.context_slices if config.data.kind == "volume" else 0,
+        **config.data.preprocessing(),  # the plane trained on included
     )
     meta.validate()
     return meta

@@ -1,0 +1,357 @@
+"""Segment a file or a folder of cases: the library under ``sam2unet-predict``.
+
+:func:`predict_from_files` finds the cases (nnU-Net style: ``CASE_0000.nii.gz`` gives
+``CASE.nii.gz``), keeps this run's part of them (``num_parts``/``part_id``), removes the
+half-written files killed runs left, skips finished cases (unless ``overwrite``), reads the
+next case in a background thread while the current one runs, writes every output
+atomically and ``predict_summary.json`` (per part: ``predict_summary_partK_of_N.json``).
+A case that fails is recorded (file and cause) and the run goes on.
+
+Progress is reported through ``on_event(event: dict)``, one dict per event with its name
+under ``"event"`` (see :data:`EVENTS`); the CLI turns them into tqdm bars or JSON lines.
+Volumes are sliced along the model's plane (or ``options.axis``); PNG/JPG frames are
+predicted together (:meth:`Predictor.predict_images`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from ..io.atomic import atomic_write, remove_partials
+from ..io.cases import Case, find_cases, select_part
+from ..io.orientation import PLANES
+from ..io.readers import PICTURE_SUFFIXES, read_volume
+from ..io.volume import Volume
+from ..io.writers import LABEL_FORMATS, dicom_seg_sources, output_suffix, write_labels, write_probabilities
+from .engine import Prediction, Predictor
+from .postprocess import check_steps
+
+__all__ = ["EVENTS", "PredictOptions", "RunSummary", "predict_from_files", "select_cases", "summary_path"]
+
+logger = logging.getLogger(__name__)
+
+PROBABILITY_FOLDER = "probabilities"
+WRITE_PROBE_PREFIX = ".write-test-"  # file written once to check the output folder
+EVENTS = ("start", "case_start", "slices", "case_done", "case_skipped", "case_error", "done")
+EventFn = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How :func:`predict_from_files` runs; every field has the CLI's default.
+
+    ``axis``: plane of the 2D slices, None for the model's plane. ``output_format``: one
+    of ``LABEL_FORMATS``, None for nii.gz (volumes) / png (PNG/JPG frames).
+    ``slice_range``: half-open ``(start, stop)`` along the slicing axis.
+    ``series_uid``/``volume_index``: which DICOM series / 4D volume to read.
+    ``postprocess``: steps of ``POSTPROCESS_STEPS``. ``save_probabilities``: float maps
+    in ``probabilities/``. ``batch_size`` of the Predictor groups PNG/JPG frames.
+    """
+
+    axis: str | None = None
+    output_format: str | None = None
+    overwrite: bool = False
+    num_parts: int = 1
+    part_id: int = 0
+    slice_range: tuple[int, int] | None = None
+    series_uid: str | None = None
+    volume_index: int | None = None
+    tta: bool = False
+    postprocess: tuple[str, ...] = ()
+    save_probabilities: bool = False
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` saying which field is wrong and what values work."""
+        if self.axis is not None and self.axis not in PLANES:
+            raise ValueError(f"axis {self.axis!r} is not one of {sorted(PLANES)} (or None for "
+                             "the model's plane)")
+        if self.output_format is not None and self.output_format not in LABEL_FORMATS:
+            raise ValueError(f"output format {self.output_format!r} is not one of {LABEL_FORMATS}")
+        if self.num_parts < 1 or not 0 <= self.part_id < self.num_parts:
+            raise ValueError(f"part_id must be in [0, {self.num_parts}) and num_parts >= 1, "
+                             f"got part {self.part_id} of {self.num_parts}")
+        if self.slice_range is not None and not 0 <= self.slice_range[0] < self.slice_range[1]:
+            raise ValueError(f"slice range must be (start, stop) with 0 <= start < stop, got "
+                             f"{self.slice_range}")
+        check_steps(self.postprocess)
+
+
+@dataclass
+class RunSummary:
+    """What one :func:`predict_from_files` call did; ``cases`` are the summary file's
+    records (``case``, ``input``, ``status`` ok/failed/skipped, ``output`` or ``error``,
+    timings)."""
+
+    cases: list[dict[str, Any]] = field(default_factory=list)
+    interrupted: bool = False
+    seconds: float = 0.0
+    summary_path: Path | None = None
+
+    def count(self, status: str) -> int:
+        return sum(case["status"] == status for case in self.cases)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {status: self.count(status) for status in ("ok", "failed", "skipped")}
+
+
+def summary_path(output_dir: Path, options: PredictOptions) -> Path:
+    if options.num_parts == 1:
+        return output_dir / "predict_summary.json"
+    return output_dir / f"predict_summary_part{options.part_id}_of_{options.num_parts}.json"
+
+
+def select_cases(inputs: Path, output_dir: Path, options: PredictOptions) -> list[Case]:
+    """Check the options and the folders and return this part's cases (before any model
+    work): ``ValueError`` for bad options, inputs or an output folder equal to the input
+    folder; ``OSError`` when the output folder cannot be written."""
+    options.validate()
+    inputs, output_dir = Path(inputs), Path(output_dir)
+    if inputs.is_dir() and output_dir.resolve() == inputs.resolve():
+        raise ValueError("the output folder must differ from the input folder (outputs would "
+                         "be read as inputs on the next run)")
+    cases = select_part(find_cases(inputs), options.num_parts, options.part_id)
+    try:  # an unwritable output folder stops the run before any work
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f"{WRITE_PROBE_PREFIX}{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(f"cannot write to the output folder {output_dir}: {err.strerror or err}") from err
+    return cases
+
+
+def predict_from_files(predictor: Predictor, inputs: str | os.PathLike, output_dir: str | os.PathLike,
+                       options: PredictOptions = PredictOptions(), on_event: EventFn | None = None,
+                       record: Mapping[str, Any] | None = None) -> RunSummary:
+    """Segment the file, DICOM folder or folder of cases ``inputs`` into ``output_dir``.
+
+    ``record``: extra top-level fields for the summary file (the CLI stores the model path
+    and its arguments). A Ctrl-C stops after recording what was done (``interrupted``).
+    Raises ``ValueError``/``OSError`` as :func:`select_cases` before any case runs.
+    """
+    inputs, output_dir = Path(inputs), Path(output_dir)
+    cases = select_cases(inputs, output_dir, options)
+    run = _CaseRunner(predictor, output_dir, options, on_event or (lambda event: None))
+    run.emit("start", cases=len(cases))
+    started = time.perf_counter()
+    try:
+        run.run(cases)
+    except KeyboardInterrupt:
+        run.summary.interrupted = True
+    run.summary.seconds = round(time.perf_counter() - started, 3)
+    path = summary_path(output_dir, options)
+    content = {
+        **(record or {}),
+        "device": predictor.description,
+        "plane": predictor.metadata.plane,
+        "labels": {label.value: label.name for label in predictor.metadata.labels},
+        "options": asdict(options),
+        "cases": run.summary.cases,
+        **run.summary.counts,
+        "interrupted": run.summary.interrupted,
+        "seconds": run.summary.seconds,
+    }
+    try:
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(content, indent=2)))
+        run.summary.summary_path = path
+    except OSError as err:
+        run.summary.cases.append({"case": path.name, "input": str(inputs), "status": "failed",
+                                  "error": f"cannot write the summary {path}: {err.strerror or err}"})
+    run.emit("done", **run.summary.counts)
+    return run.summary
+
+
+Job = tuple[Case, list[Path]]  # a case and its output paths (labels, then probabilities)
+Loaded = tuple[Any, float]  # (Volume, or the exception reading raised; seconds spent)
+
+
+def _is_frame(job: Job) -> bool:
+    return job[0].path.suffix.lower() in PICTURE_SUFFIXES
+
+
+class _CaseRunner:
+    """Runs the cases of one :func:`predict_from_files` call and records each one."""
+
+    def __init__(self, predictor: Predictor, output_dir: Path, options: PredictOptions,
+                 on_event: EventFn) -> None:
+        self.predictor = predictor
+        self.output_dir = output_dir
+        self.options = options
+        self.on_event = on_event
+        self.summary = RunSummary()
+
+    def emit(self, name: str, **fields: Any) -> None:
+        self.on_event({"event": name, **fields})
+
+    def outputs(self, case: Case) -> list[Path]:
+        """Label path first, then the probability map path when asked for."""
+        chosen = self.options.output_format or ("png" if case.path.suffix.lower() in PICTURE_SUFFIXES
+                                                else "nii.gz")
+        paths = [self.output_dir / (case.name + output_suffix(chosen))]
+        if self.options.save_probabilities:
+            paths.append(self.output_dir / PROBABILITY_FOLDER / f"{case.name}.nii.gz")
+        return paths
+
+    def run(self, cases: list[Case]) -> None:
+        """Remove what killed runs left half-written for these cases, skip finished cases,
+        then predict the others, reading the next unit of work in a background thread."""
+        outputs = [self.outputs(case) for case in cases]
+        remove_partials([summary_path(self.output_dir, self.options),
+                         *(path for paths in outputs for path in paths)])
+        jobs = []
+        for case, paths in zip(cases, outputs):
+            if not self.options.overwrite and all(p.exists() for p in paths):
+                logger.info("%s: already done (%s), skipped", case.name, paths[0])
+                self.summary.cases.append({"case": case.name, "input": str(case.path),
+                                           "status": "skipped", "output": str(paths[0])})
+                self.emit("case_skipped", case=case.name, output=str(paths[0]))
+            else:
+                jobs.append((case, paths))
+        units = self._work_units(jobs)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reader") as pool:
+            pending: Future | None = pool.submit(self._read, units[0]) if units else None
+            for index, unit in enumerate(units):
+                loaded = pending.result()
+                pending = pool.submit(self._read, units[index + 1]) if index + 1 < len(units) else None
+                if _is_frame(unit[0]):
+                    self._run_frames(unit, loaded)
+                else:
+                    self._run_volume(unit[0], loaded[0])
+
+    def _work_units(self, jobs: list[Job]) -> list[list[Job]]:
+        """Volumes one by one; runs of consecutive PNG/JPG frames in groups of the
+        predictor's ``batch_size``, which share runner batches."""
+        units: list[list[Job]] = []
+        for job in jobs:
+            if (_is_frame(job) and units and _is_frame(units[-1][0])
+                    and len(units[-1]) < self.predictor.batch_size):
+                units[-1].append(job)
+            else:
+                units.append([job])
+        return units
+
+    def _read(self, unit: list[Job]) -> list[Loaded]:
+        loaded = []
+        for case, _ in unit:
+            started = time.perf_counter()
+            try:
+                volume: Any = read_volume(case.path, series_uid=self.options.series_uid,
+                                          volume_index=self.options.volume_index)
+            except Exception as err:  # noqa: BLE001 - reported when the case's turn comes
+                volume = err
+            loaded.append((volume, time.perf_counter() - started))
+        return loaded
+
+    def _run_volume(self, job: Job, loaded: Loaded) -> None:
+        case, paths = job
+        volume, read_seconds = loaded
+        try:
+            if isinstance(volume, Exception):
+                raise volume
+            self._check_format(case, volume, paths)
+            started = time.perf_counter()
+            options = self.options
+            total = self.predictor.count_slices(volume, options.axis, options.slice_range)
+            self.emit("case_start", case=case.name, slices=total)
+            prediction = self.predictor.predict(
+                volume, axis=options.axis, slice_range=options.slice_range, tta=options.tta,
+                postprocess=options.postprocess, probabilities=options.save_probabilities,
+                progress=lambda done, all_: self.emit("slices", case=case.name, done=done, total=all_),
+            )
+            timings = {**prediction.times.as_dict(), "write": self.write_case(prediction, paths)}
+            self._succeeded(case, volume, paths, timings, read_seconds,
+                            time.perf_counter() - started, total)
+        except Exception as err:  # noqa: BLE001 - one bad case must not stop the batch
+            self._failed(case, err)
+
+    def _run_frames(self, jobs: list[Job], loaded: list[Loaded]) -> None:
+        """PNG/JPG frames predicted together (``Predictor.predict_images``)."""
+        ready = []
+        for (case, paths), (volume, read_seconds) in zip(jobs, loaded):
+            try:
+                if isinstance(volume, Exception):
+                    raise volume
+                self._check_format(case, volume, paths)
+                ready.append((case, paths, volume, read_seconds))
+            except Exception as err:  # noqa: BLE001
+                self._failed(case, err)
+        if not ready:
+            return
+        started = time.perf_counter()
+        try:
+            for case, *_ in ready:
+                self.emit("case_start", case=case.name, slices=1)
+            predictions = self.predictor.predict_images(
+                [volume for *_, volume, _ in ready], tta=self.options.tta,
+                postprocess=self.options.postprocess, probabilities=self.options.save_probabilities)
+        except Exception as err:  # noqa: BLE001
+            if len(ready) == 1:
+                self._failed(ready[0][0], err)
+            else:  # find the bad frame(s): one at a time
+                for case, paths, volume, read_seconds in ready:
+                    self._run_frames([(case, paths)], [(volume, read_seconds)])
+            return
+        shared_seconds = (time.perf_counter() - started) / len(ready)
+        for (case, paths, volume, read_seconds), prediction in zip(ready, predictions):
+            try:
+                self.emit("slices", case=case.name, done=1, total=1)
+                written = time.perf_counter()
+                timings = {**prediction.times.as_dict(), "write": self.write_case(prediction, paths)}
+                self._succeeded(case, volume, paths, timings, read_seconds,
+                                shared_seconds + time.perf_counter() - written, 1)
+            except Exception as err:  # noqa: BLE001
+                self._failed(case, err)
+
+    @staticmethod
+    def _check_format(case: Case, volume: Volume, paths: list[Path]) -> None:
+        if paths[0].name.endswith(".dcm") and not volume.is_dicom:
+            raise ValueError(f"{case.path}: the dcm output format (DICOM SEG) needs DICOM input; "
+                             "use nii.gz or seg.nrrd")
+        if paths[0].name.endswith(".dcm"):
+            dicom_seg_sources(volume)  # refuses unusable sources before the model runs
+
+    def write_case(self, prediction: Prediction, paths: list[Path]) -> float:
+        """The one per-case write step: labels (and probabilities) to ``paths``; returns
+        the seconds it took."""
+        started = time.perf_counter()
+        writes = [(paths[0], lambda: write_labels(prediction.labels, paths[0], self.predictor.metadata.labels))]
+        if prediction.probabilities is not None:
+            writes.append((paths[1], lambda: write_probabilities(prediction.probabilities, paths[1])))
+        for path, write in writes:
+            try:
+                write()
+            except OSError as err:  # disk full, folder removed, permissions
+                raise OSError(f"cannot write {path}: {err.strerror or err}") from err
+        return time.perf_counter() - started
+
+    def _succeeded(self, case: Case, volume: Volume, paths: list[Path], timings: dict[str, float],
+                   read_seconds: float, busy_seconds: float, slices: int) -> None:
+        timings = {k: round(v, 3) for k, v in {"read": read_seconds, **timings}.items()}
+        seconds = round(read_seconds + busy_seconds, 3)
+        record: dict[str, Any] = {
+            "case": case.name, "input": str(case.path), "status": "ok",
+            "output": str(paths[0]), "seconds": seconds, "timings": timings,
+            "shape_kji": list(volume.shape_kji), "slices": slices,
+        }
+        if "series_uid" in volume.meta:
+            record["series_uid"] = volume.meta["series_uid"]
+            record["series_in_folder"] = volume.meta.get("series_in_folder")
+        self.summary.cases.append(record)
+        self.emit("case_done", case=case.name, output=str(paths[0]), seconds=seconds, timings=timings)
+
+    def _failed(self, case: Case, err: Exception) -> None:
+        message = str(err) if str(case.path) in str(err) else f"{case.path}: {err}"
+        if type(err).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, no torch import
+            message += f" (GPU out of memory: try batch_size={max(1, self.predictor.batch_size // 2)})"
+        logger.debug("case %s failed", case.name, exc_info=err)
+        self.summary.cases.append({"case": case.name, "input": str(case.path), "status": "failed",
+                                   "error": message})
+        self.emit("case_error", case=case.name, error=message)

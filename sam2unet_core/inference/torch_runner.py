@@ -1,0 +1,147 @@
+"""The PyTorch model runner: all torch work of inference happens here.
+
+:class:`TorchRunner` implements the :class:`~sam2unet_core.inference.engine.ModelRunner`
+contract for a loaded ``SAM2UNet`` (or any callable ``(B, C, S, S)`` tensor -> logits
+``(B, N, S, S)`` with its metadata, e.g. in tests). A batch goes: raw values -> tensor
+(pinned, asynchronous copy on CUDA) -> intensity mapping -> resize to the model input ->
+mean/std -> forward passes (TTA flips) -> sigmoid/softmax -> resize back -> labels; the
+copies back to the host are queued asynchronously on CUDA and ``result()`` synchronises,
+so the engine prepares the next batch on the CPU meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..device import autocast_dtype, describe_device, resolve_device
+from ..io.volume import label_dtype
+from ..metadata import ModelMetadata
+from ..preprocessing import IntensityMapping, apply_intensity, normalize_channels, resize_batch, to_tensor
+
+__all__ = ["TorchRunner", "TorchPendingBatch", "TTA_FLIPS"]
+
+logger = logging.getLogger(__name__)
+
+TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (2,))  # none, left-right, up-down
+ForwardFn = Callable[[torch.Tensor], torch.Tensor]  # (B, C, S, S) -> logits (B, N, S, S)
+
+
+class TorchPendingBatch:
+    """A batch queued by :meth:`TorchRunner.submit`; :meth:`result` waits for it."""
+
+    def __init__(self, device: torch.device, labels: torch.Tensor, probabilities: torch.Tensor | None,
+                 dtype: np.dtype) -> None:
+        self._device = device
+        self._labels = labels
+        self._probabilities = probabilities
+        self._dtype = dtype
+
+    def result(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """Labels ``(B, H, W)`` (uint8, or uint16 past 255 labels) and float32 probabilities
+        ``(B, H, W)`` (binary foreground) or ``(B, H, W, N)``, or None when not asked for."""
+        if self._device.type == "cuda":
+            torch.cuda.current_stream(self._device).synchronize()
+        labels = self._labels.numpy().astype(self._dtype, copy=False)
+        probabilities = None if self._probabilities is None else self._probabilities.numpy()
+        return labels, probabilities
+
+
+class TorchRunner:
+    """Run a SAM2-UNet (or an injected forward function) with PyTorch.
+
+    Args:
+        model: a loaded ``SAM2UNet`` (``sam2unet_core.load_model``), or any callable
+            ``(B, C, S, S)`` float tensor on ``device`` -> logits ``(B, N, S, S)``.
+        metadata: preprocessing, labels and plane; defaults to ``model.metadata``;
+            required for a plain callable.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        mixed_precision: fp16 autocast on CUDA (see ``device.autocast_dtype``); fp32 elsewhere.
+    """
+
+    def __init__(self, model: nn.Module | ForwardFn, metadata: ModelMetadata | None = None,
+                 device: str | torch.device = "auto", mixed_precision: bool = True) -> None:
+        self.device = resolve_device(device)
+        self.amp_dtype = autocast_dtype(self.device) if mixed_precision else None
+        if isinstance(model, nn.Module):
+            model = model.to(self.device).eval()
+            metadata = metadata or getattr(model, "metadata", None)
+        if metadata is None:
+            raise ValueError("TorchRunner needs the model's metadata: pass a loaded SAM2UNet "
+                             "(it carries .metadata) or metadata= with a forward function")
+        metadata.validate()
+        self.model = model
+        self.metadata = metadata
+        self.description = describe_device(self.device)
+        if self.amp_dtype is None and self.device.type == "cuda":
+            self.description = self.description.rsplit(", ", 1)[0] + ", fp32"
+        self._label_dtype = label_dtype(max(metadata.architecture.num_classes - 1, 1))
+        logger.info("TorchRunner on %s", self.description)
+
+    @property
+    def num_classes(self) -> int:
+        return self.metadata.architecture.num_classes
+
+    @torch.inference_mode()
+    def submit(self, raw_batch: np.ndarray, mapping: IntensityMapping, out_size: tuple[int, int],
+               tta: bool, probabilities: bool) -> TorchPendingBatch:
+        """Queue ``(B, C, H, W)`` raw voxel values (view order of ``io.orientation.PlaneView``)
+        through preprocessing, the network and the label rule; see ``engine.ModelRunner``."""
+        probs = resize_batch(self._probabilities(self._prepare(raw_batch, mapping), tta), out_size)
+        labels = self._to_host(self._labels(probs))
+        kept = None
+        if probabilities:
+            kept = self._to_host(probs[:, 0] if self.num_classes == 1 else probs.permute(0, 2, 3, 1))
+        return TorchPendingBatch(self.device, labels, kept, self._label_dtype)
+
+    def _prepare(self, raw_batch: np.ndarray, mapping: IntensityMapping) -> torch.Tensor:
+        """Raw ``(B, C, H, W)`` -> model input ``(B, C, S, S)`` on the device: copy of the raw
+        values (pinned, asynchronous on CUDA), then intensity, resize and mean/std there."""
+        meta = self.metadata
+        batch = to_tensor(raw_batch)  # raw values (e.g. int16 HU)
+        if self.device.type == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        else:
+            batch = batch.to(self.device)
+        batch = apply_intensity(batch, mapping)  # float32 on the device
+        batch = resize_batch(batch, (meta.input_size, meta.input_size))
+        return normalize_channels(batch, meta.mean, meta.std)
+
+    def _probabilities(self, batch: torch.Tensor, tta: bool) -> torch.Tensor:
+        """``(B, C, S, S)`` model input -> float32 probabilities ``(B, N, S, S)``;
+        N = 1 (foreground) for binary models, else the softmax over all classes."""
+        flips = TTA_FLIPS if tta else ((),)
+        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype)
+                    if self.amp_dtype is not None else nullcontext())
+        total = None
+        with autocast:
+            for dims in flips:
+                x = torch.flip(batch, dims) if dims else batch
+                logits = self.model(x)
+                if logits.ndim != 4 or logits.shape[1] != self.num_classes:
+                    raise ValueError(
+                        f"the model returned shape {tuple(logits.shape)}; expected "
+                        f"(B, {self.num_classes}, H, W) for num_classes={self.num_classes}"
+                    )
+                logits = logits.float()
+                probs = torch.sigmoid(logits) if self.num_classes == 1 else logits.softmax(1)
+                probs = torch.flip(probs, dims) if dims else probs
+                total = probs if total is None else total + probs
+        return total / len(flips)
+
+    def _labels(self, probs: torch.Tensor) -> torch.Tensor:
+        """``(B, N, H, W)`` probabilities -> ``(B, H, W)`` integer labels."""
+        if self.num_classes == 1:
+            return (probs[:, 0] > 0.5).to(torch.uint8)
+        # a narrow type before the copy to the host: 1 byte a pixel up to 256 classes
+        return probs.argmax(1).to(torch.uint8 if self.num_classes <= 256 else torch.int32)
+
+    def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Queue a copy to the CPU; on CUDA it is asynchronous (pinned memory), so
+        :meth:`TorchPendingBatch.result` synchronises the stream before reading it."""
+        return tensor.to("cpu", non_blocking=self.device.type == "cuda")
