@@ -37,6 +37,7 @@ from ..preprocessing import (
     stack_slices,
     to_tensor,
 )
+from . import acceleration
 from .postprocess import check_steps, postprocess_labels
 
 __all__ = ["Predictor", "PredictFn", "ProgressFn", "StageTimes", "TTA_FLIPS"]
@@ -93,12 +94,15 @@ class Predictor:
         self.batch_size = batch_size
         self.amp_dtype = autocast_dtype(self.device) if mixed_precision else None
         self.model: nn.Module | None = None
+        self.acceleration: acceleration.AccelerationInfo | None = None  # CPU speed-ups applied
         if isinstance(model, (str, Path)):
             from ..checkpoint import load_model
 
             model = load_model(model, device="cpu")
         if model is not None:
             self.model = model.to(self.device).eval()
+            self.acceleration = acceleration.accelerate_model(self.model, self.device)
+            logger.info("model acceleration: %s", self.acceleration.describe())
             metadata = metadata or model.metadata
             predict_fn = predict_fn or self.model
         if predict_fn is None or metadata is None:
