@@ -146,7 +146,7 @@ def test_one_process_nccl_torchrun_start(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
            str(script), f"data.root={root}", *TINY_TRAIN, "optim.epochs=1", f"run.output={out}"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=100)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "nccl all_reduce nccl 1 [1.0, 1.0, 1.0, 1.0]" in proc.stdout
     assert proc.stdout.count("training done") == 1
