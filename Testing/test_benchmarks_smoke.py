@@ -122,3 +122,23 @@ def test_bench_volume_io_only_times_read_and_write(benchmarks, tmp_path: Path) -
     assert io["slices"] == 4 and io["read_s"] > 0 and io["write_s"] > 0
     written = nib.load(tmp_path / "labels.nii.gz")
     assert written.shape == (32, 24, 4)  # the reader/writer round trip keeps the grid
+
+
+def test_bench_cpu_engine_compares_old_and_new_settings(monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path, capsys) -> None:
+    monkeypatch.syspath_prepend(str(REPO))
+    from benchmarks import bench_cpu_engine
+    from sam2unet_core.inference import acceleration
+
+    out = tmp_path / "engine.json"
+    code = bench_cpu_engine.main(["--slices", "2", "--side", "96", "--size", "64", "--repeats", "2",
+                                  "--threads", "1", "--json", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "# new vs old:" in printed and "passes" in printed
+    result = json.loads(out.read_text())
+    assert [run["setting"] for run in result["runs"]] == ["old", "new", "new", "old"]
+    summary = result["summary"]
+    assert summary["dice_new_vs_old"] >= 0.999 and 0.0 < summary["foreground_fraction"] < 1.0
+    assert summary["old"]["cpu_s_per_slice"] > 0 and summary["speedup_cpu"] > 0
+    assert acceleration.accelerate_model.__module__ == acceleration.__name__  # the patch is undone

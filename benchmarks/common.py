@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sam2unet_core.inference.acceleration import _onednn_linear_forward  # the engine's rule
 from sam2unet_core.model.hiera import backbone_config
 
 __all__ = [
@@ -134,14 +135,6 @@ def parse_setting(name: str) -> Setting:
                 "or 'b<N>' (N > 0)"
             )
     return Setting(name, precision, "cl" in flags, "compile" in flags, batch, "onednn" in flags)
-
-
-def _onednn_linear_forward(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` through oneDNN for fp32 CPU inference, else the usual ``F.linear``."""
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or layer.weight.dtype != torch.float32
-            or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")):
-        return F.linear(x, layer.weight, layer.bias)
-    return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
 
 
 @contextlib.contextmanager

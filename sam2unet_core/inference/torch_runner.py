@@ -23,6 +23,7 @@ from ..device import autocast_dtype, describe_device, resolve_device
 from ..io.volume import label_dtype
 from ..metadata import ModelMetadata
 from ..preprocessing import IntensityMapping, apply_intensity, normalize_channels, resize_batch, to_tensor
+from . import acceleration
 
 __all__ = ["TorchRunner", "TorchPendingBatch", "TTA_FLIPS"]
 
@@ -68,8 +69,11 @@ class TorchRunner:
                  device: str | torch.device = "auto", mixed_precision: bool = True) -> None:
         self.device = resolve_device(device)
         self.amp_dtype = autocast_dtype(self.device) if mixed_precision else None
+        self.acceleration: acceleration.AccelerationInfo | None = None  # CPU speed-ups applied
         if isinstance(model, nn.Module):
             model = model.to(self.device).eval()
+            self.acceleration = acceleration.accelerate_model(model, self.device)
+            logger.info("model acceleration: %s", self.acceleration.describe())
             metadata = metadata or getattr(model, "metadata", None)
         if metadata is None:
             raise ValueError("TorchRunner needs the model's metadata: pass a loaded SAM2UNet "
