@@ -18,8 +18,8 @@ corrupt bytes (zlib, nibabel, pydicom, GDCM errors...) becomes such a ``ValueErr
 Sizes are checked against the free memory from the header, before any voxel is read.
 
 A NIfTI file is decompressed when its bytes start with the gzip magic, whatever its name
-says (``.nii.gz`` files that are not compressed, ``.nii`` files that are, as SimpleITK
-reads them); a warning names the file and the wrong ending. A path that cannot be read at
+says (``.nii.gz`` files that are not compressed, which SimpleITK reads too, and ``.nii``
+files that are, which it refuses); a warning names the file and the wrong ending. A path that cannot be read at
 all (a link to nothing, a link loop, no read permission) is refused with the reason, by
 :func:`unreadable_reason`, which the batch search uses too.
 """
