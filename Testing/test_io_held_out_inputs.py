@@ -481,3 +481,16 @@ def test_no_reader_or_writer_error_has_an_empty_text(
         [_KeyErrorLabel()]).value)
     assert "KeyError: no details given" in keyerror
     assert not list(tmp_path.glob(".partial-*"))
+
+
+def test_a_dangling_link_inside_a_loose_dicom_series_folder_keeps_it_one_case(
+    tmp_path: Path,
+) -> None:
+    """Scanner exports have files without endings; a dead link among them is not a case."""
+    from sam2unet_core.io.cases import find_cases
+
+    series = shutil.copytree(CT_SERIES, tmp_path / "series")
+    (series / "IM0099").symlink_to(tmp_path / "deleted" / "IM0099")
+    cases = find_cases(series)
+    assert [(c.name, c.path) for c in cases] == [("series", series)]
+    assert read_volume(series).shape_kji == read_volume(CT_SERIES).shape_kji

@@ -14,9 +14,9 @@ An entry that looks like an input but cannot be read (a link that points nowhere
 loop, a file or folder without read permission) is a case too: reading it fails with the
 reason (:func:`~sam2unet_core.io.readers.unreadable_reason`), so the batch reports it as a
 failed case instead of dropping it. "Looks like an input": an image ending (``.dcm`` slices
-excepted: the series reader skips them with a warning), a folder, or a link that cannot be
-followed whose name has an image ending or no ending at all. Other unreadable entries are
-ignored with a warning naming them.
+excepted), a folder, or a link that cannot be followed whose name has an image ending or no
+ending at all. Other unreadable entries, and all of them in a folder that is one DICOM
+series, are ignored with a warning naming them.
 """
 
 from __future__ import annotations
@@ -111,7 +111,9 @@ def find_cases(input_path: Path) -> list[Case]:
     images = [p for p in entries if p.is_file() and split_suffix(p)[1] not in ("", ".seg.nrrd", ".dcm")]
     folders = [p for p in entries if p.is_dir() and _holds_dicom(p)]
     loose_dicom = [p for p in entries if p.is_file() and looks_like_dicom(p)]
-    if not images and not folders and not unreadable and loose_dicom:
+    if not images and not folders and loose_dicom:  # one series: its reader skips the rest
+        for path in unreadable:
+            logger.warning("%s: ignored, it cannot be read (%s)", path, unreadable_reason(path))
         return [Case(input_path.name, input_path)]
     if loose_dicom:
         logger.warning(
