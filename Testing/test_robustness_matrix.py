@@ -385,7 +385,8 @@ def test_probability_maps_that_would_not_fit_in_memory_are_refused_before_any_wo
     but not labels plus float32 probabilities (20 KiB): a clear case error, no output."""
     from sam2unet_core.io import volume as volume_module
 
-    monkeypatch.setattr(volume_module, "available_memory", lambda: 16 * 1024)
+    monkeypatch.setattr(volume_module, "available_memory",
+                        lambda: (16 * 1024, "a faked limit"))
     image = nifti(tmp_path, "case.nii.gz", voxels())
     out = tmp_path / "out"
     code, events = run_cli(["-i", str(image), "-o", str(out), "-m", str(checkpoint),

@@ -6,7 +6,8 @@ Outside CI (pytest does not collect this file). Usage::
     .venv/bin/python Testing/fuzz/fuzz_inputs.py --target checkpoint --seconds 300
     .venv/bin/python Testing/fuzz/fuzz_inputs.py --target dicom-folder --seconds 300
 
-Each example takes a valid seed file (NIfTI, NRRD, MHA, PNG, DICOM; or one of our
+Each example takes a valid seed file (NIfTI, also in micron units and with a name that
+denies its compression, NRRD, MHA, PNG, DICOM; or one of our
 safetensors / a SAM2-UNet .pt state dict; for ``dicom-folder``, one slice of a real
 5-slice CT series, read as the folder), mutates its bytes (bit flips, overwrites,
 truncation, insertion), and reads it back. The contract under test: a bad file raises
@@ -18,6 +19,7 @@ file saved under ``--findings`` for a regression test.
 from __future__ import annotations
 
 import argparse
+import logging
 import shutil
 import tempfile
 import time
@@ -47,6 +49,14 @@ def volume_seeds(folder: Path) -> list[Path]:
     for name in ("vol.nii.gz", "vol.nii"):
         nib.save(nib.Nifti1Image(array_ijk, affine), folder / name)
         seeds.append(folder / name)
+    micron = nib.Nifti1Image(array_ijk, affine)
+    micron.header.set_xyzt_units("micron")
+    nib.save(micron, folder / "micron.nii")
+    seeds.append(folder / "micron.nii")
+    # compression that the name denies (read from the bytes, with a warning)
+    (folder / "plain.nii.gz").write_bytes((folder / "vol.nii").read_bytes())
+    (folder / "packed.nii").write_bytes((folder / "vol.nii.gz").read_bytes())
+    seeds += [folder / "plain.nii.gz", folder / "packed.nii"]
     image = sitk.GetImageFromArray(array_ijk.transpose(2, 1, 0))  # IJK -> KJI
     image.SetSpacing((0.8, 0.9, 2.5))
     for name in ("vol.nrrd", "vol.mha"):
@@ -176,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder for files that broke the contract (default: ./fuzz_findings)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    logging.getLogger("sam2unet_core").setLevel(logging.ERROR)  # name warnings, per example
     return run(args.target, args.seconds, args.findings)
 
 

@@ -9,6 +9,14 @@
 * a folder holding DICOM files itself (and no image files) -> one case, the folder.
 
 Partial outputs (``.partial-*``), hidden files and Slicer ``.seg.nrrd`` files are ignored.
+
+An entry that looks like an input but cannot be read (a link that points nowhere, a link
+loop, a file or folder without read permission) is a case too: reading it fails with the
+reason (:func:`~sam2unet_core.io.readers.unreadable_reason`), so the batch reports it as a
+failed case instead of dropping it. "Looks like an input": an image ending (``.dcm`` slices
+excepted), a folder, or a link that cannot be followed whose name has an image ending or no
+ending at all. Other unreadable entries, and all of them in a folder that is one DICOM
+series, are ignored with a warning naming them.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .dicom import looks_like_dicom
-from .readers import UNSUPPORTED_HINTS, split_suffix
+from .readers import IMAGE_SUFFIXES, UNSUPPORTED_HINTS, split_suffix, unreadable_reason
 
 __all__ = ["Case", "find_cases", "case_name", "select_part"]
 
@@ -69,19 +77,43 @@ def _visible(path: Path) -> bool:
     return not path.name.startswith(".")
 
 
+def _unreadable_inputs(entries: list[Path]) -> list[Path]:
+    """The entries that look like inputs (module docstring) and cannot be read."""
+    found = []
+    for path in entries:
+        if unreadable_reason(path) is None:
+            continue
+        suffix = split_suffix(path)[1]
+        followable = path.is_dir() or path.is_file()
+        if (suffix in IMAGE_SUFFIXES and suffix != ".dcm") or path.is_dir() or (
+            not followable and path.is_symlink() and path.suffix == ""
+        ):
+            found.append(path)
+        else:
+            logger.warning("%s: ignored, it cannot be read (%s)", path, unreadable_reason(path))
+    return found
+
+
 def find_cases(input_path: Path) -> list[Case]:
     """Cases of ``input_path`` sorted by name. Raises ``ValueError`` when there are none or
     when two inputs would write the same output name."""
     input_path = Path(input_path)
-    if not input_path.exists():
-        raise ValueError(f"{input_path}: no such file or folder")
-    if input_path.is_file():
+    if not input_path.is_dir():
+        if not input_path.exists():  # a file that exists but cannot be read is a case
+            raise ValueError(f"{input_path}: {unreadable_reason(input_path)}")
         return [Case(case_name(input_path), input_path)]
+    reason = unreadable_reason(input_path)
+    if reason is not None:
+        raise ValueError(f"{input_path}: {reason}")
     entries = sorted(p for p in input_path.iterdir() if _visible(p))
+    unreadable = _unreadable_inputs(entries)
+    entries = [p for p in entries if p not in unreadable]
     images = [p for p in entries if p.is_file() and split_suffix(p)[1] not in ("", ".seg.nrrd", ".dcm")]
     folders = [p for p in entries if p.is_dir() and _holds_dicom(p)]
     loose_dicom = [p for p in entries if p.is_file() and looks_like_dicom(p)]
-    if not images and not folders and loose_dicom:
+    if not images and not folders and loose_dicom:  # one series: its reader skips the rest
+        for path in unreadable:
+            logger.warning("%s: ignored, it cannot be read (%s)", path, unreadable_reason(path))
         return [Case(input_path.name, input_path)]
     if loose_dicom:
         logger.warning(
@@ -101,6 +133,7 @@ def find_cases(input_path: Path) -> list[Case]:
         )
     cases = [Case(case_name(p), p) for p in images if (_channel(p) or 0) == 0]
     cases += [Case(p.name, p) for p in folders]
+    cases += [Case(case_name(p), p) for p in unreadable if (_channel(p) or 0) == 0]
     if not cases:
         raise ValueError(
             f"{input_path}: no images found (expected .nii.gz, .nii, .nrrd, .mha, .mhd, "

@@ -17,10 +17,15 @@ from .volume import Volume, affine_ras, geometry_from_affine_ras
 
 __all__ = [
     "volume_from_sitk", "volume_to_sitk", "volume_from_nifti", "volume_to_nifti",
-    "NIFTI_TRANSFORMS", "sitk_error_cause",
+    "NIFTI_TRANSFORMS", "NIFTI_UNITS", "NIFTI_MM_PER_UNIT", "nifti_mm_per_unit", "sitk_error_cause",
 ]
 
 NIFTI_TRANSFORMS = "nifti_transforms"  # Volume.meta key: the input's qform/sform and codes
+NIFTI_UNITS = "nifti_spatial_unit"  # Volume.meta key: the input's spatial unit, as nibabel names it
+# mm per unit of the NIfTI spatial unit code (xyzt_units & 7), as ITK (and so Slicer) reads it:
+# metre and micron are converted, mm and every other code (0 = unknown) are taken as mm.
+NIFTI_MM_PER_UNIT = {1: 1000.0, 2: 1.0, 3: 0.001}
+_NIFTI_UNIT_NAMES = {0: "unknown", 1: "meter", 2: "mm", 3: "micron"}
 
 
 def sitk_error_cause(err: RuntimeError) -> str:
@@ -62,6 +67,12 @@ def volume_to_sitk(volume: Volume) -> sitk.Image:
     return image
 
 
+def nifti_mm_per_unit(header: nib.Nifti1Header) -> tuple[float, str]:
+    """``(mm per unit, unit name)`` of a NIfTI header's spatial unit (``xyzt_units``)."""
+    code = int(header["xyzt_units"]) & 0x07
+    return NIFTI_MM_PER_UNIT.get(code, 1.0), _NIFTI_UNIT_NAMES.get(code, f"code {code}")
+
+
 def volume_from_nifti(
     image: nib.spatialimages.SpatialImage,
     source: Path | None = None,
@@ -75,6 +86,10 @@ def volume_from_nifti(
     ``[i, j, k]``; it is transposed (a view, no copy) to ``[k, j, i]``. Scaling
     (scl_slope/scl_inter) is applied by nibabel. RGB voxels (NIfTI RGB24/RGBA32) become a
     ``(K, J, I, 3)`` colour volume.
+
+    The geometry is converted to mm from the header's spatial unit (``xyzt_units``: metre
+    x1000, micron x0.001, mm and unknown x1), as ITK/SimpleITK and so Slicer read it; nibabel's
+    affine is in the file's own unit.
     """
     shape = image.shape
     if volume_index is not None and len(shape) == 4 and shape[3] > 1:
@@ -97,18 +112,22 @@ def volume_from_nifti(
         data = data.reshape(data.shape[:3])
     if data.ndim != 3:
         raise ValueError(f"{source}: expected a 3D volume, got shape {data.shape}")
-    spacing, origin, direction = geometry_from_affine_ras(image.affine)
+    header = image.header
+    mm_per_unit, unit = nifti_mm_per_unit(header) if hasattr(header, "get_qform") else (1.0, "mm")
+    to_mm = np.diag([mm_per_unit] * 3 + [1.0])
+    spacing, origin, direction = geometry_from_affine_ras(to_mm @ image.affine)
     array_kji = data.transpose(2, 1, 0)
     if array_kji.dtype.names is not None:  # RGB24/RGBA32 -> (K, J, I, 3), alpha dropped
         array_kji = np.stack([array_kji[channel] for channel in "RGB"], axis=-1)
     volume = Volume(array_kji, spacing, origin, direction, source=source)
-    header = image.header
-    if hasattr(header, "get_qform"):  # NIfTI-1/2: keep both transforms for the writer
+    if hasattr(header, "get_qform"):  # NIfTI-1/2: keep both transforms (in mm) for the writer
         qform, qform_code = header.get_qform(coded=True)
         sform, sform_code = header.get_sform(coded=True)
+        volume.meta[NIFTI_UNITS] = unit
         volume.meta[NIFTI_TRANSFORMS] = {
-            "affine": np.asarray(image.affine), "qform": qform, "qform_code": int(qform_code),
-            "sform": sform, "sform_code": int(sform_code),
+            "affine": to_mm @ image.affine,
+            "qform": None if qform is None else to_mm @ qform, "qform_code": int(qform_code),
+            "sform": None if sform is None else to_mm @ sform, "sform_code": int(sform_code),
         }
     return volume
 
@@ -120,6 +139,8 @@ def volume_to_nifti(volume: Volume) -> nib.Nifti1Image:
     A volume read from NIfTI gets its input's qform and sform back, codes included, so every
     tool (nibabel, ITK/Slicer, FSL), whichever of the two it trusts, places the output
     exactly on the input. Other volumes get both set to their geometry with code 1.
+    The spatial unit is always mm (the :class:`Volume`'s unit; an input in metre or micron
+    was converted on reading), so SimpleITK, nibabel and our reader agree on the output.
     """
     array = volume.array_kji
     axes = (2, 1, 0) if array.ndim == 3 else (2, 1, 0, 3)

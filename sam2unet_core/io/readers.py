@@ -16,11 +16,21 @@ Every reader raises ``ValueError`` naming the file and the cause when it cannot 
 :func:`read_volume` is the one boundary where whatever the parsing libraries raise on
 corrupt bytes (zlib, nibabel, pydicom, GDCM errors...) becomes such a ``ValueError``.
 Sizes are checked against the free memory from the header, before any voxel is read.
+
+A NIfTI file is decompressed when its bytes start with the gzip magic, whatever its name
+says (``.nii.gz`` files that are not compressed, which SimpleITK reads too, and ``.nii``
+files that are, which it refuses); a warning names the file and the wrong ending. A path that cannot be read at
+all (a link to nothing, a link loop, no read permission) is refused with the reason, by
+:func:`unreadable_reason`, which the batch search uses too.
 """
 
 from __future__ import annotations
 
+import errno
 import gzip
+import io
+import logging
+import os
 import re
 from functools import partial
 from pathlib import Path
@@ -33,11 +43,17 @@ from PIL import Image, UnidentifiedImageError
 
 from .convert import sitk_error_cause, volume_from_nifti, volume_from_sitk
 from .dicom import looks_like_dicom, read_dicom_file, read_dicom_series
-from .volume import Volume, check_fits_in_memory
+from .errors import error_text
+from .volume import GIB, Volume, available_memory, check_fits_in_memory
 
-__all__ = ["read_volume", "VolumeReader", "READERS", "IMAGE_SUFFIXES", "PICTURE_SUFFIXES", "split_suffix"]
+__all__ = ["read_volume", "VolumeReader", "READERS", "IMAGE_SUFFIXES", "PICTURE_SUFFIXES",
+           "split_suffix", "unreadable_reason"]
+
+logger = logging.getLogger(__name__)
 
 GZIP_CHECK_CHUNK = 1 << 24  # bytes decompressed at a time by the integrity check
+GZIP_MAGIC = b"\x1f\x8b"
+NIFTI2_HEADER_SIZE = 540  # sizeof_hdr of NIfTI-2 (NIfTI-1: 348)
 
 
 class VolumeReader(Protocol):
@@ -52,13 +68,49 @@ def _check_gzip(path: Path) -> None:
             pass
 
 
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as stream:
+        return stream.read(len(GZIP_MAGIC)) == GZIP_MAGIC
+
+
+def _load_misnamed_nifti(path: Path, compressed: bool) -> nib.Nifti1Image:
+    """nibabel picks (de)compression from the file name; a misnamed file is read from its
+    (decompressed) bytes instead, after its header's size has passed the memory check."""
+    opener = gzip.open if compressed else open
+    with opener(path, "rb") as stream:
+        head = stream.read(NIFTI2_HEADER_SIZE)
+        is_nifti2 = NIFTI2_HEADER_SIZE in (int.from_bytes(head[:4], "little"),
+                                           int.from_bytes(head[:4], "big"))
+        image_class = nib.Nifti2Image if is_nifti2 else nib.Nifti1Image
+        header = image_class.header_class.from_fileobj(io.BytesIO(head))
+        itemsize = header.get_data_dtype().itemsize
+        check_fits_in_memory(path, header.get_data_shape(), itemsize + 1,
+                             what="the image (its bytes, voxels plus a label map)")
+        data = head + stream.read()
+    return image_class.from_bytes(data)
+
+
 def _read_nifti(path: Path, volume_index: int | None = None) -> Volume:
     """nibabel reads the header here and the voxels (lazily) in ``volume_from_nifti``;
-    ``volume_index`` picks one volume of a 4D image."""
+    ``volume_index`` picks one volume of a 4D image. Compression is decided from the bytes."""
+    compressed = _is_gzip(path)
+    named_compressed = path.name.lower().endswith(".gz")
     try:
-        image = nib.load(path)
+        if compressed == named_compressed:
+            image = nib.load(path)
+        else:
+            logger.warning(
+                "%s: the file is %s but its name ends in %s; read as %s NIfTI (rename it to "
+                "end in %s)", path, "gzip-compressed" if compressed else "not compressed",
+                ".nii.gz" if named_compressed else ".nii",
+                "compressed" if compressed else "uncompressed",
+                ".nii.gz" if compressed else ".nii",
+            )
+            image = _load_misnamed_nifti(path, compressed)
     except Exception as err:  # noqa: BLE001 - nibabel's header checks raise many kinds
-        raise ValueError(f"{path}: not a readable NIfTI file ({err})") from err
+        if isinstance(err, ValueError) and str(path) in str(err):  # the memory check
+            raise
+        raise ValueError(f"{path}: not a readable NIfTI file ({error_text(err)})") from err
     if not isinstance(image, nib.Nifti1Image):  # Nifti2Image is a Nifti1Image too
         raise ValueError(  # CIFTI-2 (.dconn/.dtseries.nii...): surface/grayordinate matrices
             f"{path}: a {type(image).__name__} file, not a NIfTI image volume; "
@@ -69,7 +121,7 @@ def _read_nifti(path: Path, volume_index: int | None = None) -> Volume:
     itemsize = 8 if scaled else image.get_data_dtype().itemsize  # scaling gives float64
     check_fits_in_memory(path, image.shape[:3] if volume_index is not None else image.shape,
                          itemsize)
-    if path.name.lower().endswith(".gz"):
+    if compressed:
         _check_gzip(path)
     return volume_from_nifti(image, source=path, volume_index=volume_index)
 
@@ -129,6 +181,35 @@ UNSUPPORTED_HINTS = {  # medical formats users try, with what to do about them
 }
 
 
+def unreadable_reason(path: Path) -> str | None:
+    """Why ``path`` (a file or a folder) cannot be opened for reading, e.g. ``"a symbolic
+    link to scans/a.nii.gz, which does not exist"``; None when it can be opened."""
+    try:
+        is_folder = path.is_dir()
+        os.stat(path)
+    except FileNotFoundError:
+        if path.is_symlink():
+            return f"a symbolic link to {os.readlink(path)}, which does not exist"
+        return "no such file or folder"
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "a symbolic link loop (following the links never reaches a file)"
+        return f"cannot be read ({err.strerror or error_text(err)})"
+    kind = "folder" if is_folder else "file"
+    try:
+        if is_folder:
+            with os.scandir(path) as entries:
+                next(entries, None)
+        else:
+            with open(path, "rb"):
+                pass
+    except PermissionError:
+        return f"no permission to read this {kind}"
+    except OSError as err:
+        return f"this {kind} cannot be read ({err.strerror or error_text(err)})"
+    return None
+
+
 def split_suffix(path: Path) -> tuple[str, str]:
     """``("CASE_0000", ".nii.gz")`` for ``CASE_0000.nii.gz``; suffix "" when unknown.
 
@@ -156,8 +237,9 @@ def read_volume(
             read; 3D images ignore it. Without it, a 4D image is refused.
     """
     path = Path(path)
-    if not path.exists():
-        raise ValueError(f"{path}: no such file or folder")
+    reason = unreadable_reason(path)
+    if reason is not None:
+        raise ValueError(f"{path}: {reason}")
     if path.is_dir():
         reader: Callable[[Path], Volume] = lambda folder: read_dicom_series(folder, series_uid)
     else:
@@ -181,10 +263,14 @@ def read_volume(
     except ValueError as err:
         if str(path) in str(err):
             raise
-        raise ValueError(f"{path}: {err}") from err
+        raise ValueError(f"{path}: {error_text(err)}") from err
     except MemoryError as err:
-        raise ValueError(f"{path}: not enough memory to read it ({err})") from err
-    except Exception as err:  # noqa: BLE001 - corrupt bytes make parsers raise anything
+        available = available_memory()
+        room = (f"{available[0] / GIB:.3g} GiB available, limited by {available[1]}"
+                if available is not None else "the available memory is unknown")
         raise ValueError(
-            f"{path}: corrupt or unreadable file ({type(err).__name__}: {err})"
+            f"{path}: not enough memory to read it (an allocation failed: {error_text(err)}; "
+            f"{room})"
         ) from err
+    except Exception as err:  # noqa: BLE001 - corrupt bytes make parsers raise anything
+        raise ValueError(f"{path}: corrupt or unreadable file ({error_text(err)})") from err

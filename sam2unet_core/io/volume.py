@@ -149,24 +149,89 @@ def label_dtype(max_label: int) -> np.dtype:
     raise ValueError(f"{max_label} labels do not fit in uint16")
 
 
-def available_memory() -> int | None:
-    """Bytes of memory this process can still take: Linux ``MemAvailable``, lowered to the
-    room left under a cgroup (container) limit; None where neither can be read."""
-    limits = []
+GIB = 2**30
+_UNLIMITED_CGROUP = 2**60  # cgroup v1 writes "no limit" as a number near 2**63
+
+
+def _meminfo_available() -> int | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                limits.append(int(line.split()[1]) * 1024)
+                return int(line.split()[1]) * 1024
     except (OSError, ValueError):
         pass
-    cgroup = Path("/sys/fs/cgroup")
+    return None
+
+
+def _cgroup_room() -> int | None:
+    """Bytes left under the tightest memory limit of this process's cgroup and its parents
+    (v2: ``memory.max - memory.current``; v1: ``memory.limit_in_bytes - memory.usage_in_bytes``),
+    None when no limit is set or none can be read."""
+    root = Path("/sys/fs/cgroup")
     try:
-        limit = (cgroup / "memory.max").read_text().strip()
-        if limit != "max":
-            limits.append(int(limit) - int((cgroup / "memory.current").read_text()))
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    candidates = []  # (folder, limit file, usage file)
+    for line in lines:
+        _, controllers, group = line.split(":", 2)
+        if controllers == "":  # v2: one unified hierarchy
+            base, files = root, ("memory.max", "memory.current")
+            if not (root / "cgroup.controllers").exists():
+                base = root / "unified"
+        elif "memory" in controllers.split(","):
+            base, files = root / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        folder = base / group.lstrip("/")
+        while True:  # the group, then its parents up to the mount point
+            candidates.append((folder, *files))
+            if folder == base or base not in folder.parents:
+                break
+            folder = folder.parent
+    rooms = []
+    for folder, limit_file, usage_file in candidates:
+        try:
+            limit = (folder / limit_file).read_text().strip()
+            if limit == "max" or int(limit) >= _UNLIMITED_CGROUP:
+                continue
+            rooms.append(int(limit) - int((folder / usage_file).read_text()))
+        except (OSError, ValueError):
+            continue
+    return min(rooms) if rooms else None
+
+
+def _address_space_room() -> int | None:
+    """Bytes left under the soft ``RLIMIT_AS`` (``ulimit -v``): the limit minus this
+    process's current virtual size (``VmSize``); None when unlimited or unknown."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmSize:"):
+                return soft - int(line.split()[1]) * 1024
     except (OSError, ValueError):
         pass
-    return min(limits) if limits else None
+    return None
+
+
+def available_memory() -> tuple[int, str] | None:
+    """``(bytes, what limits them)``: the memory this process can still take, the smallest of
+    the machine's free memory (Linux ``MemAvailable``), the room under its cgroup's memory
+    limit (container, Slurm job) and the room under its address-space limit (``ulimit -v``);
+    None where none of them can be read."""
+    limits = [
+        (_meminfo_available(), "the machine's available memory (MemAvailable)"),
+        (_cgroup_room(), "the cgroup memory limit (container or job)"),
+        (_address_space_room(), "the process's address-space limit (ulimit -v, RLIMIT_AS)"),
+    ]
+    known = [(max(room, 0), reason) for room, reason in limits if room is not None]
+    return min(known, key=lambda limit: limit[0]) if known else None
 
 
 def check_fits_in_memory(
@@ -178,14 +243,15 @@ def check_fits_in_memory(
 ) -> None:
     """Raise ``ValueError`` before allocating when arrays of ``shape`` (any axis order) with
     ``itemsize`` bytes a voxel, plus a one-byte label map of the same grid, would not fit in
-    the memory available now. The readers call it with header sizes only (numpy allocates
+    the memory available now (:func:`available_memory`, named in the message). The readers call it with header sizes only (numpy allocates
     lazily, so an oversized array would otherwise end in the kernel's out-of-memory kill
     half-way through a run instead of an error)."""
     shape = tuple(int(n) for n in shape)
     needed = int(np.prod(shape, dtype=object)) * (int(itemsize) + 1)
-    free = available_memory()
-    if free is not None and needed > free:
+    available = available_memory()
+    if available is not None and needed > available[0]:
+        free, limited_by = available
         raise ValueError(
-            f"{source}: {what} of shape {shape} needs about {needed / 2**30:.1f} GiB of "
-            f"memory but only {free / 2**30:.1f} GiB is available; {advice}"
+            f"{source}: {what} of shape {shape} needs about {needed / GIB:.3g} GiB, "
+            f"{free / GIB:.3g} GiB available (limited by {limited_by}); {advice}"
         )

@@ -17,6 +17,7 @@ an interrupted run never leaves a half-written output under the final name.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -25,6 +26,7 @@ import numpy as np
 from ..metadata import LabelInfo
 from .atomic import PARTIAL_PREFIX, atomic_write, remove_partials
 from .convert import volume_to_nifti, volume_to_sitk
+from .errors import error_text
 from .volume import Volume
 
 __all__ = [
@@ -167,36 +169,80 @@ def _valid_type2(source: Any, keyword: str) -> bool:
     return True
 
 
+# What a DICOM SEG takes from each source image: the UIDs it references or copies (type 1 in
+# the SEG), the modality, and for single-frame sources the plane geometry of every frame.
+_SEG_SOURCE_UIDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID",
+                    "FrameOfReferenceUID")
+_SEG_SLICE_GEOMETRY = ("Rows", "Columns", "PixelSpacing", "ImageOrientationPatient",
+                       "ImagePositionPatient")
+_CODE_STRING = re.compile(r"[A-Z][A-Z0-9_ ]{0,15}")  # a CS value highdicom accepts
+SEG_ALTERNATIVES = "the formats that work without them: --format nii.gz, nii, nrrd, mha or seg.nrrd"
+
+
+def _seg_source_problems(source: Any) -> list[str]:
+    """The attributes of one source header that a DICOM SEG needs and that are empty,
+    missing or invalid."""
+    frames = int(source.get("NumberOfFrames", 1) or 1)
+    needed = _SEG_SOURCE_UIDS + (_SEG_SLICE_GEOMETRY if frames == 1 else ())
+    problems = [keyword for keyword in needed if not source.get(keyword)]
+    if "SliceThickness" not in source and frames == 1:  # type 2: present, may be empty
+        problems.append("SliceThickness")
+    modality = str(source.get("Modality", "") or "")
+    if not _CODE_STRING.fullmatch(modality):
+        problems.append(f"Modality ({modality!r} is not a DICOM code string)" if modality
+                        else "Modality")
+    return problems
+
+
 def dicom_seg_sources(volume: Volume) -> list[Any]:
     """The source image headers (pydicom datasets) a DICOM SEG of ``volume`` references, in k order.
 
-    Raises ``ValueError`` naming the file when the input cannot be the source of a DICOM
-    SEG (callers check this before predicting): not DICOM, no FrameOfReferenceUID (SEG
-    places its frames in that frame of reference), or a legacy multi-frame image such as
-    RT Dose or US cine (highdicom needs enhanced multi-frame geometry or single slices).
+    The one check of a DICOM SEG's sources; callers run it before predicting. Raises
+    ``ValueError`` naming the input, the cause and the formats that work when the input
+    cannot be the source of a DICOM SEG: not DICOM; attributes the SEG references or copies
+    empty or missing in some files (anonymisers blank the SOP Class/Instance, Series and
+    Study UIDs; the FrameOfReferenceUID places the SEG's frames); two files with the same
+    SOPInstanceUID; or a legacy multi-frame image such as RT Dose or US cine (highdicom needs
+    enhanced multi-frame geometry or single slices).
     """
     import pydicom
 
-    advice = "use --format nii.gz or seg.nrrd"
     if not volume.dicom_files:
         raise ValueError(
             f"{volume.source}: DICOM SEG needs a DICOM input (it references the source "
-            f"slices) and this is not DICOM; {advice}"
+            f"slices) and this is not DICOM; {SEG_ALTERNATIVES}"
         )
     sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in volume.dicom_files]
     for file, source in zip(volume.dicom_files, sources):
-        if not source.get("FrameOfReferenceUID"):
-            raise ValueError(
-                f"{file}: DICOM SEG needs the source's FrameOfReferenceUID, which this file "
-                f"lacks; {advice}"
-            )
         frames = int(source.get("NumberOfFrames", 1) or 1)
         if frames > 1 and "SharedFunctionalGroupsSequence" not in source:
             raise ValueError(
                 f"{file}: a legacy multi-frame {source.get('Modality', '')} image ({frames} "
                 f"frames without per-frame functional groups) cannot be the source of a "
-                f"DICOM SEG; {advice}"
+                f"DICOM SEG; {SEG_ALTERNATIVES}"
             )
+    missing: dict[str, list[Path]] = {}
+    for file, source in zip(volume.dicom_files, sources):
+        for problem in _seg_source_problems(source):
+            missing.setdefault(problem, []).append(file)
+    if missing:
+        where = "; ".join(
+            f"{problem} in {len(files)} of {len(sources)} files (e.g. {files[0].name})"
+            for problem, files in missing.items()
+        )
+        raise ValueError(
+            f"{volume.source}: DICOM SEG needs source attributes that are empty or missing "
+            f"(an anonymised series?): {where}; {SEG_ALTERNATIVES}"
+        )
+    seen: dict[str, Path] = {}
+    for file, source in zip(volume.dicom_files, sources):
+        uid = str(source.SOPInstanceUID)
+        if uid in seen:
+            raise ValueError(
+                f"{volume.source}: {seen[uid].name} and {file.name} have the same "
+                f"SOPInstanceUID, so a DICOM SEG cannot tell them apart; {SEG_ALTERNATIVES}"
+            )
+        seen[uid] = file
     return sources
 
 
@@ -253,6 +299,20 @@ def _write_dicom_seg(volume: Volume, path: Path, labels: Sequence[LabelInfo]) ->
     seg.save_as(path)
 
 
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
+    """:func:`atomic_write`, with whatever a format library raises (highdicom's
+    ``KeyError('')``...) turned into a ``ValueError`` that names ``path`` and is never empty;
+    ``OSError`` (disk full, permissions) passes unchanged for the caller to report."""
+    try:
+        return atomic_write(path, write)
+    except OSError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the one boundary of the format libraries
+        if isinstance(err, ValueError) and str(path) in str(err):
+            raise
+        raise ValueError(f"{path}: cannot write it ({error_text(err)})") from err
+
+
 def write_labels(
     volume: Volume, path: str | Path, labels: Sequence[LabelInfo] = ()
 ) -> Path:
@@ -280,7 +340,7 @@ def write_labels(
         ".dcm": lambda tmp: _write_dicom_seg(volume, tmp, labels),
         ".png": lambda tmp: _write_png(volume, tmp, labels),
     }
-    return atomic_write(path, writers[suffix])
+    return _write_atomically(path, writers[suffix])
 
 
 def write_probabilities(volume: Volume, path: str | Path) -> Path:
@@ -292,7 +352,7 @@ def write_probabilities(volume: Volume, path: str | Path) -> Path:
     path = Path(path)
     suffix = _suffix_of(path)
     if suffix in (".nii.gz", ".nii"):
-        return atomic_write(path, lambda tmp: _write_nifti(volume, tmp))
+        return _write_atomically(path, lambda tmp: _write_nifti(volume, tmp))
     if suffix in (".nrrd", ".mha"):
-        return atomic_write(path, lambda tmp: _write_sitk(volume, tmp))
+        return _write_atomically(path, lambda tmp: _write_sitk(volume, tmp))
     raise ValueError(f"{path}: probability maps are written as .nii.gz, .nii, .nrrd or .mha")
