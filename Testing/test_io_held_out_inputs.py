@@ -449,6 +449,7 @@ class _KeyErrorLabel:
 
     value = 1
     color = (255, 0, 0)
+    category = type = modifier = None  # no stored codes: the name table is consulted
 
     @property
     def name(self) -> str:
