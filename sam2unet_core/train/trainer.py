@@ -323,7 +323,6 @@ def train(config: TrainConfig, resume: bool = True) -> TrainResult:
             dice = scores.mean()
             per_class = np.mean(list(scores.per_case().values()), axis=0).tolist()
             record = {"epoch": epoch + 1, "val_dice": dice, "lr": optimizer.param_groups[0]["lr"], "step": global_step,
-                      "cpu_seconds": round(cpu_seconds(), 1),
                       "val_dice_per_class": dict(zip(metadata.class_names, per_class))}
             history.append(record)
             metadata.provenance = {"tool": f"sam2unet_core {__version__}", "config": config.to_dict(), **data.facts,
