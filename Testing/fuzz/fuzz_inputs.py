@@ -5,11 +5,13 @@ Outside CI (pytest does not collect this file). Usage::
     .venv/bin/python Testing/fuzz/fuzz_inputs.py --target volume --seconds 300
     .venv/bin/python Testing/fuzz/fuzz_inputs.py --target checkpoint --seconds 300
     .venv/bin/python Testing/fuzz/fuzz_inputs.py --target dicom-folder --seconds 300
+    .venv/bin/python Testing/fuzz/fuzz_inputs.py --target dicom-seg --seconds 300
 
 Each example takes a valid seed file (NIfTI, also in micron units and with a name that
 denies its compression, NRRD, MHA, PNG, DICOM; or one of our
 safetensors / a SAM2-UNet .pt state dict; for ``dicom-folder``, one slice of a real
-5-slice CT series, read as the folder), mutates its bytes (bit flips, overwrites,
+5-slice CT series, read as the folder; for ``dicom-seg`` also written as a DICOM SEG),
+mutates its bytes (bit flips, overwrites,
 truncation, insertion), and reads it back. The contract under test: a bad file raises
 ``ValueError`` (``CheckpointError`` is one) naming the file, and nothing else escapes,
 hangs or runs code. Any other exception is a finding: it is printed and the offending
@@ -38,6 +40,8 @@ from safetensors.torch import save_file
 
 from sam2unet_core import ModelMetadata, load_model, read_metadata
 from sam2unet_core.io import read_volume
+from sam2unet_core.io.writers import write_labels
+from sam2unet_core.metadata import default_labels
 
 
 def volume_seeds(folder: Path) -> list[Path]:
@@ -122,11 +126,25 @@ def read_checkpoint(path: Path) -> None:
     load_model(path)
 
 
+def read_and_write_dicom_seg(folder: Path) -> None:
+    """Read the series and write a DICOM SEG of it: the source check (``dicom_seg_sources``)
+    and highdicom see the damaged headers; a refusal must be a non-empty ValueError."""
+    volume = read_volume(folder)
+    labels = volume.with_array(np.ones(volume.shape_kji, np.uint8))
+    try:
+        write_labels(labels, folder.parent / "seg.dcm", default_labels(2))
+    except ValueError as err:
+        if not str(err).replace(str(folder), "").strip(" :'\""):
+            raise AssertionError(f"empty error text: {err!r}") from err
+        raise
+
+
 def run(target: str, seconds: float, findings: Path) -> int:
     work = Path(tempfile.mkdtemp(prefix="sam2unet-fuzz-"))
     seeds = {"volume": volume_seeds, "checkpoint": checkpoint_seeds,
-             "dicom-folder": dicom_folder_seeds}[target](work)
-    reader = read_checkpoint if target == "checkpoint" else read_volume
+             "dicom-folder": dicom_folder_seeds, "dicom-seg": dicom_folder_seeds}[target](work)
+    reader = {"checkpoint": read_checkpoint,
+              "dicom-seg": read_and_write_dicom_seg}.get(target, read_volume)
     seed_bytes = [(p.name, p.read_bytes()) for p in seeds]
     found: dict[str, Path] = {}
     examples = 0
@@ -140,7 +158,7 @@ def run(target: str, seconds: float, findings: Path) -> int:
         examples += 1
         name, data = seed_bytes[seed_index]
         path = last_case = work / "case" / name
-        if target == "dicom-folder":  # the intact series with one file damaged
+        if target in ("dicom-folder", "dicom-seg"):  # the intact series, one file damaged
             last_case = work / "case" / "series"
             path = last_case / name
             last_case.mkdir(parents=True, exist_ok=True)
@@ -180,7 +198,7 @@ def run(target: str, seconds: float, findings: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", choices=["volume", "checkpoint", "dicom-folder"], required=True)
+    parser.add_argument("--target", choices=["volume", "checkpoint", "dicom-folder", "dicom-seg"], required=True)
     parser.add_argument("--seconds", type=float, default=300.0, help="time budget (default: 300)")
     parser.add_argument("--findings", type=Path, default=Path("fuzz_findings"),
                         help="folder for files that broke the contract (default: ./fuzz_findings)")

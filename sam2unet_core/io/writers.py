@@ -182,11 +182,25 @@ SEG_ALTERNATIVES = "the formats that work without them: --format nii.gz, nii, nr
 def _seg_source_problems(source: Any) -> list[str]:
     """The attributes of one source header that a DICOM SEG needs and that are empty,
     missing or invalid."""
+    import pydicom.uid
+    from pydicom.multival import MultiValue
+
     frames = int(source.get("NumberOfFrames", 1) or 1)
     needed = _SEG_SOURCE_UIDS + (_SEG_SLICE_GEOMETRY if frames == 1 else ())
     problems = [keyword for keyword in needed if not source.get(keyword)]
     if "SliceThickness" not in source and frames == 1:  # type 2: present, may be empty
         problems.append("SliceThickness")
+    for keyword in ("PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient",
+                    "SliceThickness"):
+        value = source.get(keyword)
+        try:
+            [float(v) for v in (value if isinstance(value, (list, tuple, MultiValue)) else [value])
+             if value not in (None, "")]
+        except (TypeError, ValueError):
+            problems.append(f"{keyword} ({str(value)!r} is not a number)")
+    sop_class = str(source.get("SOPClassUID", "") or "")
+    if sop_class and not pydicom.uid.UID(sop_class).name.endswith("Storage"):
+        problems.append(f"SOPClassUID ({sop_class!r} is not a known DICOM storage class)")
     modality = str(source.get("Modality", "") or "")
     if not _CODE_STRING.fullmatch(modality):
         problems.append(f"Modality ({modality!r} is not a DICOM code string)" if modality
@@ -221,6 +235,15 @@ def dicom_seg_sources(volume: Volume) -> list[Any]:
                 f"frames without per-frame functional groups) cannot be the source of a "
                 f"DICOM SEG; {SEG_ALTERNATIVES}"
             )
+    for file, source in zip(volume.dicom_files, sources):
+        try:  # pydicom decodes lazily: decode every element the SEG may copy, here
+            for _ in source.iterall():
+                pass
+        except Exception as err:  # noqa: BLE001 - corrupt bytes make pydicom raise anything
+            raise ValueError(
+                f"{file}: corrupt DICOM header, which a DICOM SEG would copy "
+                f"({error_text(err)}); {SEG_ALTERNATIVES}"
+            ) from err
     missing: dict[str, list[Path]] = {}
     for file, source in zip(volume.dicom_files, sources):
         for problem in _seg_source_problems(source):
@@ -231,9 +254,19 @@ def dicom_seg_sources(volume: Volume) -> list[Any]:
             for problem, files in missing.items()
         )
         raise ValueError(
-            f"{volume.source}: DICOM SEG needs source attributes that are empty or missing "
+            f"{volume.source}: DICOM SEG needs source attributes that are empty, missing or invalid "
             f"(an anonymised series?): {where}; {SEG_ALTERNATIVES}"
         )
+    single_frames = [(f, s) for f, s in zip(volume.dicom_files, sources)
+                     if int(s.get("NumberOfFrames", 1) or 1) == 1]
+    for file, source in single_frames[1:]:  # highdicom compares the values exactly
+        if list(source.ImageOrientationPatient) != list(single_frames[0][1].ImageOrientationPatient):
+            raise ValueError(
+                f"{volume.source}: {file.name} and {single_frames[0][0].name} differ in "
+                f"ImageOrientationPatient ({list(source.ImageOrientationPatient)} vs "
+                f"{list(single_frames[0][1].ImageOrientationPatient)}); a DICOM SEG needs one "
+                f"shared orientation; {SEG_ALTERNATIVES}"
+            )
     seen: dict[str, Path] = {}
     for file, source in zip(volume.dicom_files, sources):
         uid = str(source.SOPInstanceUID)
