@@ -133,10 +133,10 @@ def test_safetensors_header_is_read_without_torch_like_the_checkpoint_reader(tin
     assert read_safetensors_metadata(tiny_checkpoint) == read_metadata(tiny_checkpoint)
     not_safetensors = tmp_path / "x.safetensors"
     not_safetensors.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00hello")
-    with pytest.raises(ValueError, match=r"x\.safetensors: not a safetensors file \(header is not JSON"):
+    with pytest.raises(ValueError, match=r"x\.safetensors: not a readable safetensors file \(bad JSON header"):
         read_safetensors_metadata(not_safetensors)
     foreign = tmp_path / "foreign.safetensors"
     header = json.dumps({"__metadata__": {"format": "pt"}}).encode()
     foreign.write_bytes(len(header).to_bytes(8, "little") + header)
-    with pytest.raises(ValueError, match=r"foreign\.safetensors: holds no sam2unet model metadata"):
+    with pytest.raises(ValueError, match=r"foreign\.safetensors: safetensors file without 'sam2unet' metadata"):
         read_safetensors_metadata(foreign)
