@@ -462,7 +462,7 @@ def test_no_reader_or_writer_error_has_an_empty_text(
     cases = _error_cases(tmp_path)
     from sam2unet_core.io import readers
 
-    def out_of_memory(path: Path) -> Volume:
+    def out_of_memory(path: Path, options: readers.ReadOptions) -> Volume:
         raise MemoryError()
 
     monkeypatch.setitem(readers.READERS, ".mhd", out_of_memory)

@@ -32,9 +32,9 @@ import io
 import logging
 import os
 import re
-from functools import partial
 from pathlib import Path
-from typing import Callable, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 import nibabel as nib
 import numpy as np
@@ -47,7 +47,7 @@ from .errors import error_text
 from .volume import GIB, Volume, available_memory, check_fits_in_memory
 
 __all__ = ["read_volume", "VolumeReader", "READERS", "IMAGE_SUFFIXES", "PICTURE_SUFFIXES",
-           "split_suffix", "unreadable_reason"]
+           "split_suffix", "unreadable_reason", "ReadOptions"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +56,19 @@ GZIP_MAGIC = b"\x1f\x8b"
 NIFTI2_HEADER_SIZE = 540  # sizeof_hdr of NIfTI-2 (NIfTI-1: 348)
 
 
+@dataclass(frozen=True)
+class ReadOptions:
+    """Choices a reader may need: ``series_uid`` picks a series of a DICOM folder (default:
+    the largest), ``volume_index`` one volume of a 4D NIfTI (default: 4D is refused)."""
+
+    series_uid: str | None = None
+    volume_index: int | None = None
+
+
 class VolumeReader(Protocol):
-    def __call__(self, path: Path) -> Volume: ...
+    """Every entry of :data:`READERS` (and the DICOM folder reader) has this signature."""
+
+    def __call__(self, path: Path, options: ReadOptions) -> Volume: ...
 
 
 def _check_gzip(path: Path) -> None:
@@ -90,7 +101,7 @@ def _load_misnamed_nifti(path: Path, compressed: bool) -> nib.Nifti1Image:
     return image_class.from_bytes(data)
 
 
-def _read_nifti(path: Path, volume_index: int | None = None) -> Volume:
+def _read_nifti(path: Path, options: ReadOptions) -> Volume:
     """nibabel reads the header here and the voxels (lazily) in ``volume_from_nifti``;
     ``volume_index`` picks one volume of a 4D image. Compression is decided from the bytes."""
     compressed = _is_gzip(path)
@@ -119,6 +130,7 @@ def _read_nifti(path: Path, volume_index: int | None = None) -> Volume:
     slope, inter = image.header.get_slope_inter()
     scaled = slope not in (None, 1.0) or inter not in (None, 0.0)
     itemsize = 8 if scaled else image.get_data_dtype().itemsize  # scaling gives float64
+    volume_index = options.volume_index
     check_fits_in_memory(path, image.shape[:3] if volume_index is not None else image.shape,
                          itemsize)
     if compressed:
@@ -126,7 +138,7 @@ def _read_nifti(path: Path, volume_index: int | None = None) -> Volume:
     return volume_from_nifti(image, source=path, volume_index=volume_index)
 
 
-def _read_sitk(path: Path) -> Volume:
+def _read_sitk(path: Path, options: ReadOptions = ReadOptions()) -> Volume:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -141,7 +153,7 @@ def _read_sitk(path: Path) -> Volume:
     return volume_from_sitk(image, source=path)
 
 
-def _read_picture(path: Path) -> Volume:
+def _read_picture(path: Path, options: ReadOptions) -> Volume:
     """PNG/JPG: column index i, row index j, spacing 1, identity direction."""
     try:
         with Image.open(path) as picture:
@@ -155,7 +167,15 @@ def _read_picture(path: Path) -> Volume:
     return Volume(array[np.newaxis], source=path)  # (H, W[, 3]) -> (1, H, W[, 3])
 
 
-READERS: dict[str, Callable[[Path], Volume]] = {
+def _read_dicom_file(path: Path, options: ReadOptions) -> Volume:
+    return read_dicom_file(path)
+
+
+def _read_dicom_folder(folder: Path, options: ReadOptions) -> Volume:
+    return read_dicom_series(folder, options.series_uid)
+
+
+READERS: dict[str, VolumeReader] = {
     ".nii.gz": _read_nifti,
     ".nii": _read_nifti,
     ".nrrd": _read_sitk,
@@ -165,7 +185,7 @@ READERS: dict[str, Callable[[Path], Volume]] = {
     ".png": _read_picture,
     ".jpg": _read_picture,
     ".jpeg": _read_picture,
-    ".dcm": read_dicom_file,
+    ".dcm": _read_dicom_file,
 }
 IMAGE_SUFFIXES = tuple(READERS)
 PICTURE_SUFFIXES = tuple(s for s, read in READERS.items() if read is _read_picture)  # 2D frames
@@ -241,25 +261,23 @@ def read_volume(
     if reason is not None:
         raise ValueError(f"{path}: {reason}")
     if path.is_dir():
-        reader: Callable[[Path], Volume] = lambda folder: read_dicom_series(folder, series_uid)
+        reader: VolumeReader = _read_dicom_folder
     else:
         _, suffix = split_suffix(path)
         if suffix in READERS:
             reader = READERS[suffix]
         elif looks_like_dicom(path):  # DICOM exports often have no file ending
-            reader = read_dicom_file
+            reader = _read_dicom_file
         else:
             hint = UNSUPPORTED_HINTS.get(path.suffix.lower(), "")
             raise ValueError(
                 f"{path}: unsupported file type{hint}; expected one of "
                 f"{', '.join(IMAGE_SUFFIXES)} or a folder of DICOM files"
             )
-        if reader is _read_nifti and volume_index is not None:
-            reader = partial(_read_nifti, volume_index=volume_index)
     if path.is_file() and path.stat().st_size == 0:
         raise ValueError(f"{path}: the file is empty (0 bytes)")
     try:
-        return reader(path)
+        return reader(path, ReadOptions(series_uid, volume_index))
     except ValueError as err:
         if str(path) in str(err):
             raise

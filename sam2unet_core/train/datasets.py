@@ -29,7 +29,7 @@ from sam2unet_core.io.cases import find_cases
 from sam2unet_core.io.readers import split_suffix
 
 __all__ = [
-    "Case",
+    "TrainingCase",
     "VolumeDataset",
     "find_polyp_cases",
     "read_volume_dataset",
@@ -40,8 +40,9 @@ __all__ = [
 
 
 @dataclass
-class Case:
-    """One training case: an image file and its label (mask) file."""
+class TrainingCase:
+    """One training case: an image file and its label (mask) file (inference reads
+    ``io.cases.Case``: a name and one input)."""
 
     name: str
     image: Path
@@ -56,7 +57,7 @@ class VolumeDataset:
     """The parts of a ``dataset.json`` training uses."""
 
     root: Path
-    cases: list[Case]
+    cases: list[TrainingCase]
     label_names: list[str]  # names of label values 0..K-1 (0 = background)
     channel_names: list[str]
 
@@ -67,7 +68,7 @@ def _files_by_case(folder: Path) -> dict[str, Path]:
     return {case.name: case.path for case in find_cases(folder)}
 
 
-def find_polyp_cases(root: str | Path) -> list[Case]:
+def find_polyp_cases(root: str | Path) -> list[TrainingCase]:
     """Image/mask pairs of ``<root>/images`` and ``<root>/masks``, sorted by name.
 
     Raises ``ValueError`` listing images without masks and masks without images.
@@ -80,7 +81,7 @@ def find_polyp_cases(root: str | Path) -> list[Case]:
             f"{root}: {len(no_mask)} images have no mask in masks/ (e.g. {no_mask[:5]}), "
             f"{len(no_image)} masks have no image in images/ (e.g. {no_image[:5]})"
         )
-    return [Case(name, images[name], masks[name]) for name in sorted(images)]
+    return [TrainingCase(name, images[name], masks[name]) for name in sorted(images)]
 
 
 def _label_names(labels: dict[str, Any], path: Path) -> list[str]:
@@ -113,11 +114,11 @@ def read_volume_dataset(root: str | Path) -> VolumeDataset:
         cases = []
         for entry in meta["training"]:
             image, label = root / entry["image"], root / entry["label"]
-            cases.append(Case(split_suffix(label)[0], image, label))
+            cases.append(TrainingCase(split_suffix(label)[0], image, label))
     else:  # nnU-Net v2: labelsTr/CASE<ending> with imagesTr/CASE_0000<ending>
         ending = meta.get("file_ending", ".nii.gz")
         cases = [
-            Case(split_suffix(label)[0], root / "imagesTr" / f"{split_suffix(label)[0]}_0000{ending}", label)
+            TrainingCase(split_suffix(label)[0], root / "imagesTr" / f"{split_suffix(label)[0]}_0000{ending}", label)
             for label in sorted((root / "labelsTr").glob(f"*{ending}"))
         ]
     missing = [str(p) for c in cases for p in (c.image, c.label) if not p.exists()]
@@ -128,8 +129,8 @@ def read_volume_dataset(root: str | Path) -> VolumeDataset:
     return VolumeDataset(root, cases, label_names, channel_names)
 
 
-def split_cases(cases: Sequence[Case], val_fraction: float, seed: int,
-                val_names: Sequence[str] = ()) -> tuple[list[Case], list[Case]]:
+def split_cases(cases: Sequence[TrainingCase], val_fraction: float, seed: int,
+                val_names: Sequence[str] = ()) -> tuple[list[TrainingCase], list[TrainingCase]]:
     """Split into (train, val): the named cases, else a seeded random ``val_fraction``
     (at least one case)."""
     if val_names:

@@ -19,7 +19,7 @@ from monai.data.utils import pickle_hashing
 from monai.transforms import Compose
 
 from .config import TrainConfig
-from .datasets import Case, SeededSamples, find_polyp_cases, read_volume_dataset, slice_plan, split_cases
+from .datasets import TrainingCase, SeededSamples, find_polyp_cases, read_volume_dataset, slice_plan, split_cases
 from .transforms import (
     IntensityNormalized,
     LoadCased,
@@ -46,7 +46,7 @@ class TrainingData:
     facts: dict[str, Any] = field(default_factory=dict)  # for the checkpoint's provenance
 
 
-def _cached(cases: list[Case], transform: Compose, config: TrainConfig, part: str) -> torch.utils.data.Dataset:
+def _cached(cases: list[TrainingCase], transform: Compose, config: TrainConfig, part: str) -> torch.utils.data.Dataset:
     items = [c.as_dict() for c in cases]
     mode = config.data.cache
     if mode == "memory":
@@ -104,7 +104,7 @@ class _AllSlices(torch.utils.data.Dataset):
         return {"image": out["image"], "label": out["label"], "case": case}
 
 
-def _check_labels(labels: list[np.ndarray], cases: list[Case], num_values: int) -> None:
+def _check_labels(labels: list[np.ndarray], cases: list[TrainingCase], num_values: int) -> None:
     for label, case in zip(labels, cases):
         values = np.unique(label)
         if values.min() < 0 or values.max() >= num_values:
