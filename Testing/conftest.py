@@ -82,3 +82,18 @@ def official_sam2unet_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Pa
     path = tmp_path_factory.mktemp("official") / "SAM2-UNet-20.pth"
     torch.save(make_official_sam2unet_state(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def grey_ct_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-class grey-input hiera_t model at 32 px with a CT window and named labels."""
+    from sam2unet_core.metadata import Architecture, ModelMetadata, default_labels
+
+    meta = ModelMetadata(
+        architecture=Architecture("hiera_t", num_classes=3, in_channels=1),
+        labels=default_labels(3, ["liver", "spleen"]),
+        input_size=32, intensity={"kind": "ct_window", "center": 40, "width": 400},
+        mean=[], std=[],
+    )
+    model = SAM2UNet("hiera_t", num_classes=3, in_channels=1)
+    return save_model(model, tmp_path_factory.mktemp("model") / "tiny.safetensors", meta)

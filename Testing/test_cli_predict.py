@@ -22,10 +22,8 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from scipy.spatial.transform import Rotation
 
-from sam2unet_core import SAM2UNet, save_model
 from sam2unet_core.cli.predict import main
 from sam2unet_core.io.cases import find_cases, select_part
-from sam2unet_core.metadata import Architecture, ModelMetadata, default_labels
 
 REPO = Path(__file__).resolve().parents[1]
 CT_SERIES = Path(get_testdata_file("CT_small.dcm")).parent / "dicomdirtests" / "98892001" / "CT5N"
@@ -33,16 +31,8 @@ EVENTS = {"start", "case_start", "slices", "case_done", "case_error", "done"}
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 3-class grey-input hiera_t model at 32 px with a CT window and named labels."""
-    meta = ModelMetadata(
-        architecture=Architecture("hiera_t", num_classes=3, in_channels=1),
-        labels=default_labels(3, ["liver", "spleen"]),
-        input_size=32, intensity={"kind": "ct_window", "center": 40, "width": 400},
-        mean=[], std=[],
-    )
-    model = SAM2UNet("hiera_t", num_classes=3, in_channels=1)
-    return save_model(model, tmp_path_factory.mktemp("model") / "tiny.safetensors", meta)
+def checkpoint(grey_ct_checkpoint: Path) -> Path:
+    return grey_ct_checkpoint
 
 
 def write_nifti(path: Path, shape_ijk: tuple[int, int, int], degrees: float, seed: int) -> None:

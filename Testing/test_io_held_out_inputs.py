@@ -30,14 +30,12 @@ from nibabel.testing import data_path as NIBABEL_DATA
 from pydicom.data import get_testdata_file
 from scipy.spatial.transform import Rotation
 
-from sam2unet_core import SAM2UNet, save_model
 from sam2unet_core.cli.predict import main
 from sam2unet_core.io import read_volume
 from sam2unet_core.io.convert import nifti_mm_per_unit
 from sam2unet_core.io.readers import _read_sitk  # reads .seg.nrrd, which read_volume refuses
 from sam2unet_core.io.volume import GIB, Volume, _meminfo_available
 from sam2unet_core.io.writers import write_labels, write_probabilities
-from sam2unet_core.metadata import Architecture, ModelMetadata, default_labels
 
 REPO = Path(__file__).resolve().parents[1]
 CT_SERIES = Path(get_testdata_file("CT_small.dcm")).parent / "dicomdirtests" / "98892001" / "CT5N"
@@ -46,16 +44,8 @@ UNITS = {"micron": 0.001, "meter": 1000.0, "unknown": 1.0, "mm": 1.0}
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 3-class grey-input hiera_t model at 32 px with a CT window and named labels."""
-    meta = ModelMetadata(
-        architecture=Architecture("hiera_t", num_classes=3, in_channels=1),
-        labels=default_labels(3, ["liver", "spleen"]),
-        input_size=32, intensity={"kind": "ct_window", "center": 40, "width": 400},
-        mean=[], std=[],
-    )
-    model = SAM2UNet("hiera_t", num_classes=3, in_channels=1)
-    return save_model(model, tmp_path_factory.mktemp("model") / "tiny.safetensors", meta)
+def checkpoint(grey_ct_checkpoint: Path) -> Path:
+    return grey_ct_checkpoint
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, list[dict], str]:

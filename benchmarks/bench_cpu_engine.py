@@ -34,7 +34,7 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import fit_head, machine_description, phantom_batch  # noqa: E402
+from benchmarks.common import fit_head, foreground_dice, machine_description, phantom_batch  # noqa: E402
 from sam2unet_core import build_model, save_model  # noqa: E402
 from sam2unet_core.cli import predict  # noqa: E402
 from sam2unet_core.inference import acceleration  # noqa: E402
@@ -100,12 +100,6 @@ def run_once(setting: str, image: Path, model: Path, out: Path, batch_size: int)
             "model_s": case["timings"].get("model"), "labels": labels}
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    fa, fb = a > 0, b > 0
-    total = int(fa.sum() + fb.sum())
-    return 1.0 if total == 0 else 2.0 * int((fa & fb).sum()) / total
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
@@ -139,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                             "slices_per_s": statistics.median(r["slices"] / r["wall_s"] for r in mine)}
     summary["speedup_cpu"] = summary["old"]["cpu_s_per_slice"] / summary["new"]["cpu_s_per_slice"]
     summary["speedup_wall"] = summary["old"]["wall_s"] / summary["new"]["wall_s"]
-    summary["dice_new_vs_old"] = _dice(labels["new"], labels["old"])
+    summary["dice_new_vs_old"] = foreground_dice(labels["new"], labels["old"])
     summary["foreground_fraction"] = float((labels["old"] > 0).mean())
     summary["agreement_passed"] = summary["dice_new_vs_old"] >= DICE_REQUIRED
     for setting in ("old", "new"):

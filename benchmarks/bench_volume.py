@@ -37,7 +37,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine_description, peak_memory_bytes, reset_peak_memory  # noqa: E402
+from benchmarks.common import foreground_dice, machine_description, peak_memory_bytes, reset_peak_memory  # noqa: E402
 from sam2unet_core import ModelMetadata, SAM2UNet, save_model  # noqa: E402
 from sam2unet_core.checkpoint import load_model  # noqa: E402
 from sam2unet_core.inference import Predictor  # noqa: E402
@@ -151,12 +151,6 @@ def run_predict(image: Path, model: Path, output: Path, device: str, batch_size:
             "device": summary["device"], "output": case["output"]}
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    fa, fb = a > 0, b > 0
-    total = int(fa.sum() + fb.sum())
-    return 1.0 if total == 0 else 2.0 * int((fa & fb).sum()) / total
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -221,7 +215,7 @@ def _summarise(runs: list[dict], labels: dict[str, np.ndarray]) -> dict:
             "stages_s": {s: statistics.median(r["stages_s"][s] for r in mine) for s in STAGES},
         }
     if {"mixed", "fp32"} <= set(labels):
-        summary["dice_mixed_vs_fp32"] = _dice(labels["mixed"], labels["fp32"])
+        summary["dice_mixed_vs_fp32"] = foreground_dice(labels["mixed"], labels["fp32"])
     return summary
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -320,3 +321,10 @@ def machine_description(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     return (f"CPU {platform.machine()} {platform.processor() or ''}".strip()
             + f", {os.cpu_count()} cores ({torch.get_num_threads()} torch threads)")
+
+
+def foreground_dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of the foregrounds (label > 0) of two label maps; 1.0 when both are empty."""
+    fa, fb = a > 0, b > 0
+    total = int(fa.sum() + fb.sum())
+    return 1.0 if total == 0 else 2.0 * int((fa & fb).sum()) / total
