@@ -30,6 +30,7 @@ setup(
     entry_points={
         "console_scripts": [
             "sam2unet-predict = sam2unet_core.cli.predict:main",
+            "sam2unet-export = sam2unet_core.cli.export:main",
             "sam2unet-evaluate = sam2unet_core.cli.evaluate:main",
             "sam2unet-train = sam2unet_core.cli.train:main",
         ]
