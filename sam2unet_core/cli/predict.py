@@ -26,10 +26,12 @@ from typing import Any
 
 from ..device import DEVICE_CHOICES
 from ..inference.batch import PROBABILITY_FOLDER, PredictOptions, predict_from_files, select_cases
+from ..inference.engine import Predictor
 from ..inference.postprocess import POSTPROCESS_STEPS
 from ..io.dicom import list_dicom_series
 from ..io.orientation import PLANES
 from ..io.writers import LABEL_FORMATS
+from ..metadata import file_kind
 from .progress import Progress, flag_words
 
 __all__ = ["main", "build_parser"]
@@ -60,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="image file, DICOM folder, or folder of cases")
     parser.add_argument("-o", "--output", required=True, type=Path, help="output folder")
     parser.add_argument("-m", "--model", type=Path,
-                        help="checkpoint (.safetensors, official SAM2-UNet .pth); required unless "
+                        help="checkpoint (.safetensors, official SAM2-UNet .pth) or an ONNX file from "
+                             "sam2unet-export (run by ONNX Runtime, without torch); required unless "
                              "--list-series")
     parser.add_argument("--device", default="auto", help=f"one of {DEVICE_CHOICES} or cuda:N")
     parser.add_argument("--batch-size", type=int, default=8, help="slices (or PNG/JPG frames) per forward pass")
@@ -132,6 +135,21 @@ def _options(args: argparse.Namespace) -> PredictOptions:
     )
 
 
+def _build_predictor(args: argparse.Namespace) -> Predictor:
+    """A Predictor over ONNX Runtime for ``.onnx`` models (no torch imported), else over
+    the torch model (torch imported here). ``ValueError``/``OSError`` for a bad model or device."""
+    if file_kind(args.model) == "onnx":
+        from ..inference.onnx_runner import OnnxRunner
+
+        return Predictor(OnnxRunner(args.model, device=args.device), batch_size=args.batch_size)
+    from ..checkpoint import load_model  # torch from here on
+    from ..device import resolve_device
+
+    device = resolve_device(args.device)
+    return Predictor(load_model(args.model), batch_size=args.batch_size, device=device,
+                     mixed_precision=not args.no_mixed_precision)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -149,18 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from ..checkpoint import load_model  # torch from here on
-    from ..device import resolve_device
-    from ..inference.engine import Predictor
-
     try:
-        device = resolve_device(args.device)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
-        predictor = Predictor(load_model(args.model), batch_size=args.batch_size, device=device,
-                              mixed_precision=not args.no_mixed_precision)
+        predictor = _build_predictor(args)
     except (ValueError, OSError) as err:
         print(f"error: cannot load model {args.model}: {err}", file=sys.stderr)
         return 2
