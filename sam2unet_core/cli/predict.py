@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="label clean-up steps, applied in order (default: none)")
     parser.add_argument("--save-probabilities", action="store_true",
                         help=f"also write float probability maps to {PROBABILITY_FOLDER}/")
+    parser.add_argument("--statistics", action="store_true",
+                        help="also write CASE.statistics.json/.csv: per label voxels, mL, mean/std "
+                             "intensity, bounding box (voxels, mm)")
+    parser.add_argument("--qc-png", action="store_true",
+                        help="also write CASE.qc.png: axial, coronal, sagittal slices through the "
+                             "labels' centre of mass with the labels overlaid")
     parser.add_argument("--no-mixed-precision", action="store_true",
                         help="run fp32 on CUDA too (default: fp16 autocast on CUDA)")
     parser.add_argument("--progress", choices=("bar", "jsonl", "none"), default="bar",
@@ -131,7 +137,7 @@ def _options(args: argparse.Namespace) -> PredictOptions:
         num_parts=args.num_parts, part_id=args.part_id,
         slice_range=_parse_slice_range(args.slice_range), series_uid=args.series_uid,
         volume_index=args.volume_index, tta=args.tta, postprocess=tuple(args.postprocess),
-        save_probabilities=args.save_probabilities,
+        save_probabilities=args.save_probabilities, statistics=args.statistics, qc_png=args.qc_png,
     )
 
 
