@@ -26,7 +26,8 @@ setup(
     packages=find_packages(include=["sam2unet_core", "sam2unet_core.*"]),
     package_data={"sam2unet_core": ["model/*.yaml", "configs/*.yaml"]},
     install_requires=read_requirements("requirements.txt"),
-    extras_require={"dev": read_requirements("requirements-dev.txt")},
+    extras_require={"dev": read_requirements("requirements-dev.txt"),
+                    "onnx": read_requirements("requirements-onnx.txt")},
     entry_points={
         "console_scripts": [
             "sam2unet-predict = sam2unet_core.cli.predict:main",
