@@ -26,10 +26,12 @@ setup(
     packages=find_packages(include=["sam2unet_core", "sam2unet_core.*"]),
     package_data={"sam2unet_core": ["model/*.yaml", "configs/*.yaml"]},
     install_requires=read_requirements("requirements.txt"),
-    extras_require={"dev": read_requirements("requirements-dev.txt")},
+    extras_require={"dev": read_requirements("requirements-dev.txt"),
+                    "onnx": read_requirements("requirements-onnx.txt")},
     entry_points={
         "console_scripts": [
             "sam2unet-predict = sam2unet_core.cli.predict:main",
+            "sam2unet-export = sam2unet_core.cli.export:main",
             "sam2unet-evaluate = sam2unet_core.cli.evaluate:main",
             "sam2unet-train = sam2unet_core.cli.train:main",
         ]

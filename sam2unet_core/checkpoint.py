@@ -30,9 +30,11 @@ from .io.atomic import atomic_write
 from .metadata import (
     METADATA_KEY,
     Architecture,
+    FILE_KINDS,
     CheckpointError,
     ModelMetadata,
     default_labels,
+    file_kind,
     read_safetensors_metadata,
 )
 from .model.hiera import adapt_patch_embed_weight, detect_backbone
@@ -55,7 +57,6 @@ logger = logging.getLogger(__name__)
 # file ending -> how it is read: "safetensors" (ours, metadata in the header) or "torch"
 # (.pt/.pth state dicts whose kind is detected from the tensors). Other backends add their
 # endings here (e.g. ".onnx").
-FILE_KINDS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch"}
 SAM2_TRUNK_PREFIX = "image_encoder.trunk."
 OFFICIAL_UNUSED_PREFIX = "up4."  # the official code builds a fourth Up block and never uses it
 PATCH_EMBED_KEY = "patch_embed.proj.weight"
@@ -110,22 +111,16 @@ def checkpoint_kind(state: dict[str, Any]) -> str:
     return "unknown"
 
 
-def file_kind(path: str | os.PathLike) -> str:
-    """The ``FILE_KINDS`` entry of ``path``'s ending; other endings (``.bin``, ``.ckpt``)
-    are tried as torch files, whose content then decides. ``CheckpointError`` for a missing
-    file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    return FILE_KINDS.get(path.suffix.lower(), "torch")
-
-
 def read_metadata(path: str | os.PathLike) -> ModelMetadata:
     """The metadata of a checkpoint without loading its weights.
 
     For official files (which carry none) this is what ``load_model`` would assume.
     """
     path = Path(path)
+    if file_kind(path) == "onnx":
+        from .inference.onnx_runner import read_onnx_metadata
+
+        return read_onnx_metadata(path)
     if file_kind(path) == "safetensors":
         return read_safetensors_metadata(path)
     state = _read_torch_file(path)
@@ -269,6 +264,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> S
     """Load any supported checkpoint (see the module docstring) and return the model in
     eval mode on ``device``, with ``model.metadata`` describing it."""
     path = Path(path)
+    if file_kind(path) == "onnx":
+        raise CheckpointError(f"{path}: an ONNX file is run by ONNX Runtime "
+                              f"(sam2unet_core.inference.onnx_runner.OnnxRunner), not loaded into torch")
     if file_kind(path) == "safetensors":
         state, metadata = _read_safetensors(path)
         model = build_model(metadata)

@@ -7,8 +7,10 @@ is not there raises ``ValueError`` explaining why (CPU-only torch build, no GPU 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["DeviceInfo", "available_devices", "resolve_device", "autocast_dtype", "describe_device"]
 
@@ -26,12 +28,14 @@ class DeviceInfo:
 
 
 def _mps_available() -> bool:
+    import torch  # lazy: importing this module costs no torch
     backend = getattr(torch.backends, "mps", None)
     return bool(backend is not None and backend.is_available())
 
 
 def available_devices() -> list[DeviceInfo]:
     """Every device this torch build can use, GPUs first, CPU last."""
+    import torch  # lazy: importing this module costs no torch
     found = []
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
@@ -49,6 +53,7 @@ def available_devices() -> list[DeviceInfo]:
 
 def resolve_device(requested: str | torch.device = "auto") -> torch.device:
     """Turn ``auto``/``cuda``/``cuda:N``/``mps``/``cpu`` into an available torch.device."""
+    import torch  # lazy: importing this module costs no torch
     name = str(requested).lower()
     if name == "auto":
         return torch.device(available_devices()[0].name)
@@ -81,6 +86,7 @@ def autocast_dtype(device: torch.device, training: bool = False) -> torch.dtype 
     ``benchmarks/bench_model.py``, see benchmarks/RESULTS.md) while fp16 passes. Training
     uses bf16 where the GPU has it, for its range (no loss scaling), else fp16.
     """
+    import torch  # lazy: importing this module costs no torch
     if device.type != "cuda":
         return None
     if training and torch.cuda.is_bf16_supported():
@@ -90,6 +96,7 @@ def autocast_dtype(device: torch.device, training: bool = False) -> torch.dtype 
 
 def describe_device(device: torch.device) -> str:
     """One line for logs and the Slicer panel, e.g. ``cuda:0: NVIDIA H100 (79.1 GB ...), bf16``."""
+    import torch  # lazy: importing this module costs no torch
     for info in available_devices():
         if info.name == str(device) or (device.type == "cuda" and device.index is None
                                         and info.name == "cuda:0"):

@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "FILE_KINDS",
+    "file_kind",
     "Architecture",
     "Code",
     "LabelInfo",
@@ -78,6 +80,20 @@ DEFAULT_COLORS = [
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file and the cause."""
+
+
+# checkpoint file ending -> kind (torch-free, so CLIs choose the backend without torch)
+FILE_KINDS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".onnx": "onnx"}
+
+
+def file_kind(path: str | os.PathLike) -> str:
+    """The ``FILE_KINDS`` entry of ``path``'s ending; other endings (``.bin``, ``.ckpt``)
+    are tried as torch files, whose content then decides. ``CheckpointError`` for a missing
+    file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    return FILE_KINDS.get(path.suffix.lower(), "torch")
 
 
 @dataclass

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "TTA_FLIPS",
+    "labels_from_probabilities",
     "IntensityMapping",
     "fit_intensity",
     "apply_intensity",
@@ -188,3 +190,17 @@ def resize_batch(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     import torch.nn.functional as F
 
     return F.interpolate(batch, size=size, mode="bilinear", align_corners=False)
+
+
+TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (2,))  # of (B, C, H, W): none, left-right, up-down
+
+
+def labels_from_probabilities(probabilities: np.ndarray, num_classes: int) -> np.ndarray:
+    """The label rule in numpy: ``(B, N, H, W)`` probabilities -> ``(B, H, W)`` labels,
+    foreground > 0.5 for binary models (N = 1), else the argmax; uint8, or uint16 past
+    255 labels."""
+    from .io.volume import label_dtype
+
+    if num_classes == 1:
+        return (probabilities[:, 0] > 0.5).astype(np.uint8)
+    return probabilities.argmax(1).astype(label_dtype(num_classes - 1))

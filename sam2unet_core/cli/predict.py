@@ -26,10 +26,12 @@ from typing import Any
 
 from ..device import DEVICE_CHOICES
 from ..inference.batch import PROBABILITY_FOLDER, PredictOptions, predict_from_files, select_cases
+from ..inference.engine import Predictor
 from ..inference.postprocess import POSTPROCESS_STEPS
 from ..io.dicom import list_dicom_series
 from ..io.orientation import PLANES
 from ..io.writers import LABEL_FORMATS
+from ..metadata import file_kind
 from .progress import Progress, flag_words
 
 __all__ = ["main", "build_parser"]
@@ -60,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="image file, DICOM folder, or folder of cases")
     parser.add_argument("-o", "--output", required=True, type=Path, help="output folder")
     parser.add_argument("-m", "--model", type=Path,
-                        help="checkpoint (.safetensors, official SAM2-UNet .pth); required unless "
+                        help="checkpoint (.safetensors, official SAM2-UNet .pth) or an ONNX file from "
+                             "sam2unet-export (run by ONNX Runtime, without torch); required unless "
                              "--list-series")
     parser.add_argument("--device", default="auto", help=f"one of {DEVICE_CHOICES} or cuda:N")
     parser.add_argument("--batch-size", type=int, default=8, help="slices (or PNG/JPG frames) per forward pass")
@@ -88,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="label clean-up steps, applied in order (default: none)")
     parser.add_argument("--save-probabilities", action="store_true",
                         help=f"also write float probability maps to {PROBABILITY_FOLDER}/")
+    parser.add_argument("--statistics", action="store_true",
+                        help="also write CASE.statistics.json/.csv: per label voxels, mL, mean/std "
+                             "intensity, bounding box (voxels, mm)")
+    parser.add_argument("--qc-png", action="store_true",
+                        help="also write CASE.qc.png: axial, coronal, sagittal slices through the "
+                             "labels' centre of mass with the labels overlaid")
     parser.add_argument("--no-mixed-precision", action="store_true",
                         help="run fp32 on CUDA too (default: fp16 autocast on CUDA)")
     parser.add_argument("--progress", choices=("bar", "jsonl", "none"), default="bar",
@@ -128,8 +137,23 @@ def _options(args: argparse.Namespace) -> PredictOptions:
         num_parts=args.num_parts, part_id=args.part_id,
         slice_range=_parse_slice_range(args.slice_range), series_uid=args.series_uid,
         volume_index=args.volume_index, tta=args.tta, postprocess=tuple(args.postprocess),
-        save_probabilities=args.save_probabilities,
+        save_probabilities=args.save_probabilities, statistics=args.statistics, qc_png=args.qc_png,
     )
+
+
+def _build_predictor(args: argparse.Namespace) -> Predictor:
+    """A Predictor over ONNX Runtime for ``.onnx`` models (no torch imported), else over
+    the torch model (torch imported here). ``ValueError``/``OSError`` for a bad model or device."""
+    if file_kind(args.model) == "onnx":
+        from ..inference.onnx_runner import OnnxRunner
+
+        return Predictor(OnnxRunner(args.model, device=args.device), batch_size=args.batch_size)
+    from ..checkpoint import load_model  # torch from here on
+    from ..device import resolve_device
+
+    device = resolve_device(args.device)
+    return Predictor(load_model(args.model), batch_size=args.batch_size, device=device,
+                     mixed_precision=not args.no_mixed_precision)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,18 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from ..checkpoint import load_model  # torch from here on
-    from ..device import resolve_device
-    from ..inference.engine import Predictor
-
     try:
-        device = resolve_device(args.device)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
-        predictor = Predictor(load_model(args.model), batch_size=args.batch_size, device=device,
-                              mixed_precision=not args.no_mixed_precision)
+        predictor = _build_predictor(args)
     except (ValueError, OSError) as err:
         print(f"error: cannot load model {args.model}: {err}", file=sys.stderr)
         return 2

@@ -38,6 +38,8 @@ __all__ = ["EVENTS", "PredictOptions", "RunSummary", "predict_from_files", "sele
 logger = logging.getLogger(__name__)
 
 PROBABILITY_FOLDER = "probabilities"
+STATISTICS_SUFFIX = ".statistics"  # CASE.statistics.json / CASE.statistics.csv
+QC_SUFFIX = ".qc.png"
 WRITE_PROBE_PREFIX = ".write-test-"  # file written once to check the output folder
 EVENTS = ("start", "case_start", "slices", "case_done", "case_skipped", "case_error", "done")
 EventFn = Callable[[dict[str, Any]], None]
@@ -52,7 +54,9 @@ class PredictOptions:
     ``slice_range``: half-open ``(start, stop)`` along the slicing axis.
     ``series_uid``/``volume_index``: which DICOM series / 4D volume to read.
     ``postprocess``: steps of ``POSTPROCESS_STEPS``. ``save_probabilities``: float maps
-    in ``probabilities/``. ``batch_size`` of the Predictor groups PNG/JPG frames.
+    in ``probabilities/``. ``statistics``: ``CASE.statistics.json``/``.csv`` per label
+    (``sam2unet_core.statistics``); ``qc_png``: ``CASE.qc.png`` (``sam2unet_core.qc``);
+    both for volumes only. ``batch_size`` of the Predictor groups PNG/JPG frames.
     """
 
     axis: str | None = None
@@ -66,6 +70,8 @@ class PredictOptions:
     tta: bool = False
     postprocess: tuple[str, ...] = ()
     save_probabilities: bool = False
+    statistics: bool = False
+    qc_png: bool = False
 
     def validate(self) -> None:
         """Raise ``ValueError`` saying which field is wrong and what values work."""
@@ -192,12 +198,19 @@ class _CaseRunner:
         self.on_event({"event": name, **fields})
 
     def outputs(self, case: Case) -> list[Path]:
-        """Label path first, then the probability map path when asked for."""
+        """Label path first, then the probability map path, the statistics JSON and CSV
+        and the QC picture, each when asked for."""
         chosen = self.options.output_format or ("png" if case.path.suffix.lower() in PICTURE_SUFFIXES
                                                 else "nii.gz")
         paths = [self.output_dir / (case.name + output_suffix(chosen))]
         if self.options.save_probabilities:
             paths.append(self.output_dir / PROBABILITY_FOLDER / f"{case.name}.nii.gz")
+        if chosen != "png":  # statistics and QC pictures are for volumes
+            if self.options.statistics:
+                paths += [self.output_dir / f"{case.name}{STATISTICS_SUFFIX}.json",
+                          self.output_dir / f"{case.name}{STATISTICS_SUFFIX}.csv"]
+            if self.options.qc_png:
+                paths.append(self.output_dir / f"{case.name}{QC_SUFFIX}")
         return paths
 
     def run(self, cases: list[Case]) -> None:
@@ -266,7 +279,7 @@ class _CaseRunner:
                 postprocess=options.postprocess, probabilities=options.save_probabilities,
                 progress=lambda done, all_: self.emit("slices", case=case.name, done=done, total=all_),
             )
-            timings = {**prediction.times.as_dict(), "write": self.write_case(prediction, paths)}
+            timings = {**prediction.times.as_dict(), "write": self.write_case(prediction, paths, volume)}
             self._succeeded(case, volume, paths, timings, read_seconds,
                             time.perf_counter() - started, total)
         except Exception as err:  # noqa: BLE001 - one bad case must not stop the batch
@@ -318,13 +331,28 @@ class _CaseRunner:
         if paths[0].name.endswith(".dcm"):
             dicom_seg_sources(volume)  # refuses unusable sources before the model runs
 
-    def write_case(self, prediction: Prediction, paths: list[Path]) -> float:
-        """The one per-case write step: labels (and probabilities) to ``paths``; returns
-        the seconds it took."""
+    def write_case(self, prediction: Prediction, paths: list[Path], image: Volume | None = None) -> float:
+        """The one per-case write step: labels (and probabilities, statistics, QC picture)
+        to ``paths`` (as :meth:`outputs` lists them); ``image`` is the input volume the
+        statistics and QC picture need. Returns the seconds it took."""
         started = time.perf_counter()
-        writes = [(paths[0], lambda: write_labels(prediction.labels, paths[0], self.predictor.metadata.labels))]
+        metadata = self.predictor.metadata
+        labels = prediction.labels
+        writes = [(paths[0], lambda: write_labels(labels, paths[0], metadata.labels))]
         if prediction.probabilities is not None:
             writes.append((paths[1], lambda: write_probabilities(prediction.probabilities, paths[1])))
+        by_name = {path.name: path for path in paths[1:]}
+        stats_json = next((p for n, p in by_name.items() if n.endswith(STATISTICS_SUFFIX + ".json")), None)
+        qc_path = next((p for n, p in by_name.items() if n.endswith(QC_SUFFIX)), None)
+        if image is not None and stats_json is not None:
+            from ..statistics import label_statistics, write_statistics
+
+            writes.append((stats_json, lambda: write_statistics(
+                label_statistics(labels, image, metadata.labels), stats_json, stats_json.with_suffix(".csv"))))
+        if image is not None and qc_path is not None:
+            from ..qc import write_qc_png
+
+            writes.append((qc_path, lambda: write_qc_png(labels, image, metadata.labels, qc_path)))
         for path, write in writes:
             try:
                 write()

@@ -22,14 +22,13 @@ from torch import nn
 from ..device import autocast_dtype, describe_device, resolve_device
 from ..io.volume import label_dtype
 from ..metadata import ModelMetadata
-from ..preprocessing import IntensityMapping, apply_intensity, normalize_channels, resize_batch, to_tensor
+from ..preprocessing import TTA_FLIPS, IntensityMapping, apply_intensity, normalize_channels, resize_batch, to_tensor
 from . import acceleration
 
 __all__ = ["TorchRunner", "TorchPendingBatch", "TTA_FLIPS"]
 
 logger = logging.getLogger(__name__)
 
-TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (2,))  # none, left-right, up-down
 ForwardFn = Callable[[torch.Tensor], torch.Tensor]  # (B, C, S, S) -> logits (B, N, S, S)
 
 

@@ -1,0 +1,146 @@
+"""The ONNX Runtime model runner: SAM2-UNet without torch, MONAI or sam2.
+
+An ONNX file written by ``sam2unet-export`` (:mod:`sam2unet_core.export.onnx`) holds the
+per-slice model step (resize to the model input, mean/std, network, sigmoid/softmax, resize
+back) and the model's metadata. :class:`OnnxRunner` implements the engine's ``ModelRunner``
+contract around it with the numpy steps of :mod:`sam2unet_core.preprocessing` (intensity
+mapping, test-time flips, label rule), so the ``Predictor`` segments with it as with the
+torch runner. Importing this module imports numpy only; onnxruntime on first use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..metadata import ModelMetadata
+from ..preprocessing import TTA_FLIPS, IntensityMapping, apply_intensity, labels_from_probabilities
+
+__all__ = ["OnnxRunner", "CompletedBatch", "read_onnx_metadata", "create_session"]
+
+METADATA_KEY = "sam2unet"  # as in sam2unet_core.export.onnx (which imports torch)
+INPUT_NAME = "slices"
+ONNX_DEVICES = {"auto": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+                "cpu": ("CPUExecutionProvider",), "cuda": ("CUDAExecutionProvider",)}
+
+
+@dataclass(frozen=True)
+class CompletedBatch:
+    """A batch ONNX Runtime has already finished (its ``run`` is synchronous); the
+    ``PendingBatch`` of the engine contract."""
+
+    labels: np.ndarray  # (B, H, W) uint8 / uint16
+    probabilities: np.ndarray | None  # (B, H, W) or (B, H, W, N) float32
+
+    def result(self) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.labels, self.probabilities
+
+
+def create_session(path: str | os.PathLike, device: str = "auto", threads: int | None = None,
+                   optimize: bool = True) -> Any:
+    """An ``onnxruntime.InferenceSession`` of ``path`` with all graph optimisations
+    (``ORT_ENABLE_ALL``; ``optimize=False``: none, for reading metadata). ``device``:
+    ``auto`` (CUDA where ``onnxruntime-gpu`` offers it, else CPU), ``cpu`` or ``cuda``.
+    ``threads``: intra-op CPU threads (None: ONNX Runtime's default). Raises ``ValueError``
+    naming the file when it is missing or not a readable ONNX model."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: ONNX model file not found")
+    if device not in ONNX_DEVICES:
+        raise ValueError(f"device {device!r} is not available for ONNX models; use one of {sorted(ONNX_DEVICES)}")
+    providers = [name for name in ONNX_DEVICES[device] if name in ort.get_available_providers()]
+    if not providers:
+        raise ValueError(f"device {device!r}: this onnxruntime has no CUDA provider "
+                         f"(install onnxruntime-gpu)")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own kinds for bad bytes
+        raise ValueError(f"{path}: not a readable ONNX model: {type(err).__name__}: {err}") from err
+
+
+def _session_metadata(session: Any, source: str) -> ModelMetadata:
+    props = session.get_modelmeta().custom_metadata_map
+    if METADATA_KEY not in props:
+        raise ValueError(f"{source}: ONNX model without '{METADATA_KEY}' metadata; was it "
+                         f"written by sam2unet-export?")
+    try:
+        return ModelMetadata.from_json(props[METADATA_KEY])
+    except (ValueError, TypeError, KeyError, json.JSONDecodeError) as err:
+        raise ValueError(f"{source}: invalid model metadata in the ONNX file: {err}") from err
+
+
+def read_onnx_metadata(path: str | os.PathLike) -> ModelMetadata:
+    """The :class:`ModelMetadata` stored in an exported ONNX file (labels, colours,
+    preprocessing, plane), read with ONNX Runtime without graph optimisation; no torch."""
+    return _session_metadata(create_session(path, "cpu", optimize=False), str(path))
+
+
+class OnnxRunner:
+    """Run an exported SAM2-UNet ONNX file with ONNX Runtime (the engine's ``ModelRunner``).
+
+    Args:
+        path: a ``.onnx`` file written by ``sam2unet-export``.
+        device: ``auto``, ``cpu`` or ``cuda`` (``onnxruntime-gpu``).
+        threads: intra-op CPU threads (None: ONNX Runtime's default).
+
+    Attributes:
+        metadata: the :class:`ModelMetadata` stored in the file.
+        description: one line for logs, e.g. ``onnxruntime cpu: CPUExecutionProvider, fp32``.
+    """
+
+    def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None) -> None:
+        self.session = create_session(path, device, threads)
+        self.metadata = _session_metadata(self.session, str(path))
+        self.metadata.validate()
+        inputs = [i.name for i in self.session.get_inputs()]
+        if inputs != [INPUT_NAME]:
+            raise ValueError(f"{path}: the ONNX graph takes inputs {inputs}; a sam2unet-export "
+                             f"graph takes ['{INPUT_NAME}']")
+        provider = self.session.get_providers()[0]
+        kind = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
+        threads_text = f" ({threads} threads)" if threads else ""
+        self.description = f"onnxruntime {kind}: {provider}{threads_text}, fp32"
+
+    @property
+    def num_classes(self) -> int:
+        return self.metadata.architecture.num_classes
+
+    def submit(self, raw_batch: np.ndarray, mapping: IntensityMapping, out_size: tuple[int, int],
+               tta: bool, probabilities: bool) -> CompletedBatch:
+        """Segment ``(B, C, H, W)`` raw voxel values (view order of
+        ``io.orientation.PlaneView``); see ``engine.ModelRunner``. The graph resizes back to
+        the slice size, so ``out_size`` must be the batch's own ``(H, W)``."""
+        if raw_batch.ndim != 4 or raw_batch.shape[1] != self.metadata.architecture.in_channels:
+            raise ValueError(f"raw batch of shape {raw_batch.shape}; expected "
+                             f"(B, {self.metadata.architecture.in_channels}, H, W)")
+        if tuple(out_size) != tuple(raw_batch.shape[2:]):
+            raise ValueError(f"the ONNX graph returns the slice size {tuple(raw_batch.shape[2:])}, "
+                             f"not out_size {tuple(out_size)}")
+        slices = apply_intensity(raw_batch, mapping)  # float32 (B, C, H, W)
+        flips = TTA_FLIPS if tta else ((),)
+        total = None
+        for axes in flips:
+            x = np.ascontiguousarray(np.flip(slices, axes)) if axes else slices
+            probs = self.session.run(None, {INPUT_NAME: x})[0]
+            probs = np.flip(probs, axes) if axes else probs
+            total = probs if total is None else total + probs
+        mean = total / len(flips)  # (B, N, H, W)
+        labels = labels_from_probabilities(mean, self.num_classes)
+        kept = None
+        if probabilities:
+            kept = mean[:, 0] if self.num_classes == 1 else np.moveaxis(mean, 1, 3)
+            kept = np.ascontiguousarray(kept, dtype=np.float32)
+        return CompletedBatch(labels, kept)
