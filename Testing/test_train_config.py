@@ -43,6 +43,11 @@ def test_overrides_are_yaml_values() -> None:
         (["data.kind=video"], "data.kind must be"),
         (["data.cache=ram"], "data.cache must be"),
         (["data.root="], "data.root is not set"),
+        (["optim.schedule=budget"], "needs a time box"),
+        (["optim.schedule=linear"], "optim.schedule must be"),
+        (["optim.warmup_steps=-1"], "optim.warmup_steps must be"),
+        (["optim.aux_loss_weights=[1]"], "two weights"),
+        (["optim.aux_loss_weights=[1, -1]"], "two weights"),
     ],
 )
 def test_mistakes_are_named(overrides: list[str], message: str) -> None:

@@ -106,6 +106,17 @@ def test_multiclass_loss_is_monai_dice_ce_per_output() -> None:
     assert DeepSupervisionLoss(3)(perfect, target.float()).item() < 0.01
 
 
+def test_aux_loss_weights_scale_the_deep_supervision_outputs() -> None:
+    logits, mask = make_case(seed=6)
+    outputs = (logits, logits * 0.5, -logits)
+    main, aux1, aux2 = (structure_loss(o, mask).item() for o in outputs)
+    assert DeepSupervisionLoss(1, (0.5, 0.25))(outputs, mask).item() == pytest.approx(
+        main + 0.5 * aux1 + 0.25 * aux2, rel=1e-6)
+    assert DeepSupervisionLoss(1, (0.0, 0.0))(outputs, mask).item() == pytest.approx(main, rel=1e-6)
+    with pytest.raises(ValueError, match="4 outputs"):
+        DeepSupervisionLoss(1)((*outputs, logits), mask)
+
+
 def test_shape_mismatch_is_an_error() -> None:
     with pytest.raises(ValueError, match="differ in shape"):
         structure_loss(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 9))

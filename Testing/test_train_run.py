@@ -117,7 +117,7 @@ def test_resume_after_a_kill_mid_epoch_is_exact(polyp_root: Path, sam2_checkpoin
         assert torch.equal(ref_w[key], res_w[key]), key
     ref_state, res_state = load_resume_state(tmp_path / "a" / "resume.pt"), load_resume_state(out / "resume.pt")
     assert ref_state["history"] == res_state["history"]
-    assert ref_state["scheduler"] == res_state["scheduler"]
+    assert ref_state["optimizer"]["param_groups"] == res_state["optimizer"]["param_groups"]  # learning rates
     for ref_opt, res_opt in zip(ref_state["optimizer"]["state"].values(), res_state["optimizer"]["state"].values()):
         assert torch.equal(ref_opt["exp_avg"], res_opt["exp_avg"]) and torch.equal(ref_opt["step"], res_opt["step"])
 

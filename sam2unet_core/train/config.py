@@ -88,6 +88,9 @@ class OptimConfig:
     min_lr: float = 1e-7  # cosine schedule end
     epochs: int = 20
     batch_size: int = 12  # per process
+    warmup_steps: int = 0  # linear learning-rate warm-up over the first N steps (0 = off)
+    schedule: str = "epochs"  # cosine over optim.epochs (per epoch), or "budget": over the time box (per step)
+    aux_loss_weights: list[float] = field(default_factory=lambda: [1.0, 1.0])  # deep supervision: aux1, aux2
 
 
 @dataclass
@@ -100,6 +103,7 @@ class RunConfig:
     resume_every_minutes: float = 5.0  # ... and every N minutes within an epoch (0 = off)
     stop_after_steps: int = 0  # stop as if killed after N steps in this run (0 = off)
     max_minutes: float = 0.0  # time box: end the epoch early, validate, save and stop (0 = off)
+    max_cpu_minutes: float = 0.0  # the same box in CPU time of the training process, all runs of it (0 = off)
     val_batch_size: int = 16
     log_every_steps: int = 10  # TensorBoard scalars
 
@@ -130,6 +134,15 @@ class TrainConfig:
             raise ValueError(f"run.amp must be auto, bf16 or off, got {self.run.amp!r}")
         if self.optim.epochs < 1 or self.optim.batch_size < 1:
             raise ValueError(f"optim.epochs and optim.batch_size must be >= 1, got {self.optim}")
+        if self.optim.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.optim.warmup_steps}")
+        if self.optim.schedule not in ("epochs", "budget"):
+            raise ValueError(f"optim.schedule must be epochs or budget, got {self.optim.schedule!r}")
+        if self.optim.schedule == "budget" and not (self.run.max_cpu_minutes or self.run.max_minutes):
+            raise ValueError("optim.schedule=budget needs a time box: set run.max_cpu_minutes or run.max_minutes")
+        if len(self.optim.aux_loss_weights) != 2 or min(self.optim.aux_loss_weights) < 0:
+            raise ValueError(f"optim.aux_loss_weights must be two weights >= 0 (aux1, aux2), "
+                             f"got {self.optim.aux_loss_weights}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

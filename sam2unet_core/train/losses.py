@@ -64,17 +64,19 @@ def structure_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class DeepSupervisionLoss(nn.Module):
-    """Sum of one per-output loss over the model's outputs ``(main, aux1, aux2)``.
+    """Weighted sum of one per-output loss over the model's outputs ``(main, aux1, aux2)``:
+    ``main + aux_weights[0] * aux1 + aux_weights[1] * aux2`` (the paper: all weights 1).
 
     ``num_classes == 1``: :func:`structure_loss`. ``num_classes > 1``: MONAI
     ``DiceCELoss(softmax=True, to_onehot_y=True)`` with label values 0..K-1 as target.
     """
 
-    def __init__(self, num_classes: int) -> None:
+    def __init__(self, num_classes: int, aux_weights: Sequence[float] = (1.0, 1.0)) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
+        self.weights = (1.0, *(float(w) for w in aux_weights))
         if num_classes == 1:
             self.single = structure_loss
         else:
@@ -88,8 +90,11 @@ class DeepSupervisionLoss(nn.Module):
             outputs = (outputs,)
         if self.num_classes > 1:
             target = target.long()
+        if len(outputs) > len(self.weights):
+            raise ValueError(f"got {len(outputs)} outputs, have {len(self.weights)} loss weights")
         total = outputs[0].new_zeros((), dtype=torch.float32)
-        for out in outputs:
-            total = total + self.single(out.float(), target)
+        for out, weight in zip(outputs, self.weights):
+            if weight:
+                total = total + weight * self.single(out.float(), target)
         return total
 

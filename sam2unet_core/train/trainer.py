@@ -1,4 +1,4 @@
-"""The training loop: AdamW + cosine schedule, deep-supervised loss, validation Dice every
+"""The training loop: AdamW + warm-up and cosine schedule, deep-supervised loss, validation Dice every
 epoch, best/last checkpoints in our format, exact resume, TensorBoard, DDP via torchrun.
 
 Output folder (``run.output``):
@@ -41,12 +41,12 @@ from sam2unet_core.device import autocast_dtype, resolve_device
 from sam2unet_core.metadata import Architecture, ModelMetadata, default_labels
 from sam2unet_core.metrics import DiceAccumulator
 
-from .config import TrainConfig
+from .config import OptimConfig, TrainConfig
 from .losses import DeepSupervisionLoss
 from .pipeline import TrainingData, build_training_data
 from .resume import capture_rng, load_resume_state, restore_rng, save_resume_state
 
-__all__ = ["train", "TrainResult", "RESUME_FILE"]
+__all__ = ["train", "TrainResult", "RESUME_FILE", "lr_factor", "budget_used"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,8 @@ class TrainResult:
     best_epoch: int
     epochs_done: int
     stopped_early: bool  # run.stop_after_steps ended the run
+    steps: int = 0  # optimiser steps, all runs of this training
+    cpu_seconds: float = 0.0  # process CPU time of the training, all runs (the run.max_cpu_minutes clock)
 
 
 @dataclass
@@ -137,6 +139,32 @@ def _multiscale(images: torch.Tensor, labels: torch.Tensor, scales: list[float],
     return images, F.interpolate(labels, size=(side, side), mode="nearest")
 
 
+def lr_factor(optim: OptimConfig, step: int, epoch: int, budget: float) -> float:
+    """Learning rate / ``optim.lr`` for optimiser step ``step`` (0-based, counted over all
+    runs of a resumed training) in epoch ``epoch`` (0-based).
+
+    Cosine from 1 to ``min_lr / lr``: with ``optim.schedule == "epochs"`` over the epochs,
+    constant within an epoch (torch's ``CosineAnnealingLR`` stepped per epoch, the paper);
+    with ``"budget"`` over ``budget``, the share of the time box used so far (0..1, see
+    :func:`budget_used`), so that a time-boxed run anneals whatever its speed. Times a linear
+    warm-up ``(step + 1) / warmup_steps`` over the first ``optim.warmup_steps`` steps.
+    """
+    progress = epoch / optim.epochs if optim.schedule == "epochs" else min(max(budget, 0.0), 1.0)
+    floor = optim.min_lr / optim.lr
+    factor = floor + (1.0 - floor) * (1.0 + math.cos(math.pi * progress)) / 2.0
+    if step < optim.warmup_steps:
+        factor *= (step + 1) / optim.warmup_steps
+    return factor
+
+
+def budget_used(cpu_seconds: float, wall_seconds: float, max_cpu_minutes: float, max_minutes: float) -> float:
+    """Share of the time box used: the larger of CPU seconds over ``max_cpu_minutes`` and
+    wall seconds over ``max_minutes`` (a limit of 0 is off; 0.0 with no limit)."""
+    shares = [used / (60.0 * limit) for used, limit in ((cpu_seconds, max_cpu_minutes), (wall_seconds, max_minutes))
+              if limit > 0]
+    return max(shares, default=0.0)
+
+
 @torch.no_grad()
 def validate(model: torch.nn.Module, loader: DataLoader, num_classes: int, device: torch.device,
              amp: torch.dtype | None) -> DiceAccumulator:
@@ -174,9 +202,7 @@ def train(config: TrainConfig, resume: bool = True) -> TrainResult:
     model = build_model(metadata, config.model.sam2_checkpoint or None).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.optim.epochs,
-                                                           eta_min=config.optim.min_lr)
-    loss_fn = DeepSupervisionLoss(data.num_classes)
+    loss_fn = DeepSupervisionLoss(data.num_classes, config.optim.aux_loss_weights)
     # fp16 autocast (CUDA GPUs without bf16) needs loss scaling; bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     if d.main:
@@ -186,16 +212,17 @@ def train(config: TrainConfig, resume: bool = True) -> TrainResult:
                     f", {d.world} processes" if d.world > 1 else "")
 
     epoch, skip, global_step, best_dice, best_epoch, history = 0, 0, 0, -math.inf, -1, []
+    cpu_before = 0.0  # process CPU seconds of earlier runs of this training (run.max_cpu_minutes)
     resume_path = out / RESUME_FILE
     if resume and resume_path.exists():
         state = load_resume_state(resume_path)
         _check_same_run(state["config"], config, resume_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         epoch, skip, global_step = state["epoch"], state["batches_done"], state["global_step"]
         best_dice, best_epoch, history = state["best_dice"], state["best_epoch"], list(state["history"])
+        cpu_before = state["cpu_seconds"]
         restore_rng(state["rng"])
         if d.main:
             logger.info("resuming %s at epoch %d, batch %d", resume_path, epoch + 1, skip)
@@ -214,7 +241,7 @@ def train(config: TrainConfig, resume: bool = True) -> TrainResult:
         writer = SummaryWriter(str(out / "tensorboard"))
 
     def resume_state(ep: int, done: int) -> dict[str, Any]:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "cpu_seconds": cpu_seconds(),
                 "scaler": scaler.state_dict(), "epoch": ep, "batches_done": done, "global_step": global_step, "best_dice": float(best_dice),
                 "best_epoch": best_epoch, "history": history, "config": config.to_json(), "rng": capture_rng()}
 
@@ -224,7 +251,15 @@ def train(config: TrainConfig, resume: bool = True) -> TrainResult:
     per_rank = len(sampler)
     val_loader = DataLoader(data.val, batch_size=config.run.val_batch_size, num_workers=config.data.num_workers)
     steps_this_run, last_save, stopped, timed_out = 0, time.monotonic(), False, False
-    started = time.monotonic()
+    started, cpu_started = time.monotonic(), time.process_time()
+
+    def cpu_seconds() -> float:
+        return cpu_before + time.process_time() - cpu_started
+
+    def box_used() -> float:
+        return budget_used(cpu_seconds(), time.monotonic() - started, config.run.max_cpu_minutes,
+                           config.run.max_minutes)
+
     net.train()
     while epoch < config.optim.epochs and not stopped:
         data.train.set_epoch(epoch)
@@ -241,6 +276,9 @@ def train(config: TrainConfig, resume: bool = True) -> TrainResult:
             images, labels = sample["image"].to(device), sample["label"].to(device)
             if config.augment.multiscale:
                 images, labels = _multiscale(images, labels, config.augment.multiscale, config.run.seed, epoch, done)
+            lr = config.optim.lr * lr_factor(config.optim, global_step, epoch, box_used())
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 outputs = net(images)
             loss = loss_fn(outputs, labels)
@@ -265,15 +303,16 @@ def train(config: TrainConfig, resume: bool = True) -> TrainResult:
             if d.main and (by_steps or by_time):
                 save_resume_state(resume_state(epoch, done), resume_path)
                 last_save = time.monotonic()
-            if config.run.max_minutes:
-                timed_out = _agree(d, time.monotonic() - started > 60 * config.run.max_minutes, device)
+            if config.run.max_minutes or config.run.max_cpu_minutes:
+                timed_out = _agree(d, box_used() >= 1.0, device)
             if timed_out:
-                logger.warning("run.max_minutes=%s reached: ending epoch %d early", config.run.max_minutes, epoch + 1)
+                logger.warning("time box reached (run.max_minutes=%s, run.max_cpu_minutes=%s; %.0f CPU seconds): "
+                               "ending epoch %d early", config.run.max_minutes, config.run.max_cpu_minutes,
+                               cpu_seconds(), epoch + 1)
                 break
         bar.close()
         if stopped:
             break
-        scheduler.step()
         skip = 0
         if d.main:
             scores = validate(model, val_loader, data.num_classes, device, amp)
@@ -303,4 +342,4 @@ def train(config: TrainConfig, resume: bool = True) -> TrainResult:
             break
     if writer is not None:
         writer.close()
-    return TrainResult(out, float(best_dice), best_epoch, epoch, stopped)
+    return TrainResult(out, float(best_dice), best_epoch, epoch, stopped, global_step, cpu_seconds())
