@@ -25,8 +25,9 @@ $(STAMP): requirements.txt requirements-dev.txt setup.py
 test: venv
 	$(PY) -m pytest Testing
 
+# make demo SAM2=/path/to/sam2.1_hiera_tiny.pt: train on the frozen SAM 2 trunk (the paper's recipe)
 demo: venv
-	$(PY) training/demo.py
+	$(PY) training/demo.py $(if $(SAM2),--sam2 "$(SAM2)")
 
 clean:
 	rm -rf $(VENV) demo_output build *.egg-info
