@@ -39,8 +39,9 @@ dicom3tools:
 test: venv $(SLICER_STAMP) dicom3tools
 	$(PY) -m pytest Testing
 
+# make demo SAM2=/path/to/sam2.1_hiera_tiny.pt: train on the frozen SAM 2 trunk (the paper's recipe)
 demo: venv
-	$(PY) training/demo.py
+	$(PY) training/demo.py $(if $(SAM2),--sam2 "$(SAM2)")
 
 clean:
 	rm -rf $(VENV) demo_output build *.egg-info

@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sam2unet_core.demo import main
@@ -39,3 +40,28 @@ def test_demo_runs_end_to_end_and_reports_true_dice(tmp_path: Path, capsys) -> N
         overlay = Image.open(out / f"overlay_{row['case']}.png")
         assert overlay.mode == "RGB" and overlay.width > 3 * 40
     assert (out / "model" / "best.safetensors").exists()
+
+
+SHORT = ["--device", "cpu", "--train-cases", "2", "--test-cases", "1", "--resolution-mm", "4", "optim.epochs=1",
+         "data.samples_per_epoch=4", "data.input_size=64", "optim.batch_size=4", "data.val_fraction=0.5"]
+
+
+@pytest.mark.slow
+def test_demo_trains_on_a_given_sam2_checkpoint_with_the_trunk_frozen(tmp_path: Path, sam2_checkpoint: Path) -> None:
+    out = tmp_path / "demo"
+    assert main(["--out", str(out), "--sam2", str(sam2_checkpoint), *SHORT]) == 0
+    from sam2unet_core import load_model, read_metadata
+
+    meta = read_metadata(out / "model" / "best.safetensors")
+    assert meta.architecture.freeze_encoder
+    assert meta.provenance["config"]["model"]["sam2_checkpoint"] == str(sam2_checkpoint.resolve())
+    # The trunk the model holds is the checkpoint's (frozen: training left it as loaded).
+    state = torch.load(sam2_checkpoint, map_location="cpu", weights_only=True)["model"]
+    trunk = load_model(out / "model" / "best.safetensors").encoder.state_dict()
+    weight = "patch_embed.proj.weight"
+    assert torch.equal(trunk[weight], state[f"image_encoder.trunk.{weight}"])
+
+
+def test_demo_names_a_missing_sam2_checkpoint(tmp_path: Path, capsys) -> None:
+    assert main(["--out", str(tmp_path / "demo"), "--sam2", str(tmp_path / "none.pt"), *SHORT]) == 2
+    assert "none.pt: no such file" in capsys.readouterr().err
