@@ -126,7 +126,7 @@ def _predict_cases(predictor: Any, images: list[Path], out: Path, plane: str) ->
     for path in images:
         volume = read_volume(path)
         cpu_start, wall_start = time.process_time(), time.perf_counter()
-        labels = predictor.predict(volume, axis=plane)
+        labels = predictor.predict(volume, axis=plane).labels
         cpu += time.process_time() - cpu_start
         wall += time.perf_counter() - wall_start
         slices += plane_view(volume.direction_lps, plane).to_plane(volume.array_kji).shape[0]
@@ -147,6 +147,7 @@ def _evaluate(pred: Path, truth: Path, out: Path) -> dict[str, float]:
 
 def _run_model(name: str, args: argparse.Namespace, data_root: Path, work: Path) -> dict[str, Any]:
     from sam2unet_core.inference.engine import Predictor
+    from sam2unet_core.inference.torch_runner import TorchRunner
     from sam2unet_core.train.config import load_config
 
     budget = [f"data.root={data_root}", "run.device=cpu", f"run.max_cpu_minutes={args.cpu_minutes}",
@@ -174,11 +175,9 @@ def _run_model(name: str, args: argparse.Namespace, data_root: Path, work: Path)
         model = run.pop("model")
         meta = ModelMetadata(architecture=Architecture("hiera_t", run.pop("num_classes"), run.pop("in_channels")),
                              labels=default_labels(3, ["grey_matter", "white_matter"]),
-                             input_size=config.data.input_size, intensity=dict(config.data.intensity),
-                             mean=list(config.data.mean), std=list(config.data.std),
-                             context_slices=config.data.context_slices)
+                             **config.data.preprocessing())
         row = {**run, "parameters": _parameters(model)}
-        predictor = Predictor(metadata=meta, predict_fn=model, device="cpu", batch_size=8)
+        predictor = Predictor(TorchRunner(model, metadata=meta, device="cpu"), batch_size=8)
     row["config"] = config.to_dict()
     row.update(_predict_cases(predictor, images, work / name / "predictions", config.data.plane))
     row.update(_evaluate(work / name / "predictions", data_root / "labelsTs", work / name / "evaluation"))
