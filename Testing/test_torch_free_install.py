@@ -1,0 +1,152 @@
+"""The torch-free route end to end: ``pip install "sam2unet_core[onnx]"`` into a fresh
+virtualenv (no system site-packages, no torch), then that venv's ``sam2unet-predict -m
+model.onnx`` segments a real NIfTI (nibabel's bundled ``anatomical.nii``) like this venv's.
+
+The install reaches the package index (through pip's cache); when pip cannot reach it the
+test is skipped and says so. About a minute with a warm pip cache (see README, "Torch-free
+inference (ONNX Runtime)").
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from onnx_case import REPO, dice
+
+pytestmark = pytest.mark.slow
+
+ANATOMICAL = Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii"  # (33, 41, 25) int16 MR
+INPUT_SIZE = 64
+# what setup.py reads; copied so that the build leaves no build/ or egg-info in the work tree
+SOURCE_FILES = ("setup.py", "MANIFEST.in", "README.md", "requirements.txt", "requirements-onnx.txt",
+                "requirements-torch.txt", "requirements-dev.txt")
+PIP_NETWORK = ("--timeout", "20", "--retries", "2", "--disable-pip-version-check", "--no-input")
+INSTALL_TIMEOUT_S = 900
+
+
+def _clean_env() -> dict[str, str]:
+    """This environment without PYTHONPATH (which would put the work tree's package, and
+    this venv's site-packages, before the fresh venv's)."""
+    return {key: value for key, value in os.environ.items()
+            if key not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+
+
+def _index_unreachable(python: Path, folder: Path) -> str | None:
+    """Why pip cannot reach the package index (one quick query of onnxruntime's versions),
+    or None when it can."""
+    try:
+        done = subprocess.run([str(python), "-m", "pip", "index", "versions", "onnxruntime",
+                               "--timeout", "10", "--retries", "0", "--disable-pip-version-check"],
+                              cwd=folder, env=_clean_env(), capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return "pip index versions onnxruntime did not answer within 120 s"
+    if done.returncode == 0:
+        return None
+    lines = (done.stderr or done.stdout).strip().splitlines()
+    return lines[-1] if lines else f"pip exited {done.returncode}"
+
+
+@pytest.fixture(scope="module")
+def torch_free_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh virtualenv with ``<copy of the work tree>[onnx]`` installed (non-editable);
+    its ``bin`` folder."""
+    folder = tmp_path_factory.mktemp("torch_free")
+    source = folder / "src"
+    source.mkdir()
+    for name in SOURCE_FILES:
+        shutil.copy2(REPO / name, source / name)
+    shutil.copytree(REPO / "sam2unet_core", source / "sam2unet_core",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    venv.EnvBuilder(with_pip=True, system_site_packages=False).create(folder / "venv")
+    python = folder / "venv" / "bin" / "python"
+    try:
+        done = subprocess.run([str(python), "-m", "pip", "install", *PIP_NETWORK, "--prefer-binary",
+                               f"{source}[onnx]"],
+                              cwd=folder, env=_clean_env(), capture_output=True, text=True,
+                              timeout=INSTALL_TIMEOUT_S)
+    except subprocess.TimeoutExpired as err:
+        reason = _index_unreachable(python, folder)
+        if reason:
+            pytest.skip(f"pip cannot reach the package index: {reason}")
+        raise AssertionError(f"pip install {source}[onnx] ran over {INSTALL_TIMEOUT_S} s") from err
+    if done.returncode != 0:
+        reason = _index_unreachable(python, folder)
+        if reason:
+            pytest.skip(f"pip cannot reach the package index: {reason}")
+        raise AssertionError(f"pip install {source}[onnx] failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return python.parent
+
+
+def _fitted_onnx(folder: Path) -> Path:
+    """A hiera_t binary model (64 px input, 1-99 percentile intensity) whose 1x1 head is
+    fitted (``benchmarks.common.fit_head``) to the bright tissue of ``anatomical.nii``'s
+    axial slices, in every orientation the engine may hand them in, exported to ONNX."""
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(REPO))
+    from benchmarks.common import fit_head
+    from sam2unet_core.checkpoint import build_model
+    from sam2unet_core.export.onnx import export_onnx
+    from sam2unet_core.io import read_volume
+    from sam2unet_core.metadata import Architecture, ModelMetadata
+    from sam2unet_core.preprocessing import apply_intensity, fit_intensity
+
+    intensity = {"kind": "percentile", "lower": 1.0, "upper": 99.0}
+    array_kji = read_volume(ANATOMICAL).array_kji.astype(np.float32)
+    mapped = apply_intensity(array_kji, fit_intensity(array_kji, intensity))
+    images = F.interpolate(torch.from_numpy(np.ascontiguousarray(mapped))[:, None],
+                           size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+    bright = (F.avg_pool2d(images, 3, stride=1, padding=1) > 0.5).float()
+    views = torch.cat([images, images.transpose(2, 3), images.flip(2), images.flip(3)])
+    masks = torch.cat([bright, bright.transpose(2, 3), bright.flip(2), bright.flip(3)])
+    torch.manual_seed(0)
+    model = build_model(ModelMetadata(architecture=Architecture("hiera_t", 1, 1), input_size=INPUT_SIZE,
+                                      intensity=intensity, mean=[0.0], std=[1.0])).eval()
+    fit_head(model, views, masks)
+    return export_onnx(model, folder / "anatomical_bright.onnx")
+
+
+def _predict(command: list[str], model: Path, out: Path, env: dict[str, str], cwd: Path) -> None:
+    done = subprocess.run([*command, "-i", str(ANATOMICAL), "-o", str(out), "-m", str(model),
+                           "--device", "cpu", "--progress", "none"],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_onnx_extra_installs_without_torch_and_segments_a_real_nifti(torch_free_venv: Path,
+                                                                      tmp_path: Path) -> None:
+    python = torch_free_venv / "python"
+    probe = subprocess.run(
+        [str(python), "-c", "import sam2unet_core, onnxruntime; print(sam2unet_core.__file__)\n"
+                            "import torch"],
+        cwd=tmp_path, env=_clean_env(), capture_output=True, text=True)
+    assert probe.returncode != 0 and "No module named 'torch'" in probe.stderr, probe.stderr
+    assert Path(probe.stdout.strip()).is_relative_to(torch_free_venv.parent), probe.stdout  # the installed copy
+    for package in ("monai", "sam2", "safetensors", "yaml"):  # the torch extra stays out
+        missing = subprocess.run([str(python), "-c", f"import {package}"], cwd=tmp_path,
+                                 env=_clean_env(), capture_output=True, text=True)
+        assert missing.returncode != 0, f"{package} is installed in the torch-free venv"
+
+    model = _fitted_onnx(tmp_path)
+    _predict([str(torch_free_venv / "sam2unet-predict")], model, tmp_path / "fresh", _clean_env(), tmp_path)
+    _predict([sys.executable, "-m", "sam2unet_core.cli.predict"], model, tmp_path / "here",
+             {**os.environ, "PYTHONPATH": str(REPO)}, REPO)
+
+    source = nib.load(ANATOMICAL)
+    fresh = nib.load(tmp_path / "fresh" / "anatomical.nii.gz")
+    here = nib.load(tmp_path / "here" / "anatomical.nii.gz")
+    assert fresh.shape == source.shape
+    np.testing.assert_allclose(fresh.affine, source.affine, atol=1e-5)
+    fresh_labels, here_labels = np.asarray(fresh.dataobj), np.asarray(here.dataobj)
+    assert 0.05 < (fresh_labels > 0).mean() < 0.8, "the fitted model should label part of the head"
+    assert dice(fresh_labels, here_labels) >= 0.999
