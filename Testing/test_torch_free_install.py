@@ -3,8 +3,8 @@ virtualenv (no system site-packages, no torch), then that venv's ``sam2unet-pred
 model.onnx`` segments a real NIfTI (nibabel's bundled ``anatomical.nii``) like this venv's.
 
 The install reaches the package index (through pip's cache); when pip cannot reach it the
-test is skipped and says so. About a minute with a warm pip cache (see README, "Torch-free
-inference (ONNX Runtime)").
+test is skipped and says so. 2 to 4 minutes on 2 shared cores with a warm pip cache (see README,
+"Torch-free inference (ONNX Runtime)").
 """
 
 from __future__ import annotations
@@ -116,9 +116,9 @@ def _fitted_onnx(folder: Path) -> Path:
     return export_onnx(model, folder / "anatomical_bright.onnx")
 
 
-def _predict(command: list[str], model: Path, out: Path, env: dict[str, str], cwd: Path) -> None:
+def _predict(command: list[str], model: Path, out: Path, env: dict[str, str], cwd: Path, *extra: str) -> None:
     done = subprocess.run([*command, "-i", str(ANATOMICAL), "-o", str(out), "-m", str(model),
-                           "--device", "cpu", "--progress", "none"],
+                           "--device", "cpu", "--progress", "none", *extra],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -138,9 +138,14 @@ def test_onnx_extra_installs_without_torch_and_segments_a_real_nifti(torch_free_
         assert missing.returncode != 0, f"{package} is installed in the torch-free venv"
 
     model = _fitted_onnx(tmp_path)
-    _predict([str(torch_free_venv / "sam2unet-predict")], model, tmp_path / "fresh", _clean_env(), tmp_path)
+    fresh_predict = [str(torch_free_venv / "sam2unet-predict")]
+    _predict(fresh_predict, model, tmp_path / "fresh", _clean_env(), tmp_path, "--statistics", "--qc-png")
+    _predict(fresh_predict, model, tmp_path / "fresh_seg", _clean_env(), tmp_path, "--format", "seg.nrrd")
     _predict([sys.executable, "-m", "sam2unet_core.cli.predict"], model, tmp_path / "here",
              {**os.environ, "PYTHONPATH": str(REPO)}, REPO)
+    for name in ("anatomical.statistics.json", "anatomical.statistics.csv", "anatomical.qc.png"):
+        assert (tmp_path / "fresh" / name).stat().st_size > 0, name
+    assert (tmp_path / "fresh_seg" / "anatomical.seg.nrrd").stat().st_size > 0
 
     source = nib.load(ANATOMICAL)
     fresh = nib.load(tmp_path / "fresh" / "anatomical.nii.gz")
