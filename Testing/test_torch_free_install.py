@@ -30,7 +30,7 @@ INPUT_SIZE = 64
 SOURCE_FILES = ("setup.py", "MANIFEST.in", "README.md", "requirements.txt", "requirements-onnx.txt",
                 "requirements-torch.txt", "requirements-dev.txt")
 PIP_NETWORK = ("--timeout", "20", "--retries", "2", "--disable-pip-version-check", "--no-input")
-INSTALL_TIMEOUT_S = 900
+INSTALL_TIMEOUT_S = 900  # --no-compile below: byte-compiling scipy & co. would double the install's CPU time
 
 
 def _clean_env() -> dict[str, str]:
@@ -69,7 +69,7 @@ def torch_free_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     venv.EnvBuilder(with_pip=True, system_site_packages=False).create(folder / "venv")
     python = folder / "venv" / "bin" / "python"
     try:
-        done = subprocess.run([str(python), "-m", "pip", "install", *PIP_NETWORK, "--prefer-binary",
+        done = subprocess.run([str(python), "-m", "pip", "install", *PIP_NETWORK, "--prefer-binary", "--no-compile",
                                f"{source}[onnx]"],
                               cwd=folder, env=_clean_env(), capture_output=True, text=True,
                               timeout=INSTALL_TIMEOUT_S)
