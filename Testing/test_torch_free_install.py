@@ -136,6 +136,12 @@ def test_onnx_extra_installs_without_torch_and_segments_a_real_nifti(torch_free_
         missing = subprocess.run([str(python), "-c", f"import {package}"], cwd=tmp_path,
                                  env=_clean_env(), capture_output=True, text=True)
         assert missing.returncode != 0, f"{package} is installed in the torch-free venv"
+    postprocess = subprocess.run(  # MONAI's post-processing: a clear error, not a bare import failure
+        [str(python), "-c", "import numpy as np\nfrom sam2unet_core.inference.postprocess import postprocess_labels\n"
+                            "postprocess_labels(np.zeros((2, 2, 2), np.uint8), ['largest_component'], [1])"],
+        cwd=tmp_path, env=_clean_env(), capture_output=True, text=True)
+    assert "post-processing ['largest_component'] runs on torch and MONAI" in postprocess.stderr, postprocess.stderr
+    assert "sam2unet_core[torch]" in postprocess.stderr, postprocess.stderr
 
     model = _fitted_onnx(tmp_path)
     fresh_predict = [str(torch_free_venv / "sam2unet-predict")]
