@@ -9,6 +9,7 @@ test is skipped and says so. 2 to 4 minutes on 2 shared cores with a warm pip ca
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -31,6 +32,31 @@ SOURCE_FILES = ("setup.py", "MANIFEST.in", "README.md", "requirements.txt", "req
                 "requirements-torch.txt", "requirements-dev.txt")
 PIP_NETWORK = ("--timeout", "20", "--retries", "2", "--disable-pip-version-check", "--no-input")
 INSTALL_TIMEOUT_S = 900  # --no-compile below: byte-compiling scipy & co. would double the install's CPU time
+
+
+# sam2unet-predict in this venv, reporting which top-level modules it loaded
+PREDICT_AND_LIST_MODULES = """
+import json, sys
+from sam2unet_core.cli.predict import main
+code = main(sys.argv[1:])
+print("MODULES:" + json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
+sys.exit(code)
+"""
+
+
+def torch_extra_modules() -> set[str]:
+    """Top-level modules of the ``torch`` extra's distributions (requirements-torch.txt, as
+    installed in this venv) and of sam2."""
+    from importlib.metadata import packages_distributions
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    lines = (REPO / "requirements-torch.txt").read_text(encoding="utf-8").splitlines()
+    wanted = {canonicalize_name(Requirement(line.split("#")[0]).name)
+              for line in lines if line.split("#")[0].strip()} | {"sam2"}
+    return {module for module, names in packages_distributions().items()
+            if any(canonicalize_name(name) in wanted for name in names)}
 
 
 def _clean_env() -> dict[str, str]:
@@ -116,11 +142,13 @@ def _fitted_onnx(folder: Path) -> Path:
     return export_onnx(model, folder / "anatomical_bright.onnx")
 
 
-def _predict(command: list[str], model: Path, out: Path, env: dict[str, str], cwd: Path, *extra: str) -> None:
+def _predict(command: list[str], model: Path, out: Path, env: dict[str, str], cwd: Path,
+             *extra: str) -> subprocess.CompletedProcess:
     done = subprocess.run([*command, "-i", str(ANATOMICAL), "-o", str(out), "-m", str(model),
                            "--device", "cpu", "--progress", "none", *extra],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
 
 
 def test_onnx_extra_installs_without_torch_and_segments_a_real_nifti(torch_free_venv: Path,
@@ -147,8 +175,11 @@ def test_onnx_extra_installs_without_torch_and_segments_a_real_nifti(torch_free_
     fresh_predict = [str(torch_free_venv / "sam2unet-predict")]
     _predict(fresh_predict, model, tmp_path / "fresh", _clean_env(), tmp_path, "--statistics", "--qc-png")
     _predict(fresh_predict, model, tmp_path / "fresh_seg", _clean_env(), tmp_path, "--format", "seg.nrrd")
-    _predict([sys.executable, "-m", "sam2unet_core.cli.predict"], model, tmp_path / "here",
-             {**os.environ, "PYTHONPATH": str(REPO)}, REPO)
+    # here every package is installed: the run still loads none of the torch extra's
+    here = _predict([sys.executable, "-c", PREDICT_AND_LIST_MODULES], model, tmp_path / "here",
+                    {**os.environ, "PYTHONPATH": str(REPO)}, REPO, "--statistics", "--qc-png")
+    loaded = set(json.loads(here.stdout.split("MODULES:")[-1]))
+    assert "onnxruntime" in loaded and not loaded & torch_extra_modules(), sorted(loaded & torch_extra_modules())
     for name in ("anatomical.statistics.json", "anatomical.statistics.csv", "anatomical.qc.png"):
         assert (tmp_path / "fresh" / name).stat().st_size > 0, name
     assert (tmp_path / "fresh_seg" / "anatomical.seg.nrrd").stat().st_size > 0
