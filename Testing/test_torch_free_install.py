@@ -60,8 +60,8 @@ def torch_extra_modules() -> set[str]:
 
 
 def _clean_env() -> dict[str, str]:
-    """This environment without PYTHONPATH (which would put the work tree's package, and
-    this venv's site-packages, before the fresh venv's)."""
+    """This environment without PYTHONPATH (it would put the work tree's sam2unet_core before
+    the fresh venv's installed copy) and without another venv's variables."""
     return {key: value for key, value in os.environ.items()
             if key not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
 
