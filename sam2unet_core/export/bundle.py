@@ -31,6 +31,7 @@ so ``python -m monai.bundle verify_metadata --filepath SCHEMA_PATH`` runs offlin
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from importlib.metadata import PackageNotFoundError, version
@@ -270,6 +271,8 @@ def bundle_metadata(metadata: ModelMetadata, source_name: str, authors: str, cop
     intensity = metadata.intensity
     hounsfield = intensity["kind"] == "ct_window"
     normalised = "then mean/std" if metadata.mean else "no mean/std"
+    context = (f"with {metadata.context_slices} neighbouring slice(s) on each side as channels (2.5D)"
+               if metadata.context_slices else "one slice at a time")
     labels_text = ", ".join(f"{value} is {name}" for value, name in label_values.items())
     return {
         "schema": SCHEMA_URL,
@@ -288,8 +291,7 @@ def bundle_metadata(metadata: ModelMetadata, source_name: str, authors: str, cop
                 f"along the {metadata.plane} plane",
         "description": (
             f"A 2D SAM2-UNet ({arch.backbone} Hiera encoder) run over every {metadata.plane} slice "
-            f"of a NIfTI volume, with {metadata.context_slices} neighbouring slice(s) on each side as "
-            f"channels (2.5D). Each slice: intensity mapping {json.dumps(intensity)} (per volume), "
+            f"of a NIfTI volume, {context}. Each slice: intensity mapping {json.dumps(intensity)} (per volume), "
             f"resize to {side}x{side}, {normalised}; the labels are resized back to the input "
             "grid and written with the input's affine. Runs sam2unet_core's inference engine, "
             "so the label maps equal those of sam2unet-predict."
@@ -297,7 +299,7 @@ def bundle_metadata(metadata: ModelMetadata, source_name: str, authors: str, cop
         "authors": authors,
         "copyright": copyright,
         "data_type": "nibabel",
-        "image_classes": f"single channel 3D volume (CT in Hounsfield units)" if hounsfield
+        "image_classes": "single channel 3D volume (CT in Hounsfield units)" if hounsfield
                          else "single channel 3D volume (raw intensities)",
         "pred_classes": f"one label map, voxel values: {labels_text}",
         "intended_use": "Research; not for clinical diagnosis",
@@ -454,7 +456,16 @@ def export_bundle(model: SAM2UNet, path: str | os.PathLike, source_name: str = "
 
 def verify_metadata(meta_file: str | os.PathLike) -> None:
     """Check a bundle's ``metadata.json`` with ``monai.bundle.verify_metadata`` against the
-    schema shipped with this package (offline); ``ValueError`` says what fails."""
+    schema shipped with this package (offline, its MD5 checked); ``ValueError`` says what
+    fails. MONAI's info logs of the check are held back."""
     from monai.bundle import verify_metadata as monai_verify
 
-    monai_verify(meta_file=str(meta_file), filepath=str(SCHEMA_PATH), hash_val=SCHEMA_MD5)
+    quieted = [logging.getLogger(name) for name in ("monai.bundle.scripts", "monai.apps")]
+    levels = [log.level for log in quieted]
+    for log in quieted:
+        log.setLevel(logging.WARNING)
+    try:
+        monai_verify(meta_file=str(meta_file), filepath=str(SCHEMA_PATH), hash_val=SCHEMA_MD5)
+    finally:
+        for log, level in zip(quieted, levels):
+            log.setLevel(level)
