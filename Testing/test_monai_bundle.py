@@ -205,3 +205,15 @@ def test_bundle_run_with_missing_weights_or_no_inputs_fails_clearly(case, tmp_pa
         run(dataset_dir=str(case["inputs"]), **arguments)
     assert f"No such file or directory: '{bundle}/models/model.pt'" in _messages(raised.value)
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+
+def test_slice_inferer_refuses_a_4d_image_naming_the_file() -> None:
+    from monai.data import MetaTensor
+
+    from sam2unet_core.export.bundle import SliceInferer
+    from sam2unet_core.metadata import Architecture, ModelMetadata
+
+    inferer = SliceInferer(ModelMetadata(architecture=Architecture("hiera_t", 1, 3)).to_dict())
+    four_d = MetaTensor(np.zeros((1, 2, 8, 8, 8), np.float32), meta={"filename_or_obj": "/data/fmri.nii.gz"})
+    with pytest.raises(ValueError, match=r"/data/fmri.nii.gz: expected one 3D image a case.*\(1, 2, 8, 8, 8\)"):
+        inferer(four_d, network=None)

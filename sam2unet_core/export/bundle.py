@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
+from monai.utils import ImageMetaKey, MetaKeys
 
 from ..inference.engine import Predictor
 from ..inference.torch_runner import TorchRunner
@@ -109,7 +110,7 @@ class SliceInferer(Inferer):
     ``(B, 1, I, J, K)`` (nibabel's voxel order) whose ``affine`` maps ``(i, j, k)`` to RAS
     mm (LPS when its meta says ``space: LPS``). ``network``: a ``SAM2UNet`` of the
     metadata's architecture. Returns the label maps as a ``MetaTensor`` ``(B, 1, I, J, K)``
-    (uint8, or uint16 past 255 labels) carrying the inputs' meta, so ``SaveImaged`` writes
+    (uint8, or int32 past 255 labels) carrying the inputs' meta, so ``SaveImaged`` writes
     them on the input's grid with its affine.
 
     Args:
@@ -145,16 +146,18 @@ class SliceInferer(Inferer):
         return self._predictor
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> MetaTensor:
+        """Segment each volume of ``inputs`` (see the class docstring); ``args``/``kwargs``
+        of MONAI's inferer call are not used (the Predictor calls the network)."""
         if not isinstance(inputs, MetaTensor):
             raise ValueError("SliceInferer needs a MetaTensor with the image's affine (LoadImaged)")
-        predictor = self._predictor_for(network)
-        names = _batch_values(inputs, "filename_or_obj")
-        spaces = _batch_values(inputs, "space")
-        affines = inputs.affine.reshape(-1, 4, 4).cpu().numpy()
+        names = _batch_values(inputs, ImageMetaKey.FILENAME_OR_OBJ)
         if inputs.ndim != 5 or inputs.shape[1] != 1:
             raise ValueError(f"{names[0]}: expected one 3D image a case, (B, 1, I, J, K) after "
                              f"EnsureChannelFirstd; got shape {tuple(inputs.shape)} (a 4D image or "
                              "several channels: split it into 3D files)")
+        predictor = self._predictor_for(network)
+        spaces = _batch_values(inputs, MetaKeys.SPACE)
+        affines = inputs.affine.reshape(-1, 4, 4).cpu().numpy()
         label_maps = []
         for index in range(inputs.shape[0]):
             array_ijk = inputs[index, 0].as_tensor().cpu().numpy()
