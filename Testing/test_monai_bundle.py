@@ -72,10 +72,13 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def case(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The model, its bundle (exported by the CLI), the inputs and both runs' outputs."""
+def case(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """The model, its bundle (exported by the CLI), the inputs, both runs' outputs and the
+    result of ``monai.bundle verify_metadata``. The two MONAI commands run as subprocesses
+    while sam2unet-predict runs here (they spend much of their time importing)."""
     from sam2unet_core.cli.export import main as export_main
     from sam2unet_core.cli.predict import main as predict_main
+    from sam2unet_core.export.bundle import SCHEMA_PATH
 
     folder = tmp_path_factory.mktemp("bundle_case")
     model = _fitted_model(folder / "model.safetensors")
@@ -86,14 +89,23 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     inputs.mkdir()
     for name in SCANS:
         shutil.copy(Path(NIBABEL_DATA) / name, inputs / name)
-    done = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.json"),
-         "--bundle_root", str(bundle), "--dataset_dir", str(inputs), "--output_dir", str(folder / "bundle_out")],
-        cwd=folder, env=_env(), capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    commands = {
+        "run": ["run", "--config_file", str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle),
+                "--dataset_dir", str(inputs), "--output_dir", str(folder / "bundle_out")],
+        "verify": ["verify_metadata", "--meta_file", str(bundle / "configs" / "metadata.json"),
+                   "--filepath", str(SCHEMA_PATH)],
+    }
+    running = {}
+    for key, command in commands.items():
+        with open(folder / f"{key}.log", "w") as log:  # a file, not a pipe that could fill up
+            running[key] = subprocess.Popen([sys.executable, "-m", "monai.bundle", *command], cwd=folder,
+                                            env=_env(), stdout=log, stderr=subprocess.STDOUT)
     assert predict_main(["-i", str(inputs), "-o", str(folder / "predict_out"), "-m", str(model),
                          "--progress", "none"]) == 0
-    return {"folder": folder, "model": model, "bundle": bundle, "inputs": inputs}
+    finished = {key: (process.wait(), (folder / f"{key}.log").read_text()) for key, process in running.items()}
+    code, output = finished["run"]
+    assert code == 0, output[-5000:]
+    return {"folder": folder, "model": model, "bundle": bundle, "inputs": inputs, "verify": finished["verify"]}
 
 
 def test_bundle_run_equals_sam2unet_predict_on_the_input_grid(case) -> None:
@@ -140,15 +152,12 @@ def test_bundle_files_and_config_ids(case) -> None:
 def test_metadata_passes_monai_verify_metadata_offline(case, tmp_path: Path) -> None:
     from sam2unet_core.export.bundle import SCHEMA_PATH
 
-    meta_file = case["bundle"] / "configs" / "metadata.json"
-    command = [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(meta_file),
-               "--filepath", str(SCHEMA_PATH)]
-    done = subprocess.run(command, env=_env(), capture_output=True, text=True)
-    assert done.returncode == 0 and "metadata is verified with no error" in done.stdout + done.stderr
+    code, output = case["verify"]  # python -m monai.bundle verify_metadata --filepath SCHEMA_PATH
+    assert code == 0 and "metadata is verified with no error" in output, output
     # the same check (in this process) fails on metadata that lacks a field the schema requires
     from monai.bundle import verify_metadata
 
-    broken = json.loads(meta_file.read_text())
+    broken = json.loads((case["bundle"] / "configs" / "metadata.json").read_text())
     del broken["network_data_format"]
     (tmp_path / "metadata.json").write_text(json.dumps(broken))
     with pytest.raises(ValueError, match="'network_data_format' is a required property"):
