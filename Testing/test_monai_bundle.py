@@ -154,6 +154,12 @@ def test_metadata_passes_monai_verify_metadata_offline(case, tmp_path: Path) -> 
 
     code, output = case["verify"]  # python -m monai.bundle verify_metadata --filepath SCHEMA_PATH
     assert code == 0 and "metadata is verified with no error" in output, output
+    # MONAI's check that network_def takes and returns what network_data_format states
+    from monai.bundle import verify_net_in_out
+
+    configs = case["bundle"] / "configs"
+    verify_net_in_out(net_id="network_def", meta_file=str(configs / "metadata.json"),
+                      config_file=str(configs / "inference.json"), device="cpu")
     # the same check (in this process) fails on metadata that lacks a field the schema requires
     from monai.bundle import verify_metadata
 

@@ -237,8 +237,9 @@ def inference_config(metadata: ModelMetadata, batch_size: int = 8) -> dict[str, 
         "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device",
                       "val_data_loader": "@dataloader", "network": "@network",
                       "inferer": "@inferer", "postprocessing": "@postprocessing",
+                      # SliceInferer's runner does its own autocast (as sam2unet-predict)
                       "val_handlers": "@handlers", "amp": False},
-        "initialize": ["$monai.utils.set_determinism(seed=0)"],
+        "initialize": [],  # nothing to seed: inference is deterministic
         "run": ["$@evaluator.run()"],
         "finalize": [],
     }
@@ -257,12 +258,9 @@ def bundle_metadata(metadata: ModelMetadata, source_name: str, authors: str, cop
 
     arch = metadata.architecture
     side = metadata.input_size
-    stack = 2 * metadata.context_slices + 1
-    if stack == 1:
-        input_channels = {str(c): "the slice" for c in range(arch.in_channels)}
-    else:
-        input_channels = {str(c): f"slice {c - metadata.context_slices:+d}" if c != metadata.context_slices
-                          else "the slice" for c in range(arch.in_channels)}
+    context = metadata.context_slices  # a grey slice repeated on every channel when 0
+    offsets = range(-context, context + 1) if context else [0] * arch.in_channels
+    input_channels = {str(c): f"slice {o:+d}" if o else "the slice" for c, o in enumerate(offsets)}
     names = {label.value: label.name for label in metadata.labels}
     label_values = {"0": "background", **{str(value): name for value, name in names.items()}}
     if arch.num_classes == 1:
@@ -274,8 +272,8 @@ def bundle_metadata(metadata: ModelMetadata, source_name: str, authors: str, cop
     intensity = metadata.intensity
     hounsfield = intensity["kind"] == "ct_window"
     normalised = "then mean/std" if metadata.mean else "no mean/std"
-    context = (f"with {metadata.context_slices} neighbouring slice(s) on each side as channels (2.5D)"
-               if metadata.context_slices else "one slice at a time")
+    context_text = (f"with {context} neighbouring slice(s) on each side as channels (2.5D)"
+                    if context else "one slice at a time")
     labels_text = ", ".join(f"{value} is {name}" for value, name in label_values.items())
     return {
         "schema": SCHEMA_URL,
@@ -294,7 +292,7 @@ def bundle_metadata(metadata: ModelMetadata, source_name: str, authors: str, cop
                 f"along the {metadata.plane} plane",
         "description": (
             f"A 2D SAM2-UNet ({arch.backbone} Hiera encoder) run over every {metadata.plane} slice "
-            f"of a NIfTI volume, {context}. Each slice: intensity mapping {json.dumps(intensity)} (per volume), "
+            f"of a NIfTI volume, {context_text}. Each slice: intensity mapping {json.dumps(intensity)} (per volume), "
             f"resize to {side}x{side}, {normalised}; the labels are resized back to the input "
             "grid and written with the input's affine. Runs sam2unet_core's inference engine, "
             "so the label maps equal those of sam2unet-predict."
@@ -324,7 +322,7 @@ def bundle_metadata(metadata: ModelMetadata, source_name: str, authors: str, cop
                 "pred": {
                     "type": "image",
                     "format": "segmentation",
-                    "num_channels": max(arch.num_classes, 1),
+                    "num_channels": arch.num_classes,
                     "spatial_shape": [side, side],
                     "dtype": "float32",
                     "value_range": [],
