@@ -1,3 +1,4 @@
 """Model export for deployment without our training stack: self-describing ONNX files
-(:mod:`.onnx`). Submodules import torch/onnx when imported; this package file imports nothing.
+(:mod:`.onnx`) and MONAI Bundles (:mod:`.bundle`). Submodules import torch/onnx/monai when
+imported; this package file imports nothing.
 """
