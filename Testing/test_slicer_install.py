@@ -15,6 +15,7 @@ from SAM2UNetSlicerLib.InstallLogic import (
     PROTECTED_PACKAGES,
     DependencyInstaller,
     EnsureOutcome,
+    ModelRoute,
     PipStepSequence,
     TorchAction,
     constraintLines,
@@ -22,9 +23,11 @@ from SAM2UNetSlicerLib.InstallLogic import (
     pipCommand,
     planInstall,
     readRequirements,
+    routeRequirements,
 )
 
-REQUIREMENTS = readRequirements(MODULE_DIR / "Resources" / "requirements.txt")
+RESOURCES = MODULE_DIR / "Resources"
+REQUIREMENTS = routeRequirements(ModelRoute.torch, RESOURCES)  # requirements.txt + requirements-torchfree.txt
 FRESH_SLICER = {"numpy": "1.26.4", "simpleitk": "2.4.0", "pip": "24.0"}  # canonical names
 
 
@@ -41,7 +44,7 @@ def allPipArguments(plan) -> list[str]:
 
 
 def test_module_requirements_parse_and_leave_slicer_packages_alone() -> None:
-    assert REQUIREMENTS, "Resources/requirements.txt lists nothing"
+    assert REQUIREMENTS, "Resources/requirements*.txt list nothing"
     names = {Requirement(line).name.lower() for line in REQUIREMENTS}
     assert not names & {name.lower() for name in PROTECTED_PACKAGES}
     assert "safetensors" in names and "hydra-core" in names
@@ -204,7 +207,7 @@ class InstallerHarness:
     def __init__(self, installed: dict[str, str], importable: set[str], confirm: bool = True) -> None:
         self.installed = installed
         self.runner = FakeRunner()
-        self.installer = DependencyInstaller(self.runner, MODULE_DIR / "Resources" / "requirements.txt",
+        self.installer = DependencyInstaller(self.runner, RESOURCES,
                                              lambda: "/opt/Slicer/bin/PythonSlicer", lambda name: name in importable,
                                              lambda: dict(self.installed), environment={"PATH": "/bin"})
         self.confirm = confirm
