@@ -312,7 +312,10 @@ def test_onnx_route_after_the_pytorch_route_adds_only_onnxruntime() -> None:
     assert planInstall(ONNX_REQUIREMENTS, installed, coreInstalled=True, pyTorchUtilsAvailable=False,
                        route=ModelRoute.onnx).isEmpty()
     gpuBuild = dict(installed, **{"onnxruntime-gpu": "1.20.1"})
-    del gpuBuild["onnxruntime"]  # onnxruntime-gpu is another distribution name: pip would add the CPU one
+    del gpuBuild["onnxruntime"]  # the user's onnxruntime-gpu: the CPU build must not go over it
+    assert planInstall(ONNX_REQUIREMENTS, gpuBuild, coreInstalled=True, pyTorchUtilsAvailable=False,
+                       route=ModelRoute.onnx).isEmpty()
+    gpuBuild["onnxruntime-gpu"] = "1.16.3"  # too old: the requirement stands
     assert planInstall(ONNX_REQUIREMENTS, gpuBuild, coreInstalled=True, pyTorchUtilsAvailable=False,
                        route=ModelRoute.onnx).steps[0].pipArgs == ["install", "onnxruntime>=1.17"]
 

@@ -43,6 +43,7 @@ __all__ = [
     "routeOf",
     "routeRequirements",
     "ONNXRUNTIME_REQUIREMENT",
+    "ONNXRUNTIME_BUILDS",
     "PipStep",
     "InstallPlan",
     "SAM2_REQUIREMENT",
@@ -61,7 +62,10 @@ PROTECTED_PACKAGES = ("numpy", "SimpleITK", "torch", "torchvision")
 DEFAULT_CORE_SOURCE = "sam2unet-core"  # a PyPI name, or a local wheel/source folder (offline)
 SAM2_REQUIREMENT = "sam2>=1.1.0"
 TORCH_REQUIREMENT = ">=2.5.1"  # what sam2 1.1.0 needs
-ONNXRUNTIME_REQUIREMENT = "onnxruntime>=1.17"  # CPU build; onnxruntime-gpu, if installed, satisfies it too
+ONNXRUNTIME_REQUIREMENT = "onnxruntime>=1.17"  # the CPU build
+# Other builds that provide the same ``onnxruntime`` module: one of them installed satisfies
+# ONNXRUNTIME_REQUIREMENT (pip must not add the CPU build over onnxruntime-gpu).
+ONNXRUNTIME_BUILDS = ("onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino")
 TORCH_ROUTE_FILES = ("requirements.txt", "requirements-torchfree.txt")  # under Resources/
 TORCH_FREE_FILE = "requirements-torchfree.txt"
 
@@ -158,7 +162,14 @@ def installedVersions(names: Iterable[str] | None = None) -> dict[str, str]:
 
 
 def _isSatisfied(requirement: str, installed: dict[str, str]) -> bool:
-    version = installed.get(_requirementName(requirement))
+    name = _requirementName(requirement)
+    versions = [installed.get(name)]
+    if name == "onnxruntime":  # any build of it provides the module
+        versions += [installed.get(build) for build in ONNXRUNTIME_BUILDS]
+    return any(_versionSatisfies(requirement, version) for version in versions)
+
+
+def _versionSatisfies(requirement: str, version: str | None) -> bool:
     if version is None:
         return False
     try:
