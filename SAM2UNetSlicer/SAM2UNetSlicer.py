@@ -138,7 +138,7 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         segmentation.onProgress = self._onProgress
         segmentation.onFinished = self._onSegmentationFinished
         self._probeRunner = SubprocessRunner()
-        self._describer = CheckpointDescriber(SubprocessRunner())  # .pt/.pth: read in a child process
+        self._describer = CheckpointDescriber(SubprocessRunner())  # .pt/.pth/.onnx: read in a child process
         self.installer = DependencyInstaller(  # shares the logic's runner: never both at once
             self.logic.runner, Path(self.resourcePath("requirements.txt")).parent, findPythonSlicer,
             lambda name: importlib.util.find_spec(name) is not None, installedVersions)
@@ -282,7 +282,8 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.sliceRangeLabel.text = _("of {count} slices (0-based, inclusive)").format(count=count)
 
     def onCheckpointChanged(self) -> None:
-        """Show the checkpoint's details; returns at once (a .pt/.pth is read in a child process)."""
+        """Show the model's details; returns at once (a .pt/.pth/.onnx is read in a child process).
+        Probes the devices again when the model's runtime (torch or ONNX Runtime) changed."""
         self._describer.cancel()
         report = self._deviceReport
         if self._probeRuntime is not self._route() and not (report and report.runtime == self._route().value):
