@@ -66,8 +66,8 @@ ONNXRUNTIME_REQUIREMENT = "onnxruntime>=1.17"  # the CPU build
 # Other builds that provide the same ``onnxruntime`` module: one of them installed satisfies
 # ONNXRUNTIME_REQUIREMENT (pip must not add the CPU build over onnxruntime-gpu).
 ONNXRUNTIME_BUILDS = ("onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino")
-TORCH_ROUTE_FILES = ("requirements.txt", "requirements-torchfree.txt")  # under Resources/
-TORCH_FREE_FILE = "requirements-torchfree.txt"
+TORCH_FREE_FILE = "requirements-torchfree.txt"  # under Resources/: what both routes need
+TORCH_ROUTE_FILES = ("requirements.txt", TORCH_FREE_FILE)
 
 
 class ModelRoute(enum.Enum):
