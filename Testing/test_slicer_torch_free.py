@@ -143,14 +143,15 @@ def test_safetensors_header_is_read_without_torch_like_the_checkpoint_reader(tin
 
 
 # ------------------------------------------------------------------------------ ONNX route
-# A Slicer without PyTorch: this sitecustomize makes torch, torchvision, monai and sam2
-# unimportable in the Slicer process AND in every child it starts (describe, device probe,
-# sam2unet-predict), so the run below can only succeed on the ONNX route.
+# A Slicer with only what the ONNX route installs: this sitecustomize makes torch,
+# torchvision, monai, sam2 and the other PyTorch-route packages unimportable in the Slicer
+# process AND in every child it starts (describe, device probe, sam2unet-predict), so the run
+# below can only succeed on the ONNX route and its requirements.
 NO_TORCH_SITECUSTOMIZE = r'''
 import importlib.abc
 import sys
 
-BLOCKED = {"torch", "torchvision", "monai", "sam2"}
+BLOCKED = {"torch", "torchvision", "monai", "sam2", "hydra", "iopath", "safetensors", "highdicom", "yaml", "scipy"}
 
 
 class _NoTorch(importlib.abc.MetaPathFinder):
