@@ -33,11 +33,13 @@ from SAM2UNetSlicerLib.InstallLogic import (
     TORCH_REQUIREMENT,
     DependencyInstaller,
     EnsureOutcome,
+    ModelRoute,
     installedVersions,
+    routeOf,
 )
 from SAM2UNetSlicerLib.LabelImport import volumeIjkToRas
 from SAM2UNetSlicerLib.ModelInfo import CheckpointDescriber, describeMetadata, readCheckpointMetadata
-from SAM2UNetSlicerLib.Parameters import Device, RunParameters, SliceAxis, sliceCountAlongAxis
+from SAM2UNetSlicerLib.Parameters import Device, RunParameters, SliceAxis, offeredDevices, sliceCountAlongAxis
 from SAM2UNetSlicerLib.ProcessRunner import SubprocessRunner, findPythonSlicer
 from SAM2UNetSlicerLib.SegmentationLogic import RunResult, RunStatus, SegmentationLogic
 
@@ -61,8 +63,9 @@ class SAM2UNetSlicer(ScriptedLoadableModule):
         self.parent.contributors = ["sam2unet_core developers"]
         self.parent.helpText = _(
             "Segment a volume slice by slice with a SAM2-UNet checkpoint (U-shaped decoder on the "
-            "adapter-tuned Hiera encoder of Segment Anything 2). Runs in the background with "
-            "progress and Cancel; segments are named and coloured from the checkpoint."
+            "adapter-tuned Hiera encoder of Segment Anything 2), or with its ONNX export, which runs "
+            "with ONNX Runtime and needs no PyTorch. Runs in the background with progress and "
+            "Cancel; segments are named and coloured from the model."
         )
         self.parent.acknowledgementText = _(
             "SAM2-UNet: Xiong et al. 2024 (arXiv 2408.08870). Segment Anything 2: Meta AI."
@@ -79,7 +82,8 @@ class SAM2UNetSlicerParameterNode:
     """Choices of the panel, saved with the scene.
 
     inputVolume - volume to segment. outputSegmentation - target; None creates
-    "<volume> segmentation". checkpointPath - SAM2-UNet checkpoint (.safetensors, .pt, .pth).
+    "<volume> segmentation". checkpointPath - SAM2-UNet checkpoint (.safetensors, .pt, .pth) or
+    ONNX export (.onnx: runs with ONNX Runtime, without PyTorch).
     device, sliceAxis - see SAM2UNetSlicerLib.Parameters. useSliceRange, sliceStart, sliceEnd -
     0-based inclusive slice range along sliceAxis. show3D - build the 3D surface.
     batchSize - slices per forward pass (lower it when the GPU runs out of memory).
@@ -116,6 +120,7 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._probeLines = []
+        self._probeRuntime = None  # ModelRoute the running (or last) probe asks about
         self._deviceReport = None  # DeviceReport of the last probe
         self._shownCheckpoint = _UNSET  # what modelInfoLabel describes
         self._sliceLimitsFor = _UNSET  # (volume ID, axis) the slice spin boxes are limited for
@@ -133,9 +138,9 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         segmentation.onProgress = self._onProgress
         segmentation.onFinished = self._onSegmentationFinished
         self._probeRunner = SubprocessRunner()
-        self._describer = CheckpointDescriber(SubprocessRunner())  # .pt/.pth: read in a child process
+        self._describer = CheckpointDescriber(SubprocessRunner())  # .pt/.pth/.onnx: read in a child process
         self.installer = DependencyInstaller(  # shares the logic's runner: never both at once
-            self.logic.runner, Path(self.resourcePath("requirements.txt")), findPythonSlicer,
+            self.logic.runner, Path(self.resourcePath("requirements.txt")).parent, findPythonSlicer,
             lambda name: importlib.util.find_spec(name) is not None, installedVersions)
 
         self._timer = qt.QTimer()
@@ -220,6 +225,10 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._checkCanApply()
 
     # ------------------------------------------------------------------ panel state
+    def _route(self) -> ModelRoute:
+        """ONNX for a chosen .onnx model, else PyTorch (also while no model is chosen)."""
+        return routeOf(_checkpointOf(self._parameterNode) if self._parameterNode else None)
+
     def _busy(self) -> bool:
         return self.logic.segmentation.isRunning() or self.installer.isRunning()
 
@@ -235,10 +244,9 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             reasons.append(_("choose a model checkpoint file"))
         if parameterNode and parameterNode.useSliceRange and parameterNode.sliceEnd < parameterNode.sliceStart:
             reasons.append(_("the last slice must not come before the first"))
-        report = self._deviceReport
-        if parameterNode and report and report.torchVersion and (
-                (parameterNode.device is Device.cuda and not report.cudaDevices)
-                or (parameterNode.device is Device.mps and not report.mps)):
+        offered = offeredDevices(self._route(), self._deviceReport)
+        self._showDeviceChoices(offered)
+        if parameterNode and parameterNode.device not in offered:
             reasons.append(_("{device} is not available here (see Device)").format(device=parameterNode.device.label()))
         self.ui.segmentButton.enabled = not reasons
         self.ui.segmentButton.toolTip = _("Segment the input volume") if not reasons else "; ".join(reasons)
@@ -246,6 +254,15 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.installButton.enabled = not self._busy()
         self.ui.sliceStartSpinBox.enabled = bool(parameterNode and parameterNode.useSliceRange)
         self.ui.sliceEndSpinBox.enabled = bool(parameterNode and parameterNode.useSliceRange)
+
+    def _showDeviceChoices(self, offered: list) -> None:
+        """Grey out the Device entries the model's runtime cannot use (the combo lists the
+        ``Device`` members in order, as the parameter node wrapper fills it)."""
+        model = self.ui.deviceComboBox.model()
+        for row, device in enumerate(Device):
+            item = model.item(row)
+            if item is not None:
+                item.setEnabled(device in offered)
 
     def _updateSliceLimits(self) -> None:
         """Limit the slice range to the slices of the input along the chosen axis."""
@@ -265,8 +282,12 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.sliceRangeLabel.text = _("of {count} slices (0-based, inclusive)").format(count=count)
 
     def onCheckpointChanged(self) -> None:
-        """Show the checkpoint's details; returns at once (a .pt/.pth is read in a child process)."""
+        """Show the model's details; returns at once (a .pt/.pth/.onnx is read in a child process).
+        Probes the devices again when the model's runtime (torch or ONNX Runtime) changed."""
         self._describer.cancel()
+        report = self._deviceReport
+        if self._probeRuntime is not self._route() and not (report and report.runtime == self._route().value):
+            self.probeDevices()  # another runtime: ask which devices it sees
         checkpoint = _checkpointOf(self._parameterNode) if self._parameterNode else None
         if checkpoint is None:
             self.ui.modelInfoLabel.text = _("No model chosen")
@@ -319,14 +340,18 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------ devices
     def probeDevices(self) -> None:
-        """Ask a child process which devices torch sees; the panel stays responsive."""
+        """Ask a child process which devices the model's runtime (torch, or ONNX Runtime for
+        an .onnx model) sees; the panel stays responsive. A probe still running for the
+        other runtime is followed by one for this runtime when it ends."""
         if self._probeRunner.isRunning():
             return
         self._probeLines = []
+        self._probeRuntime = self._route()
         self.ui.deviceInfoLabel.text = _("Looking for GPUs...")
         probeScript = Path(__file__).parent / "SAM2UNetSlicerLib" / "DeviceProbe.py"
+        runtimeArgs = ["onnx"] if self._probeRuntime is ModelRoute.onnx else []  # default: torch
         try:
-            self._probeRunner.start([findPythonSlicer(), str(probeScript)], dict(os.environ),
+            self._probeRunner.start([findPythonSlicer(), str(probeScript), *runtimeArgs], dict(os.environ),
                                     self._probeLines.append, self._onProbeFinished)
         except (OSError, RuntimeError) as err:
             self.ui.deviceInfoLabel.text = _("Device probe failed: {error}").format(error=err)
@@ -334,9 +359,11 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.start()
 
     def _onProbeFinished(self, returnCode: int) -> None:
-        self._deviceReport = parseProbeOutput(self._probeLines)
+        self._deviceReport = parseProbeOutput(self._probeLines, self._probeRuntime.value)
         self.ui.deviceInfoLabel.text = _("Found: {summary}").format(summary=self._deviceReport.summary())
         self._checkCanApply()
+        if self._probeRuntime is not self._route():  # the model changed runtime meanwhile
+            self.probeDevices()
 
     # ------------------------------------------------------------------ segment
     def onSegmentButton(self) -> None:
@@ -395,7 +422,7 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ``then`` afterwards (if given). Returns False whenever ``then`` is not called now."""
         coreSource = self.ui.coreSourceLineEdit.text.strip() or DEFAULT_CORE_SOURCE
         outcome = self.installer.ensure(coreSource, self._confirmInstall, self._installTorch, self._log,
-                                        lambda ok, message: self._onInstallDone(ok, message, then))
+                                        lambda ok, message: self._onInstallDone(ok, message, then), self._route())
         if outcome is EnsureOutcome.needPyTorchExtension:
             slicer.util.errorDisplay(_(
                 "SAM2-UNet needs PyTorch. Install the 'PyTorch' extension with the Extensions Manager, "

@@ -69,6 +69,34 @@ class FakeWidget:
     def setMRMLScene(self, scene) -> None:
         self.scene = scene
 
+    def model(self) -> "FakeItemModel":
+        """A QComboBox's QStandardItemModel (items made on first use: the fake
+        parameter node wrapper does not fill the combo box)."""
+        if not hasattr(self, "_model"):
+            self._model = FakeItemModel()
+        return self._model
+
+
+class FakeItem:
+    """A QStandardItem: only whether it can be chosen."""
+
+    def __init__(self) -> None:
+        self.enabled = True
+
+    def setEnabled(self, enabled: bool) -> None:
+        self.enabled = bool(enabled)
+
+    def isEnabled(self) -> bool:
+        return self.enabled
+
+
+class FakeItemModel:
+    def __init__(self) -> None:
+        self.items: dict[int, FakeItem] = {}
+
+    def item(self, row: int) -> FakeItem:
+        return self.items.setdefault(row, FakeItem())
+
 
 def uiWidgetsFromFile(path: Path) -> dict[str, FakeWidget]:
     import xml.etree.ElementTree as ET

@@ -223,3 +223,38 @@ def test_cancel_mid_run_leaves_the_scenes_node_ids_as_they_were(slicerCore, scan
     assert result.status is RunStatus.cancelled
     assert any('"event": "start"' in line for line in lines)  # it was running, model loaded
     assert slicerCore.nodeIds() == before
+
+
+# ------------------------------------------------------------------------------ ONNX route
+@pytest.fixture(scope="module")
+def onnxCheckpoint(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint exported by sam2unet-export's library call: the ONNX route's model."""
+    from sam2unet_core.checkpoint import load_model
+    from sam2unet_core.export.onnx import export_onnx
+
+    return export_onnx(load_model(checkpoint), tmp_path_factory.mktemp("onnx") / "tiny.onnx")
+
+
+@pytest.fixture(scope="module")
+def cliOnnxLabels(scans: dict[str, Path], onnxCheckpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A direct ``sam2unet-predict -m tiny.onnx`` run on the NIfTI and NRRD files: the reference."""
+    output = tmp_path_factory.mktemp("cli_onnx")
+    subprocess.run([sys.executable, "-m", "sam2unet_core.cli.predict", "-i", str(scans["las_nifti"].parent),
+                    "-o", str(output), "-m", str(onnxCheckpoint), "--device", "cpu", "--axis", "axial",
+                    "--format", "nii.gz", "--progress", "none"], check=True, env=ENVIRONMENT, cwd=REPO, timeout=300,
+                   capture_output=True)
+    return {"las_nifti": read_volume(output / "anatomical_las.nii.gz"),
+            "oblique_nrrd": read_volume(output / "anatomical_oblique.nii.gz")}
+
+
+@pytest.mark.parametrize("scan", ["las_nifti", "oblique_nrrd"])
+def test_onnx_model_segments_equal_a_direct_onnx_cli_run(slicerCore, scans, cliOnnxLabels, onnxCheckpoint,
+                                                         scan: str) -> None:
+    transform = slicerCore.addTransform(PARENT_RAS)
+    volume = slicerCore.loadVolume(scans[scan], scan, transform)
+    result = makeLogic().runAndWait(volume, None, RunParameters(onnxCheckpoint, Device.cpu, SliceAxis.axial),
+                                    timeoutSeconds=300)
+    assert result.status is RunStatus.succeeded, result.message
+    segmentation = result.segmentationNode.GetSegmentation()
+    assert [segmentation.GetSegment(sid).GetName() for sid in result.segmentIds] == LABEL_NAMES
+    assertSegmentsEqualCli(slicerCore, volume, result, cliOnnxLabels[scan])

@@ -15,6 +15,7 @@ from SAM2UNetSlicerLib.InstallLogic import (
     PROTECTED_PACKAGES,
     DependencyInstaller,
     EnsureOutcome,
+    ModelRoute,
     PipStepSequence,
     TorchAction,
     constraintLines,
@@ -22,9 +23,11 @@ from SAM2UNetSlicerLib.InstallLogic import (
     pipCommand,
     planInstall,
     readRequirements,
+    routeRequirements,
 )
 
-REQUIREMENTS = readRequirements(MODULE_DIR / "Resources" / "requirements.txt")
+RESOURCES = MODULE_DIR / "Resources"
+REQUIREMENTS = routeRequirements(ModelRoute.torch, RESOURCES)  # requirements.txt + requirements-torchfree.txt
 FRESH_SLICER = {"numpy": "1.26.4", "simpleitk": "2.4.0", "pip": "24.0"}  # canonical names
 
 
@@ -41,7 +44,7 @@ def allPipArguments(plan) -> list[str]:
 
 
 def test_module_requirements_parse_and_leave_slicer_packages_alone() -> None:
-    assert REQUIREMENTS, "Resources/requirements.txt lists nothing"
+    assert REQUIREMENTS, "Resources/requirements*.txt list nothing"
     names = {Requirement(line).name.lower() for line in REQUIREMENTS}
     assert not names & {name.lower() for name in PROTECTED_PACKAGES}
     assert "safetensors" in names and "hydra-core" in names
@@ -145,12 +148,15 @@ def test_requirement_files_skip_comments_and_options(tmp_path: Path, line: str) 
 
 
 def test_pins_agree_with_the_project_requirements() -> None:
-    project = {Requirement(line).name.lower(): str(Requirement(line).specifier)
-               for name in ("requirements.txt", "requirements-torch.txt", "requirements-onnx.txt")
-               for line in readRequirements(MODULE_DIR.parent / name)}
-    for line in REQUIREMENTS:
+    """Each module requirement (both routes) has the pin of a project requirement file
+    (``requirements.txt`` or a split-off one such as ``requirements-onnx.txt``)."""
+    project: dict[str, set[str]] = {}
+    for path in sorted(MODULE_DIR.parent.glob("requirements*.txt")):
+        for line in readRequirements(path):
+            project.setdefault(Requirement(line).name.lower(), set()).add(str(Requirement(line).specifier))
+    for line in REQUIREMENTS + routeRequirements(ModelRoute.onnx, RESOURCES):
         requirement = Requirement(line)
-        assert str(requirement.specifier) == project[requirement.name.lower()], line
+        assert str(requirement.specifier) in project[requirement.name.lower()], line
 
 
 def _closure(roots: list[str]) -> set[str]:
@@ -205,7 +211,7 @@ class InstallerHarness:
     def __init__(self, installed: dict[str, str], importable: set[str], confirm: bool = True) -> None:
         self.installed = installed
         self.runner = FakeRunner()
-        self.installer = DependencyInstaller(self.runner, MODULE_DIR / "Resources" / "requirements.txt",
+        self.installer = DependencyInstaller(self.runner, RESOURCES,
                                              lambda: "/opt/Slicer/bin/PythonSlicer", lambda name: name in importable,
                                              lambda: dict(self.installed), environment={"PATH": "/bin"})
         self.confirm = confirm
@@ -260,3 +266,106 @@ def test_installer_cancel_stops_pip_and_removes_its_files() -> None:
     assert harness.runner.cancelled == 1 and not harness.installer.isRunning()
     assert not Path(args[args.index("-c") + 1]).exists()
     assert harness.done == []
+
+
+# ------------------------------------------------------------------------------ ONNX route
+ONNX_REQUIREMENTS = routeRequirements(ModelRoute.onnx, RESOURCES)
+HEAVY = {"torch", "torchvision", "sam2", "monai", "hydra-core", "iopath"}
+
+
+def test_route_follows_the_model_file() -> None:
+    from SAM2UNetSlicerLib.InstallLogic import routeOf
+
+    assert routeOf(Path("model.onnx")) is routeOf(Path("MODEL.ONNX")) is ModelRoute.onnx
+    assert {routeOf(Path(f"m.{suffix}")) for suffix in ("safetensors", "pt", "pth")} == {ModelRoute.torch}
+    assert routeOf(None) is ModelRoute.torch
+
+
+def test_onnx_route_installs_onnxruntime_and_the_torch_free_list_only() -> None:
+    assert ONNX_REQUIREMENTS[0] == "onnxruntime>=1.17"
+    torchFree = readRequirements(RESOURCES / "requirements-torchfree.txt")
+    assert ONNX_REQUIREMENTS[1:] == torchFree and set(torchFree) < set(REQUIREMENTS)  # one list, both routes
+    names = {Requirement(line).name.lower() for line in ONNX_REQUIREMENTS}
+    assert not names & HEAVY and not names & {name.lower() for name in PROTECTED_PACKAGES}
+    # Nothing on the list pulls torch in: the closure of what is installed here.
+    assert not _closure(ONNX_REQUIREMENTS) & {"torch", "torchvision", "sam2", "monai"}
+
+
+def test_fresh_slicer_with_an_onnx_model_gets_no_pytorch_step() -> None:
+    for pyTorchUtils in (False, True):  # the PyTorch extension is neither needed nor used
+        plan = planInstall(ONNX_REQUIREMENTS, FRESH_SLICER, coreInstalled=False, pyTorchUtilsAvailable=pyTorchUtils,
+                           route=ModelRoute.onnx)
+        assert plan.torch is TorchAction.notNeeded
+        noDeps, dependencies = plan.steps
+        assert noDeps.pipArgs == ["install", "--no-deps", "--no-build-isolation", DEFAULT_CORE_SOURCE]
+        assert noDeps.env == {}  # no sam2 to build
+        assert dependencies.pipArgs == ["install", *ONNX_REQUIREMENTS]
+        names = {Requirement(arg).name.lower() for arg in allPipArguments(plan) if not arg.startswith("-")} - {"install"}
+        assert DEFAULT_CORE_SOURCE in names and not names & (HEAVY | {"numpy", "simpleitk"})
+        described = plan.describe()
+        assert "onnxruntime>=1.17" in described and "no PyTorch" in described and "PyTorch extension" not in described
+
+
+def test_onnx_route_after_the_pytorch_route_adds_only_onnxruntime() -> None:
+    plan = planInstall(ONNX_REQUIREMENTS, everythingInstalled(), coreInstalled=True, pyTorchUtilsAvailable=False,
+                       route=ModelRoute.onnx)
+    [step] = plan.steps
+    assert step.pipArgs == ["install", "onnxruntime>=1.17"]
+    installed = dict(everythingInstalled(), onnxruntime="1.20.1")
+    del installed["torch"], installed["sam2"]  # torch route packages do not matter here
+    assert planInstall(ONNX_REQUIREMENTS, installed, coreInstalled=True, pyTorchUtilsAvailable=False,
+                       route=ModelRoute.onnx).isEmpty()
+    gpuBuild = dict(installed, **{"onnxruntime-gpu": "1.20.1"})
+    del gpuBuild["onnxruntime"]  # the user's onnxruntime-gpu: the CPU build must not go over it
+    assert planInstall(ONNX_REQUIREMENTS, gpuBuild, coreInstalled=True, pyTorchUtilsAvailable=False,
+                       route=ModelRoute.onnx).isEmpty()
+    gpuBuild["onnxruntime-gpu"] = "1.16.3"  # too old: the requirement stands
+    assert planInstall(ONNX_REQUIREMENTS, gpuBuild, coreInstalled=True, pyTorchUtilsAvailable=False,
+                       route=ModelRoute.onnx).steps[0].pipArgs == ["install", "onnxruntime>=1.17"]
+
+
+def test_what_the_onnx_inference_path_imports_is_installed_by_the_onnx_route() -> None:
+    """Import what the Slicer module runs for an .onnx model (the predict CLI, ONNX Runtime
+    runner, describe CLI) in a fresh Python: no torch, and every third-party distribution
+    loaded comes with the ONNX route (its requirements, or what Slicer already holds)."""
+    import importlib.metadata
+    import json
+    import subprocess
+    import sys
+
+    from packaging.utils import canonicalize_name
+
+    code = ("import json, sys; import sam2unet_core.cli.predict, sam2unet_core.cli.describe, "
+            "sam2unet_core.inference.onnx_runner, sam2unet_core.io, onnxruntime; "
+            "print(json.dumps(sorted({name.split('.')[0] for name in sys.modules})))")
+    output = subprocess.run([sys.executable, "-c", code], cwd=MODULE_DIR.parent, capture_output=True,
+                            text=True, check=True).stdout
+    modules = json.loads(output.strip().splitlines()[-1])
+    assert not {"torch", "monai", "sam2"} & set(modules)
+    providers = importlib.metadata.packages_distributions()
+    loaded = {canonicalize_name(dist) for module in modules for dist in providers.get(module, [])}
+    slicerBundled = ["requests"]  # in every Slicer; pydicom.data imports it when present
+    # Imported only when present (test_slicer_torch_free runs the ONNX route with them blocked):
+    optional = {"pyjpegls", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg",  # pydicom's plugins
+                "scipy"}  # nibabel's optional_package
+    covered = _closure(ONNX_REQUIREMENTS + [*PROTECTED_PACKAGES, *slicerBundled]) | {"sam2unet-core", "pip", "setuptools"}
+    assert loaded - covered - optional == set()
+
+
+def test_installer_on_the_onnx_route_needs_neither_torch_nor_the_pytorch_extension() -> None:
+    harness = InstallerHarness(dict(FRESH_SLICER), set())  # no torch, no PyTorchUtils
+    outcome = harness.installer.ensure("sam2unet-core", lambda text: harness.asked.append(text) or True,
+                                       harness.installTorch, lambda line: None,
+                                       lambda ok, message: harness.done.append((ok, message)), ModelRoute.onnx)
+    assert outcome is EnsureOutcome.installing and harness.torchInstalls == 0
+    [asked] = harness.asked
+    assert "no PyTorch" in asked
+    args, env = harness.runner.started[0]
+    assert env == {"PATH": "/bin"} and "sam2>=1.1.0" not in args
+    harness.runner.finish(0)
+    harness.runner.poll()
+    args, _ = harness.runner.started[1]
+    assert "onnxruntime>=1.17" in args
+    harness.runner.finish(0)
+    harness.runner.poll()
+    assert harness.done == [(True, "Installation finished")]

@@ -203,3 +203,60 @@ def test_device_probe_script_runs_in_a_child_process() -> None:
     report = parseProbeOutput(recorder.lines)
     assert report.torchVersion == torch.__version__
     assert report.bestDevice() == ("cuda" if torch.cuda.is_available() else "mps" if report.mps else "cpu")
+
+
+def test_onnx_probe_reports_the_execution_providers_without_importing_torch() -> None:
+    """``DeviceProbe.py onnx`` in a child: ONNX Runtime's version and providers as this
+    Python has them, and no torch in that child's modules."""
+    import json
+    import subprocess
+
+    import onnxruntime
+
+    script = slicer_fakes.MODULE_DIR / "SAM2UNetSlicerLib" / "DeviceProbe.py"
+    runner, recorder = SubprocessRunner(), Recorder()
+    runner.start([sys.executable, str(script), "onnx"], None, recorder.onLine, recorder.onFinished)
+    pollUntil(runner, lambda: recorder.returnCodes, limitSeconds=120)
+    assert recorder.returnCodes == [0]
+    report = parseProbeOutput(recorder.lines, "onnx")
+    assert report.runtime == "onnx" and report.onnxruntimeVersion == onnxruntime.__version__
+    assert report.onnxProviders == onnxruntime.get_available_providers()
+    assert report.hasCuda() is ("CUDAExecutionProvider" in onnxruntime.get_available_providers())
+    code = (f"import sys, json; sys.path.insert(0, {str(script.parent)!r}); import DeviceProbe; "
+            "DeviceProbe.main(['onnx']); print(json.dumps(sorted(m for m in ('torch', 'monai', 'sam2') if m in sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert json.loads(done.stdout.splitlines()[-1]) == []
+    bad = subprocess.run([sys.executable, str(script), "tensorflow"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "tensorflow" in bad.stderr
+
+
+def test_onnx_probe_summaries_and_device_choices() -> None:
+    from SAM2UNetSlicerLib.InstallLogic import ModelRoute
+    from SAM2UNetSlicerLib.Parameters import offeredDevices
+
+    cpuOnly = DeviceReport(runtime="onnx", onnxruntimeVersion="1.20.1", onnxProviders=["CPUExecutionProvider"])
+    gpu = DeviceReport(runtime="onnx", onnxruntimeVersion="1.20.1",
+                       onnxProviders=["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert cpuOnly.summary() == "onnxruntime 1.20.1: CPU" and cpuOnly.bestDevice() == "cpu"
+    assert gpu.summary() == "onnxruntime 1.20.1: CUDA, CPU" and gpu.bestDevice() == "cuda"
+    assert DeviceReport(runtime="onnx").summary() == "ONNX Runtime not installed"
+    failed = parseProbeOutput(["ImportError: libcublasLt.so.12"], "onnx")
+    assert failed.runtime == "onnx" and "libcublasLt" in failed.summary()
+    assert offeredDevices(ModelRoute.onnx, cpuOnly) == [Device.auto, Device.cpu]
+    assert offeredDevices(ModelRoute.onnx, gpu) == [Device.auto, Device.cuda, Device.cpu]
+    assert offeredDevices(ModelRoute.onnx, None) == [Device.auto, Device.cpu]  # not probed yet
+    torchGpu = DeviceReport(torchVersion="2.5.1", cudaDevices=["A100"], mps=False)
+    assert offeredDevices(ModelRoute.onnx, torchGpu) == [Device.auto, Device.cpu]  # torch's GPUs say nothing
+    assert offeredDevices(ModelRoute.torch, torchGpu) == [Device.auto, Device.cuda, Device.cpu]
+    assert offeredDevices(ModelRoute.torch, DeviceReport(torchVersion="2.5.1", mps=True)) == [Device.auto, Device.cpu, Device.mps]
+    assert offeredDevices(ModelRoute.torch, gpu) == list(Device)  # no torch probe yet: the run checks
+
+
+def test_onnx_run_parameters_refuse_apple_mps(tmp_path: Path) -> None:
+    model = tmp_path / "organs.onnx"
+    model.write_bytes(b"onnx")
+    RunParameters(model, Device.cuda).validate()
+    with pytest.raises(ValueError, match=r"Apple MPS is not available for ONNX models \(organs\.onnx\)"):
+        RunParameters(model, Device.mps).validate()
+    args = buildPredictArgs("/opt/Slicer/bin/PythonSlicer", tmp_path / "in.nrrd", tmp_path / "out", RunParameters(model, Device.cpu))
+    assert args[args.index("-m", 3) + 1] == str(model) and args[args.index("--device") + 1] == "cpu"

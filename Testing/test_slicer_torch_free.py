@@ -140,3 +140,115 @@ def test_safetensors_header_is_read_without_torch_like_the_checkpoint_reader(tin
     foreign.write_bytes(len(header).to_bytes(8, "little") + header)
     with pytest.raises(ValueError, match=r"foreign\.safetensors: safetensors file without 'sam2unet' metadata"):
         read_safetensors_metadata(foreign)
+
+
+# ------------------------------------------------------------------------------ ONNX route
+# A Slicer with only what the ONNX route installs: this sitecustomize makes torch,
+# torchvision, monai, sam2 and the other PyTorch-route packages unimportable in the Slicer
+# process AND in every child it starts (describe, device probe, sam2unet-predict), so the run
+# below can only succeed on the ONNX route and its requirements.
+NO_TORCH_SITECUSTOMIZE = r'''
+import importlib.abc
+import sys
+
+BLOCKED = {"torch", "torchvision", "monai", "sam2", "hydra", "iopath", "safetensors", "highdicom", "yaml", "scipy"}
+
+
+class _NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r} (a Slicer without PyTorch)", name=name)
+        return None
+
+
+sys.meta_path.insert(0, _NoTorch())
+'''
+
+ONNX_FLOW = r'''
+import json, sys, time
+from pathlib import Path
+sys.path.insert(0, TESTING)
+import numpy as np
+import pytest
+
+import slicer_fakes  # noqa: F401 - puts SAM2UNetSlicer/ on sys.path
+from slicer_fakes import obliqueIjkToRas
+from slicer_module_fakes import installFakeSlicerModules
+
+try:
+    import torch  # noqa: F401
+    raise SystemExit("torch is importable: the blocker did not load")
+except ModuleNotFoundError:
+    pass
+monkeypatch = pytest.MonkeyPatch()
+fake = installFakeSlicerModules(monkeypatch)
+import importlib
+module = importlib.import_module("SAM2UNetSlicer")  # real SubprocessRunners: real child processes
+module.findPythonSlicer = lambda: sys.executable
+import SAM2UNetSlicerLib.SegmentationLogic as segmentationLogic
+segmentationLogic.findPythonSlicer = lambda: sys.executable
+widget = module.SAM2UNetSlicerWidget()
+widget.setup()
+parameters = widget._parameterNode
+rng = np.random.default_rng(0)
+parameters.inputVolume = fake.mrmlScene.addVolume("CT", rng.normal(0, 300, (5, 24, 20)).astype(np.int16),
+                                                  obliqueIjkToRas())
+
+
+def waitFor(condition, seconds=300.0):
+    end = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > end:
+            raise SystemExit(f"timed out: {widget.ui.statusLabel.text} | {widget.ui.modelInfoLabel.text}")
+        widget._poll()
+        time.sleep(0.05)
+
+
+parameters.checkpointPath = Path(ONNX)
+waitFor(lambda: widget.ui.modelInfoLabel.text != "Reading the model details...")
+waitFor(lambda: widget._deviceReport is not None and widget._deviceReport.runtime == "onnx"
+        and not widget._probeRunner.isRunning())
+parameters.device = module.Device.cpu
+widget.ui.segmentButton.emit("clicked(bool)", False)
+waitFor(lambda: not widget.logic.segmentation.isRunning())
+output = parameters.outputSegmentation
+segments = [s.name for s in output.GetSegmentation().segments.values()] if output else []
+heavy = sorted(name for name in sys.modules if name.split(".")[0] in HEAVY)
+print(json.dumps({"info": widget.ui.modelInfoLabel.text, "devices": widget.ui.deviceInfoLabel.text,
+                  "status": widget.ui.statusLabel.text, "segments": segments, "heavy": heavy,
+                  "dialogs": fake.dialogs, "log": widget.ui.logTextEdit.lines}))
+'''
+
+
+@pytest.fixture(scope="module")
+def onnxModel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sam2unet_core.export.onnx import export_onnx
+
+    metadata = ModelMetadata(architecture=Architecture(backbone="hiera_t", num_classes=3),
+                             labels=default_labels(3, ["liver", "spleen"]), input_size=64)
+    model = SAM2UNet(backbone="hiera_t", num_classes=3)
+    model.metadata = metadata
+    return export_onnx(model, tmp_path_factory.mktemp("onnx") / "organs.onnx")
+
+
+@pytest.mark.slow
+def test_onnx_model_segments_in_a_slicer_without_pytorch(onnxModel: Path, tmp_path: Path) -> None:
+    """Choose an .onnx model, probe devices, press Segment: the real describe, probe and
+    sam2unet-predict children run where torch, MONAI and sam2 cannot be imported."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(NO_TORCH_SITECUSTOMIZE, encoding="utf-8")
+    env = dict(_pythonEnvironment(), PYTHONPATH=f"{blocker}:{_pythonEnvironment()['PYTHONPATH']}", OMP_NUM_THREADS="2")
+    script = ONNX_FLOW.replace("TESTING", repr(str(TESTING))).replace("ONNX", repr(str(onnxModel)))
+    script = script.replace("HEAVY", repr(HEAVY))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["dialogs"] == [], report["log"]
+    assert "liver, spleen" in report["info"], report["info"]
+    assert report["devices"].startswith("Found: onnxruntime ") and report["devices"].endswith("CPU")
+    assert report["segments"] == ["liver", "spleen"], report["log"]
+    assert report["status"] == "2 segment(s) in CT segmentation"
+    assert '{"event": "done", "ok": 1, "failed": 0, "skipped": 0}' in report["log"]  # sam2unet-predict's own report
+    assert report["heavy"] == [], f"Slicer's process imported {report['heavy']}"

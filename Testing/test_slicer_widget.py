@@ -338,3 +338,121 @@ def test_pt_checkpoint_before_the_dependencies_are_installed_says_so(panel: Pane
     panel.parameters.checkpointPath = official
     assert panel.ui.modelInfoLabel.text.startswith("Model details appear once the dependencies are installed")
     assert panel.describeRunner.started == []
+
+
+# ------------------------------------------------------------------------------ ONNX route
+@pytest.fixture(scope="module")
+def onnxModel(checkpoint: Path) -> Path:
+    """The organs checkpoint exported by sam2unet-export's library call (classes in the file)."""
+    from sam2unet_core.checkpoint import load_model
+    from sam2unet_core.export.onnx import export_onnx
+
+    return export_onnx(load_model(checkpoint), checkpoint.with_suffix(".onnx"))
+
+
+def describeForReal(model: Path) -> tuple[list[str], int]:
+    """What the panel's describe child prints for ``model``: the real command, run here."""
+    import subprocess
+
+    from SAM2UNetSlicerLib.ModelInfo import describeCommand
+
+    done = subprocess.run(describeCommand(sys.executable, model), capture_output=True, text=True, timeout=300)
+    return (done.stdout + done.stderr).splitlines(), done.returncode
+
+
+def answerOnnxProbe(panel: Panel, providers: list[str]) -> None:
+    """The probe's JSON line as DeviceProbe.py onnx prints it, with ``providers`` as ONNX
+    Runtime would list them (the one faked value: this machine has no onnxruntime-gpu)."""
+    assert panel.probeRunner.args[-1] == "onnx"
+    panel.probeRunner.emit(json.dumps({"probe": "sam2unet-device-probe", "runtime": "onnx", "torch": "", "cuda": [],
+                                       "mps": False, "onnxruntime": "1.20.1", "providers": providers, "error": ""}))
+    panel.probeRunner.finish(0)
+    panel.widget._poll()
+
+
+def comboChoices(panel: Panel) -> list[str]:
+    model = panel.ui.deviceComboBox.model()
+    return [device.name for row, device in enumerate(panel.module.Device) if model.item(row).isEnabled()]
+
+
+def test_onnx_model_shows_its_classes_and_devices_follow_the_onnx_runtime_providers(panel: Panel, onnxModel: Path) -> None:
+    panel.parameters.inputVolume = panel.addVolume()
+    panel.answerProbe(cuda=["NVIDIA A100 (80 GB)"])  # torch sees a GPU: all but MPS offered
+    assert comboChoices(panel) == ["auto", "cuda", "cpu"]
+
+    panel.parameters.checkpointPath = onnxModel
+    assert panel.ui.modelInfoLabel.text == "Reading the model details..."  # a child process reads it
+    assert panel.describeRunner.args == [sys.executable, "-m", "sam2unet_core.cli.describe", str(onnxModel)]
+    lines, returnCode = describeForReal(onnxModel)
+    panel.describeRunner.emit(*lines)
+    panel.describeRunner.finish(returnCode)
+    panel.widget._poll()
+    assert "liver, spleen" in panel.ui.modelInfoLabel.text and "hiera_t" in panel.ui.modelInfoLabel.text
+
+    # ONNX Runtime without its CUDA provider (the onnxruntime package): CPU only.
+    assert panel.probeRunner.args[2:] == ["onnx"]
+    answerOnnxProbe(panel, ["CPUExecutionProvider"])
+    assert panel.ui.deviceInfoLabel.text == "Found: onnxruntime 1.20.1: CPU"
+    assert comboChoices(panel) == ["auto", "cpu"]
+    panel.parameters.device = panel.module.Device.cuda
+    assert not panel.ui.segmentButton.enabled and "CUDA GPU is not available" in panel.ui.segmentButton.toolTip
+    panel.parameters.device = panel.module.Device.mps
+    assert not panel.ui.segmentButton.enabled and "Apple MPS is not available" in panel.ui.segmentButton.toolTip
+
+    # onnxruntime-gpu: CUDA offered too, and the run gets --device cuda.
+    panel.ui.refreshDevicesButton.emit("clicked(bool)", False)
+    answerOnnxProbe(panel, ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert panel.ui.deviceInfoLabel.text == "Found: onnxruntime 1.20.1: CUDA, CPU"
+    assert comboChoices(panel) == ["auto", "cuda", "cpu"]
+    panel.parameters.device = panel.module.Device.cuda
+    assert panel.ui.segmentButton.enabled
+    panel.ui.segmentButton.emit("clicked(bool)", False)
+    assert panel.logicRunner.args[:3] == [sys.executable, "-m", "sam2unet_core.cli.describe"]  # labels first
+    panel.logicRunner.emit(*lines)
+    panel.logicRunner.finish(0)
+    panel.widget._poll()
+    assert panel.logicRunner.argument("-m") == str(onnxModel) and panel.logicRunner.argument("--device") == "cuda"
+    panel.ui.cancelButton.emit("clicked(bool)", False)
+
+    # Back to the PyTorch checkpoint: torch is probed again.
+    panel.parameters.checkpointPath = onnxModel.with_suffix(".safetensors")
+    assert panel.probeRunner.args[-1].endswith("DeviceProbe.py")
+
+
+def test_onnx_first_use_installs_onnxruntime_and_never_pytorch(monkeypatch: pytest.MonkeyPatch, onnxModel: Path) -> None:
+    installed = {"numpy": "1.26.4", "simpleitk": "2.4.0"}  # a fresh Slicer, no PyTorch extension
+    beforeSetup, torchCalls = fakeEnvironment(monkeypatch, installed, pyTorchUtils=False, coreInstalled=False)
+    panel = Panel(monkeypatch, beforeSetup=beforeSetup)
+    panel.parameters.inputVolume = panel.addVolume()
+    panel.parameters.checkpointPath = onnxModel
+    assert panel.ui.modelInfoLabel.text.startswith("Model details appear once the dependencies are installed")
+    panel.ui.segmentButton.emit("clicked(bool)", False)
+
+    [(kind, text)] = panel.slicer.dialogs
+    assert kind == "confirm" and "onnxruntime>=1.17" in text and "no PyTorch" in text
+    assert "PyTorch extension" not in text and "sam2" not in text.replace("sam2unet", "")
+    assert torchCalls == []
+    args, env = panel.logicRunner.started[0]
+    assert args[3:7] == ["install", "--no-deps", "--no-build-isolation", "sam2unet-core"]
+    assert "SAM2_BUILD_CUDA" not in env
+    constraintsPath = Path(args[args.index("-c") + 1])
+    assert constraintsPath.read_text(encoding="utf-8").split() == ["numpy==1.26.4", "SimpleITK==2.4.0"]
+    panel.logicRunner.finish(0)
+    panel.widget._poll()
+    args, _ = panel.logicRunner.started[1]
+    packages = args[4:args.index("-c")]
+    assert packages[0] == "onnxruntime>=1.17" and "nibabel>=5.2" in packages
+    assert not [p for p in packages if p.lower().startswith(("torch", "sam2", "monai", "hydra", "numpy", "simpleitk"))]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: object())  # pip installed them
+    panel.logicRunner.finish(0)
+    panel.widget._poll()
+    args, _ = panel.logicRunner.started[2]  # then the run starts by itself: describe the .onnx, then predict
+    assert args[1:] == ["-m", "sam2unet_core.cli.describe", str(onnxModel)]
+    # The torch probe started with the panel ends (no torch here); ONNX Runtime is probed next.
+    assert panel.probeRunner.args[-1].endswith("DeviceProbe.py")
+    panel.probeRunner.emit(json.dumps({"probe": "sam2unet-device-probe", "torch": "", "cuda": [], "mps": False,
+                                       "error": "ModuleNotFoundError: No module named 'torch'"}))
+    panel.probeRunner.finish(0)
+    panel.widget._poll()
+    answerOnnxProbe(panel, ["CPUExecutionProvider"])
+    assert panel.ui.deviceInfoLabel.text == "Found: onnxruntime 1.20.1: CPU"

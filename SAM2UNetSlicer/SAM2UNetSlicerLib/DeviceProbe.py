@@ -1,30 +1,53 @@
-"""Which compute devices torch sees, probed in a child process so Slicer never blocks on it.
+"""Which compute devices the model's runtime sees, probed in a child process so Slicer never
+blocks on it.
 
-Run as a script (``PythonSlicer DeviceProbe.py``) it prints one JSON line; the module parses
-it with ``parseProbeOutput``. Importing torch in the child also catches broken installs.
+Run as a script (``PythonSlicer DeviceProbe.py [torch|onnx]``) it prints one JSON line; the
+module parses it with ``parseProbeOutput``. ``torch`` (the default, for ``.safetensors``/
+``.pt``/``.pth`` models) imports torch in the child, which also catches broken installs;
+``onnx`` (for ``.onnx`` models) asks ONNX Runtime for its execution providers and never
+imports torch: ``CUDAExecutionProvider`` is there only with ``onnxruntime-gpu``.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 
-__all__ = ["DeviceReport", "parseProbeOutput", "probe", "main"]
+__all__ = ["PROBE_RUNTIMES", "DeviceReport", "parseProbeOutput", "probe", "main"]
 
 _MARKER = "sam2unet-device-probe"
+PROBE_RUNTIMES = ("torch", "onnx")  # the values of InstallLogic.ModelRoute
+CUDA_PROVIDER = "CUDAExecutionProvider"
 
 
 @dataclass
 class DeviceReport:
-    """Result of a probe; ``torchVersion`` is empty when torch cannot be imported."""
+    """Result of a probe of ``runtime`` (``torch`` or ``onnx``). ``torchVersion`` (torch) or
+    ``onnxruntimeVersion`` (onnx) is empty when that runtime cannot be imported."""
 
     torchVersion: str = ""
     cudaDevices: list[str] = field(default_factory=list)
     mps: bool = False
     error: str = ""
+    runtime: str = "torch"
+    onnxruntimeVersion: str = ""
+    onnxProviders: list[str] = field(default_factory=list)  # e.g. ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    def found(self) -> bool:
+        """Whether the runtime was imported (False: not installed yet, or broken)."""
+        return bool(self.onnxruntimeVersion if self.runtime == "onnx" else self.torchVersion)
+
+    def hasCuda(self) -> bool:
+        return CUDA_PROVIDER in self.onnxProviders if self.runtime == "onnx" else bool(self.cudaDevices)
 
     def summary(self) -> str:
-        """Human text for the panel, e.g. ``torch 2.5.1: CUDA NVIDIA A100 (80 GB), CPU``."""
+        """Human text for the panel, e.g. ``torch 2.5.1: CUDA NVIDIA A100 (80 GB), CPU`` or
+        ``onnxruntime 1.20.1: CUDA, CPU``."""
+        if self.runtime == "onnx":
+            if not self.onnxruntimeVersion:
+                return f"ONNX Runtime not usable: {self.error}" if self.error else "ONNX Runtime not installed"
+            return f"onnxruntime {self.onnxruntimeVersion}: " + ("CUDA, CPU" if self.hasCuda() else "CPU")
         if not self.torchVersion:
             return f"PyTorch not usable: {self.error}" if self.error else "PyTorch not installed"
         found = [f"CUDA {name}" for name in self.cudaDevices]
@@ -34,11 +57,11 @@ class DeviceReport:
         return f"torch {self.torchVersion}: " + ", ".join(found)
 
     def bestDevice(self) -> str:
-        """What ``--device auto`` resolves to: cuda, then mps, then cpu."""
-        return "cuda" if self.cudaDevices else "mps" if self.mps else "cpu"
+        """What ``--device auto`` resolves to: cuda, then mps (torch only), then cpu."""
+        return "cuda" if self.hasCuda() else "mps" if self.mps else "cpu"
 
 
-def probe() -> DeviceReport:
+def _probeTorch() -> DeviceReport:
     try:
         import torch
     except Exception as err:  # any import failure means torch is unusable
@@ -52,8 +75,24 @@ def probe() -> DeviceReport:
     return DeviceReport(torchVersion=torch.__version__, cudaDevices=cuda, mps=mps)
 
 
-def parseProbeOutput(lines: list[str]) -> DeviceReport:
-    """The report in the probe's output lines; an error report when there is none."""
+def _probeOnnx() -> DeviceReport:
+    try:
+        import onnxruntime
+    except Exception as err:  # any import failure means onnxruntime is unusable
+        return DeviceReport(runtime="onnx", error=f"{type(err).__name__}: {err}")
+    return DeviceReport(runtime="onnx", onnxruntimeVersion=onnxruntime.__version__,
+                        onnxProviders=list(onnxruntime.get_available_providers()))
+
+
+def probe(runtime: str = "torch") -> DeviceReport:
+    """Probe ``runtime`` (one of ``PROBE_RUNTIMES``) in this process."""
+    if runtime not in PROBE_RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; use one of {PROBE_RUNTIMES}")
+    return _probeOnnx() if runtime == "onnx" else _probeTorch()
+
+
+def parseProbeOutput(lines: list[str], runtime: str = "torch") -> DeviceReport:
+    """The report in the probe's output lines; an error report of ``runtime`` when there is none."""
     for line in lines:
         try:
             data = json.loads(line)
@@ -61,15 +100,24 @@ def parseProbeOutput(lines: list[str]) -> DeviceReport:
             continue
         if isinstance(data, dict) and data.get("probe") == _MARKER:
             return DeviceReport(torchVersion=data.get("torch", ""), cudaDevices=list(data.get("cuda", [])),
-                                mps=bool(data.get("mps", False)), error=data.get("error", ""))
+                                mps=bool(data.get("mps", False)), error=data.get("error", ""),
+                                runtime=data.get("runtime", "torch"),
+                                onnxruntimeVersion=data.get("onnxruntime", ""),
+                                onnxProviders=list(data.get("providers", [])))
     tail = " | ".join(lines[-3:]) if lines else "no output"
-    return DeviceReport(error=f"device probe failed: {tail}")
+    return DeviceReport(runtime=runtime, error=f"device probe failed: {tail}")
 
 
-def main() -> int:
-    report = probe()
-    print(json.dumps({"probe": _MARKER, "torch": report.torchVersion, "cuda": report.cudaDevices,
-                      "mps": report.mps, "error": report.error}), flush=True)
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    runtime = args[0] if args else "torch"
+    if runtime not in PROBE_RUNTIMES:
+        print(f"usage: DeviceProbe.py [{'|'.join(PROBE_RUNTIMES)}]; got {runtime!r}", file=sys.stderr)
+        return 2
+    report = probe(runtime)
+    print(json.dumps({"probe": _MARKER, "runtime": report.runtime, "torch": report.torchVersion,
+                      "cuda": report.cudaDevices, "mps": report.mps, "onnxruntime": report.onnxruntimeVersion,
+                      "providers": report.onnxProviders, "error": report.error}), flush=True)
     return 0
 
 

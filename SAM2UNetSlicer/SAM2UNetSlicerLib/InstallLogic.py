@@ -1,5 +1,12 @@
 """Decide and run the first-use installation of ``sam2unet_core`` into Slicer's Python.
 
+Two routes, chosen by the model file (``routeOf``):
+    * PyTorch (``.safetensors``, ``.pt``, ``.pth``): torch through the PyTorch extension,
+      ``sam2unet_core`` and ``sam2`` with ``--no-deps``, then ``Resources/requirements.txt``
+      and ``Resources/requirements-torchfree.txt``.
+    * ONNX (``.onnx``): ``sam2unet_core`` with ``--no-deps``, then ``onnxruntime`` and
+      ``Resources/requirements-torchfree.txt``; no torch, no sam2, no PyTorch extension.
+
 Rules:
     * torch comes from the PyTorch extension (``PyTorchUtils.installTorch`` picks the CUDA
       build that fits the driver); it is never pip-installed here.
@@ -8,7 +15,7 @@ Rules:
       another version makes pip stop with a clear conflict instead of breaking Slicer.
     * ``sam2unet_core`` and ``sam2`` go in with ``--no-deps`` (sam2 declares torchvision and a
       torch pin; its CUDA extension is not needed: ``SAM2_BUILD_CUDA=0``), then the
-      remaining requirements of ``Resources/requirements.txt`` that are not yet satisfied.
+      remaining requirements of the route that are not yet satisfied.
 Every pip call runs in a background process through a ``ProcessRunnerProtocol``: the panel
 shows pip's output and stays responsive, on Slicer 5.10 and 5.12 alike.
 """
@@ -32,6 +39,11 @@ __all__ = [
     "PROTECTED_PACKAGES",
     "DEFAULT_CORE_SOURCE",
     "TorchAction",
+    "ModelRoute",
+    "routeOf",
+    "routeRequirements",
+    "ONNXRUNTIME_REQUIREMENT",
+    "ONNXRUNTIME_BUILDS",
     "PipStep",
     "InstallPlan",
     "SAM2_REQUIREMENT",
@@ -50,12 +62,39 @@ PROTECTED_PACKAGES = ("numpy", "SimpleITK", "torch", "torchvision")
 DEFAULT_CORE_SOURCE = "sam2unet-core"  # a PyPI name, or a local wheel/source folder (offline)
 SAM2_REQUIREMENT = "sam2>=1.1.0"
 TORCH_REQUIREMENT = ">=2.5.1"  # what sam2 1.1.0 needs
+ONNXRUNTIME_REQUIREMENT = "onnxruntime>=1.17"  # the CPU build
+# Other builds that provide the same ``onnxruntime`` module: one of them installed satisfies
+# ONNXRUNTIME_REQUIREMENT (pip must not add the CPU build over onnxruntime-gpu).
+ONNXRUNTIME_BUILDS = ("onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino")
+TORCH_FREE_FILE = "requirements-torchfree.txt"  # under Resources/: what both routes need
+TORCH_ROUTE_FILES = ("requirements.txt", TORCH_FREE_FILE)
+
+
+class ModelRoute(enum.Enum):
+    """How a model runs, and so what the first use installs."""
+
+    torch = "torch"  # .safetensors, .pt, .pth: PyTorch (extension), sam2, MONAI
+    onnx = "onnx"  # .onnx: ONNX Runtime only, no torch
+
+
+def routeOf(modelPath: Path | None) -> ModelRoute:
+    """``ModelRoute.onnx`` for a ``.onnx`` file, else the PyTorch route (also for no file yet)."""
+    return ModelRoute.onnx if modelPath is not None and Path(modelPath).suffix.lower() == ".onnx" else ModelRoute.torch
+
+
+def routeRequirements(route: ModelRoute, resources: Path) -> list[str]:
+    """The pip requirements of ``route`` besides ``sam2unet_core`` (and sam2, torch), read
+    from the module's ``Resources`` folder: the torch-free list is shared by both routes."""
+    if route is ModelRoute.onnx:
+        return [ONNXRUNTIME_REQUIREMENT, *readRequirements(Path(resources) / TORCH_FREE_FILE)]
+    return [line for name in TORCH_ROUTE_FILES for line in readRequirements(Path(resources) / name)]
 
 
 class TorchAction(enum.Enum):
     ready = "ready"  # torch is importable
     installWithPyTorchUtils = "installWithPyTorchUtils"
     needPyTorchExtension = "needPyTorchExtension"  # tell the user to install the extension
+    notNeeded = "notNeeded"  # an ONNX model: torch is never installed
 
 
 @dataclass
@@ -73,7 +112,7 @@ class InstallPlan:
     steps: list[PipStep]
 
     def isEmpty(self) -> bool:
-        return self.torch is TorchAction.ready and not self.steps
+        return self.torch in (TorchAction.ready, TorchAction.notNeeded) and not self.steps
 
     def describe(self) -> str:
         """Text for the confirmation dialog."""
@@ -83,6 +122,8 @@ class InstallPlan:
         for step in self.steps:
             packages = [arg for arg in step.pipArgs[1:] if not arg.startswith("-")]
             lines.append(f"{step.description}: {' '.join(packages)}")
+        if self.torch is TorchAction.notNeeded:
+            lines.append("no PyTorch: the ONNX model runs with ONNX Runtime")
         return "\n".join(f"  - {line}" for line in lines)
 
 
@@ -121,7 +162,14 @@ def installedVersions(names: Iterable[str] | None = None) -> dict[str, str]:
 
 
 def _isSatisfied(requirement: str, installed: dict[str, str]) -> bool:
-    version = installed.get(_requirementName(requirement))
+    name = _requirementName(requirement)
+    versions = [installed.get(name)]
+    if name == "onnxruntime":  # any build of it provides the module
+        versions += [installed.get(build) for build in ONNXRUNTIME_BUILDS]
+    return any(_versionSatisfies(requirement, version) for version in versions)
+
+
+def _versionSatisfies(requirement: str, version: str | None) -> bool:
     if version is None:
         return False
     try:
@@ -132,13 +180,17 @@ def _isSatisfied(requirement: str, installed: dict[str, str]) -> bool:
 
 
 def planInstall(requirements: list[str], installed: dict[str, str], coreInstalled: bool,
-                pyTorchUtilsAvailable: bool, coreSource: str = DEFAULT_CORE_SOURCE) -> InstallPlan:
+                pyTorchUtilsAvailable: bool, coreSource: str = DEFAULT_CORE_SOURCE,
+                route: ModelRoute = ModelRoute.torch) -> InstallPlan:
     """What must be installed before the first run.
 
-    ``installed`` maps canonical names to versions (``installedVersions()``);
-    ``coreInstalled`` says whether ``sam2unet_core`` is importable.
+    ``requirements`` are the route's (``routeRequirements``); ``installed`` maps canonical
+    names to versions (``installedVersions()``); ``coreInstalled`` says whether
+    ``sam2unet_core`` is importable. The ONNX route never plans torch or sam2.
     """
-    if "torch" in installed:
+    if route is ModelRoute.onnx:
+        torch = TorchAction.notNeeded
+    elif "torch" in installed:
         torch = TorchAction.ready
     elif pyTorchUtilsAvailable:
         torch = TorchAction.installWithPyTorchUtils
@@ -147,12 +199,12 @@ def planInstall(requirements: list[str], installed: dict[str, str], coreInstalle
 
     steps = []
     noDeps = [] if coreInstalled else [coreSource]
-    if not _isSatisfied(SAM2_REQUIREMENT, installed):
+    if route is ModelRoute.torch and not _isSatisfied(SAM2_REQUIREMENT, installed):
         noDeps.append(SAM2_REQUIREMENT)
     if noDeps:
+        env = {"SAM2_BUILD_CUDA": "0"} if route is ModelRoute.torch else {}
         steps.append(PipStep("SAM2-UNet packages (without their dependencies)",
-                             ["install", "--no-deps", "--no-build-isolation", *noDeps],
-                             {"SAM2_BUILD_CUDA": "0"}))
+                             ["install", "--no-deps", "--no-build-isolation", *noDeps], env))
     protected = {_canonical(name) for name in PROTECTED_PACKAGES}
     missing = [req for req in requirements
                if _requirementName(req) not in protected and not _isSatisfied(req, installed)]
@@ -219,16 +271,17 @@ class EnsureOutcome(enum.Enum):
 class DependencyInstaller:
     """The first-use flow: plan, confirm, torch through PyTorchUtils, pip in the background.
 
+    ``resources`` is the module's ``Resources`` folder (the requirement files);
     ``isImportable(name)`` tells whether a module can be imported (``importlib.util.find_spec``
     in Slicer); ``versions()`` lists installed distributions; ``environment`` is the base
     environment of the pip processes (``os.environ`` by default; never modified).
     """
 
-    def __init__(self, runner: ProcessRunnerProtocol, requirementsPath: Path, python: Callable[[], str],
+    def __init__(self, runner: ProcessRunnerProtocol, resources: Path, python: Callable[[], str],
                  isImportable: Callable[[str], bool], versions: Callable[[], dict[str, str]] = installedVersions,
                  environment: Mapping[str, str] | None = None) -> None:
         self._runner = runner
-        self._requirementsPath = requirementsPath
+        self._resources = Path(resources)
         self._python = python
         self._isImportable = isImportable
         self._versions = versions
@@ -239,14 +292,16 @@ class DependencyInstaller:
         return self._folder is not None
 
     def ensure(self, coreSource: str, confirm: Callable[[str], bool], installTorch: Callable[[], None],
-               onLog: Callable[[str], None], onDone: Callable[[bool, str], None]) -> EnsureOutcome:
-        """Install what is missing. ``confirm(planText)`` asks the user; ``installTorch()``
-        runs PyTorchUtils (blocking, raises on failure); ``onDone(ok, message)`` ends an
-        ``installing`` outcome."""
+               onLog: Callable[[str], None], onDone: Callable[[bool, str], None],
+               route: ModelRoute = ModelRoute.torch) -> EnsureOutcome:
+        """Install what ``route`` needs and is missing. ``confirm(planText)`` asks the user;
+        ``installTorch()`` runs PyTorchUtils (blocking, raises on failure; never called on the
+        ONNX route); ``onDone(ok, message)`` ends an ``installing`` outcome."""
         if self.isRunning():
             raise RuntimeError("an installation is already running")
-        plan = planInstall(readRequirements(self._requirementsPath), self._versions(),
-                           self._isImportable("sam2unet_core"), self._isImportable("PyTorchUtils"), coreSource)
+        plan = planInstall(routeRequirements(route, self._resources), self._versions(),
+                           self._isImportable("sam2unet_core"), self._isImportable("PyTorchUtils"), coreSource,
+                           route)
         if plan.isEmpty():
             return EnsureOutcome.ready
         if plan.torch is TorchAction.needPyTorchExtension:

@@ -13,8 +13,12 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .InstallLogic import ModelRoute, routeOf
+
 __all__ = [
     "Device",
+    "ONNX_DEVICES",
+    "offeredDevices",
     "SliceAxis",
     "RunParameters",
     "buildPredictArgs",
@@ -33,6 +37,25 @@ class Device(enum.Enum):
 
     def label(self) -> str:
         return {"auto": "auto (best found)", "cuda": "CUDA GPU", "cpu": "CPU", "mps": "Apple MPS"}[self.name]
+
+
+ONNX_DEVICES = (Device.auto, Device.cuda, Device.cpu)  # what OnnxRunner runs on (no Apple MPS)
+
+
+def offeredDevices(route: ModelRoute, report: Any) -> list[Device]:
+    """The devices the Device choice offers for a model of ``route``, in ``Device`` order.
+
+    ``report`` is the ``DeviceProbe.DeviceReport`` of the last probe (None: none yet). PyTorch
+    route: auto and CPU, CUDA and Apple MPS when torch found them (all four while torch is not
+    found: the run checks). ONNX route: auto and CPU, CUDA only when ONNX Runtime offers its
+    CUDA provider (``onnxruntime-gpu``); never MPS.
+    """
+    known = report is not None and report.runtime == route.value and report.found()
+    if route is ModelRoute.onnx:
+        return [d for d in ONNX_DEVICES if d is not Device.cuda or (known and report.hasCuda())]
+    if not known:
+        return list(Device)
+    return [d for d in Device if (d is not Device.cuda or report.cudaDevices) and (d is not Device.mps or report.mps)]
 
 
 class SliceAxis(enum.Enum):
@@ -72,6 +95,9 @@ class RunParameters:
                 raise ValueError(f"slice range must satisfy 0 <= first <= last, got {first}..{last}")
         if self.batchSize < 1:
             raise ValueError(f"batch size must be at least 1, got {self.batchSize}")
+        if routeOf(self.checkpointPath) is ModelRoute.onnx and self.device not in ONNX_DEVICES:
+            raise ValueError(f"{self.device.label()} is not available for ONNX models "
+                             f"({self.checkpointPath.name}); choose CPU, CUDA GPU or auto")
 
 
 def buildPredictArgs(python: str, inputPath: Path, outputDir: Path, params: RunParameters) -> list[str]:

@@ -3,8 +3,9 @@ the result, or leave the scene as it was when cancelled or failed.
 
 Threading: the CLI runs in a child process; ``poll()`` (called by a ``qt.QTimer`` on the main
 thread) delivers its output, so every MRML change below happens on the main thread. A
-``.pt``/``.pth`` checkpoint is first described by a child process too (its labels are needed
-for the import), so Slicer's own process never imports torch.
+``.pt``/``.pth`` checkpoint or an ``.onnx`` model is first described by a child process too
+(its labels are needed for the import), so Slicer's own process never imports torch (nor
+loads a large model on the GUI thread).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class _Run:
     inputVolume: Any
     segmentationNode: Any
     createdNode: Any  # the segmentation created by this run, or None
-    metadata: Any  # None until the describe process has read a .pt/.pth checkpoint
+    metadata: Any  # None until the describe process has read a .pt/.pth/.onnx model
     tempDir: Path
     show3D: bool
     startTime: float
@@ -123,7 +124,7 @@ class SegmentationLogic:
                              time.monotonic(), args, env)
             self.onLog(f"Segmenting {inputVolume.GetName()} with {params.checkpointPath.name} "
                        f"(device {params.device.value}, {params.sliceAxis.value} slices)")
-            if metadata is None:  # .pt/.pth: a child process reads the labels first
+            if metadata is None:  # .pt/.pth/.onnx: a child process reads the labels first
                 describeLines: list[str] = []
                 self._runner.start(describeCommand(python, params.checkpointPath), env, describeLines.append,
                                    lambda returnCode: self._onDescribed(params.checkpointPath, describeLines, returnCode))
