@@ -35,18 +35,15 @@ from sam2unet_core.preprocessing import apply_intensity, fit_intensity, normaliz
 MAX_LOGIT_DIFF = 1e-3
 MAX_PROBABILITY_DIFF = 1e-4
 SHORT_TRAINING = ["data.input_size=64", "optim.batch_size=4", "data.samples_per_epoch=48", "optim.epochs=2",
-                  "data.val_fraction=0.5", "run.max_minutes=0", "run.resume_every_minutes=0", "run.device=cpu",
-                  "run.amp=off"]
+                  "data.val_fraction=0.5", "run.max_minutes=0", "run.resume_every_minutes=0", "run.device=cpu"]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The briefly trained demo model, its fp32 ONNX export and two held-out volumes with
-    their ground truth."""
+def trained_case(folder: Path) -> dict:
+    """Train the demo model briefly in ``folder`` and export it: the model, its fp32 ONNX
+    file and the two held-out volumes (paths, ``Volume``s, ground-truth KJI label arrays)."""
     from sam2unet_core.train.config import load_config
     from sam2unet_core.train.trainer import train
 
-    folder = tmp_path_factory.mktemp("agreement")
     data = build_brain_dataset(folder / "data", train_cases=2, test_cases=2, resolution_mm=4)
     config = load_config(DEFAULT_CONFIG, [f"data.root={data}", f"run.output={folder / 'model'}", *SHORT_TRAINING])
     result = train(config, resume=False)
@@ -55,6 +52,11 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"model": model, "onnx": export_onnx(model, folder / "model.onnx"), "folder": folder,
             "images": images, "volumes": [read_volume(p) for p in images],
             "truths": [read_volume(data / "labelsTs" / p.name.replace("_0000", "")).array_kji for p in images]}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return trained_case(tmp_path_factory.mktemp("agreement"))
 
 
 def _torch_predictor(model) -> Predictor:

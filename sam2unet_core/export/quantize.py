@@ -32,7 +32,7 @@ from ..io.atomic import atomic_write
 from ..io.volume import Volume
 
 __all__ = ["MIN_DICE", "PRECISION_KEY", "INT8_PRECISION", "QUANTIZED_OPS", "AgreementError",
-           "AgreementReport", "label_dice", "compare_predictors", "quantize_int8"]
+           "AgreementReport", "label_dice", "compare_predictors", "quantize_unchecked", "quantize_int8"]
 
 MIN_DICE = 0.999  # per label, int8 against fp32 label maps
 INT8_PRECISION = "int8 dynamic (MatMul weights)"
@@ -67,23 +67,24 @@ def label_dice(reference: np.ndarray, candidate: np.ndarray, label: int) -> floa
 
 def compare_predictors(reference: Predictor, candidate: Predictor, volumes: Sequence[Volume]) -> AgreementReport:
     """Segment each volume with both predictors (the model's plane, no TTA) and report the
-    lowest Dice per label (labels 1..N-1, or 1 for a binary model) over the volumes."""
+    lowest Dice per label of ``reference.metadata.labels`` over the volumes."""
     if not volumes:
         raise ValueError("no check volumes: give at least one volume to compare the models on")
-    names = reference.metadata.class_names
-    labels = range(1, max(reference.num_classes, 2))
-    dice = {names[label]: 1.0 for label in labels}
+    labels = reference.metadata.labels
+    dice = {label.name: 1.0 for label in labels}
     for volume in volumes:
         expected = reference.predict(volume).labels.array_kji
         got = candidate.predict(volume).labels.array_kji
         for label in labels:
-            dice[names[label]] = min(dice[names[label]], label_dice(expected, got, label))
+            dice[label.name] = min(dice[label.name], label_dice(expected, got, label.value))
     return AgreementReport(dice)
 
 
-def _quantize(fp32_path: Path, int8_path: Path) -> None:
-    """ONNX Runtime's dynamic quantisation of the ``QUANTIZED_OPS`` weights, our metadata
-    kept and the precision recorded under ``PRECISION_KEY``."""
+def quantize_unchecked(fp32_path: Path, int8_path: Path) -> None:
+    """ONNX Runtime's dynamic quantisation of the ``QUANTIZED_OPS`` weights of ``fp32_path``
+    into ``int8_path``, our metadata kept and the precision recorded under ``PRECISION_KEY``.
+    No agreement check and not atomic: for measuring (``benchmarks/bench_onnx.py``); a
+    file for users comes from :func:`quantize_int8`."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -119,7 +120,7 @@ def quantize_int8(onnx_path: str | os.PathLike, output: str | os.PathLike, check
     reference = Predictor(OnnxRunner(onnx_path, device="cpu", threads=threads))
     with tempfile.TemporaryDirectory(prefix="sam2unet-int8-") as folder:
         candidate_path = Path(folder) / "int8.onnx"
-        _quantize(onnx_path, candidate_path)
+        quantize_unchecked(onnx_path, candidate_path)
         candidate = Predictor(OnnxRunner(candidate_path, device="cpu", threads=threads))
         report = compare_predictors(reference, candidate, check_volumes)
         if report.worst < min_dice:
