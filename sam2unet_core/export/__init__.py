@@ -1,3 +1,4 @@
 """Model export for deployment without our training stack: self-describing ONNX files
-(:mod:`.onnx`). Submodules import torch/onnx when imported; this package file imports nothing.
+(:mod:`.onnx`, imports torch) and their int8 version behind an agreement check
+(:mod:`.quantize`, onnxruntime and numpy only). This package file imports nothing.
 """
