@@ -11,14 +11,16 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt requirements-onnx.txt setup.py
+$(STAMP): requirements.txt requirements-torch.txt requirements-onnx.txt requirements-dev.txt setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q torch==$(TORCH_VERSION)
 	# sam2 is an sdist that declares torchvision (not needed, and absent here): no deps,
 	# no CUDA extension, built against the torch above.
 	SAM2_BUILD_CUDA=0 $(PIP) install -q --no-deps --no-build-isolation sam2==1.1.0
-	$(PIP) install -q -r requirements.txt -r requirements-dev.txt -r requirements-onnx.txt
+	# the torch-free core, the torch route (training, export, MONAI), ONNX Runtime, tests
+	$(PIP) install -q -r requirements.txt -r requirements-torch.txt -r requirements-onnx.txt \
+	  -r requirements-dev.txt
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

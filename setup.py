@@ -1,8 +1,13 @@
 """Install sam2unet_core.
 
-torch and sam2 are installed by the Makefile first (see README): torch pinned to the CPU
-or CUDA build you want, and sam2 with --no-deps because it declares torchvision, which
-Hiera does not need. They are therefore not listed in install_requires.
+install_requires (requirements.txt) is the torch-free core: image I/O, the batch layer,
+statistics. Extras:
+    * ``onnx`` (requirements-onnx.txt): ONNX Runtime, for ``sam2unet-predict -m model.onnx``
+      without torch.
+    * ``torch`` (requirements-torch.txt): torch, MONAI and the training/export packages.
+      sam2 is not in it: install it with --no-deps (it declares torchvision, which Hiera
+      does not need), after torch's CPU or CUDA build (the Makefile and README do this).
+    * ``dev`` (requirements-dev.txt): the test suite and the demo.
 """
 
 from pathlib import Path
@@ -11,8 +16,9 @@ from setuptools import find_packages, setup
 
 
 def read_requirements(name: str) -> list[str]:
+    """The requirement lines of ``name``, without comments (whole-line or trailing)."""
     lines = Path(__file__).with_name(name).read_text(encoding="utf-8").splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    return [line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()]
 
 
 setup(
@@ -24,10 +30,11 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["sam2unet_core", "sam2unet_core.*"]),
-    package_data={"sam2unet_core": ["model/*.yaml", "configs/*.yaml"]},
+    package_data={"sam2unet_core": ["model/*.yaml", "configs/*.yaml", "export/*.json"]},
     install_requires=read_requirements("requirements.txt"),
-    extras_require={"dev": read_requirements("requirements-dev.txt"),
-                    "onnx": read_requirements("requirements-onnx.txt")},
+    extras_require={"onnx": read_requirements("requirements-onnx.txt"),
+                    "torch": read_requirements("requirements-torch.txt"),
+                    "dev": read_requirements("requirements-dev.txt")},
     entry_points={
         "console_scripts": [
             "sam2unet-predict = sam2unet_core.cli.predict:main",

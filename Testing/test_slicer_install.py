@@ -146,7 +146,8 @@ def test_requirement_files_skip_comments_and_options(tmp_path: Path, line: str) 
 
 def test_pins_agree_with_the_project_requirements() -> None:
     project = {Requirement(line).name.lower(): str(Requirement(line).specifier)
-               for line in readRequirements(MODULE_DIR.parent / "requirements.txt")}
+               for name in ("requirements.txt", "requirements-torch.txt", "requirements-onnx.txt")
+               for line in readRequirements(MODULE_DIR.parent / name)}
     for line in REQUIREMENTS:
         requirement = Requirement(line)
         assert str(requirement.specifier) == project[requirement.name.lower()], line

@@ -48,6 +48,8 @@ def test_overrides_are_yaml_values() -> None:
         (["optim.warmup_steps=-1"], "optim.warmup_steps must be"),
         (["optim.aux_loss_weights=[1]"], "two weights"),
         (["optim.aux_loss_weights=[1, -1]"], "two weights"),
+        (["augment.crop_size=100"], "augment.crop_size must be a multiple of 32"),
+        (["augment.crop_size=352"], "augment.crop_size must be a multiple of 32 below data.input_size"),
     ],
 )
 def test_mistakes_are_named(overrides: list[str], message: str) -> None:

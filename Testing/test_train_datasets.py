@@ -122,6 +122,24 @@ def test_samples_are_a_function_of_seed_epoch_and_index(tmp_path: Path) -> None:
     assert not torch.equal(data.train[0]["image"], first[0]["image"])
 
 
+def test_crop_size_trains_on_windows_of_the_network_size_sample(tmp_path: Path) -> None:
+    """augment.crop_size: training samples are crop windows of the input_size sample (image
+    and label cut together); validation keeps whole slices."""
+    root = write_msd_dataset(tmp_path / "d", 3)
+    common = [f"data.root={root}", *VOLUME_OVERRIDES, "data.foreground_fraction=1.0", "data.samples_per_epoch=6"]
+    whole = build_training_data(load_config(None, common))
+    cropped = build_training_data(load_config(None, [*common, "augment.crop_size=32"]))
+    for i in range(6):
+        sample, full = cropped.train[i], whole.train[i]
+        assert sample["image"].shape == (3, 32, 32) and sample["label"].shape == (1, 32, 32)
+        windows = full["image"].unfold(1, 32, 1).unfold(2, 32, 1)  # (3, 33, 33, 32, 32)
+        hits = (windows == sample["image"][:, None, None]).flatten(3).all(-1).all(0).nonzero()
+        assert len(hits) >= 1  # the crop is a window of the same (seeded) sample
+        y, x = hits[0].tolist()
+        torch.testing.assert_close(sample["label"], full["label"][:, y:y + 32, x:x + 32], rtol=0, atol=0)
+    assert cropped.val[0]["image"].shape == (3, 64, 64)
+
+
 def test_labels_outside_dataset_json_are_rejected(tmp_path: Path) -> None:
     root = write_msd_dataset(tmp_path / "d", 3)
     path = root / "labelsTr" / "case_002.nii.gz"

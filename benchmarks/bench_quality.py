@@ -2,7 +2,7 @@
 ``training/configs``) beside MONAI's ``BasicUNet`` (a small and the default width), trained
 one after the other in one run on the ``make demo`` data (``sam2unet_core.demo``: MNI152
 variants, grey and white matter), the same split, the same slices, augmentation, loss,
-optimiser and schedule, then scored with ``sam2unet-evaluate`` on the same held-out cases.
+optimiser and schedule, then scored with ``sam2unet_core.evaluation`` (``sam2unet-evaluate``) on the same held-out cases.
 
 The budget is **process CPU time** (``time.process_time`` of this process: training steps,
 data preparation and the per-epoch validation), not wall time: on a shared machine the
@@ -136,13 +136,11 @@ def _predict_cases(predictor: Any, images: list[Path], out: Path, plane: str) ->
 
 
 def _evaluate(pred: Path, truth: Path, out: Path) -> dict[str, float]:
-    from sam2unet_core.cli import evaluate
+    from sam2unet_core.evaluation import evaluate_folders, write_evaluation
 
-    rc = evaluate.main(["--pred", str(pred), "--gt", str(truth), "--out", str(out), "--labels", "1", "2"])
-    if rc != 0:
-        raise RuntimeError(f"sam2unet-evaluate failed on {pred} (exit code {rc})")
-    mean = json.loads((out / "summary.json").read_text())["mean"]
-    return {key: float(mean[key]) for key in ("Dice_1", "Dice_2", "HD95_1", "HD95_2")}
+    summary = evaluate_folders(pred, truth, labels=[1, 2])
+    write_evaluation(summary, out)
+    return {key: float(summary["mean"][key]) for key in ("Dice_1", "Dice_2", "HD95_1", "HD95_2")}
 
 
 def _run_model(name: str, args: argparse.Namespace, data_root: Path, work: Path) -> dict[str, Any]:

@@ -11,8 +11,9 @@ nnU-Net / Medical Segmentation Decathlon dataset (``imagesTr``, ``labelsTr``, he
 Then: train a small hiera_t SAM2-UNet (``training/configs/demo_brain_cpu.yaml``: without SAM 2
 weights the whole network from scratch with the recipe of ``training/README.md``; with
 ``--sam2 CHECKPOINT`` the paper's frozen SAM 2 trunk + adapters), run
-``sam2unet-predict`` on the held-out cases, score them with ``sam2unet-evaluate``, and
-write a PNG overlay per case (image | ground truth | prediction, axial and coronal).
+``sam2unet-predict``'s library on the held-out cases, score them with that of
+``sam2unet-evaluate`` and write a PNG overlay per case (image | ground truth | prediction,
+axial and coronal).
 """
 
 from __future__ import annotations
@@ -153,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     from sam2unet_core.checkpoint import load_model
-    from sam2unet_core.cli import evaluate
     from sam2unet_core.device import resolve_device
+    from sam2unet_core.evaluation import evaluate_folders, write_evaluation
     from sam2unet_core.inference import Predictor
     from sam2unet_core.inference.batch import PredictOptions, predict_from_files
     from sam2unet_core.train.config import load_config
@@ -193,13 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prediction failed: {failed[0]['case']}: {failed[0]['error']}", file=sys.stderr)
         return 1
 
-    _say("[4/5] scoring the held-out predictions (sam2unet-evaluate)")
-    rc = evaluate.main(["--pred", str(pred_dir), "--gt", str(data_root / "labelsTs"), "--out",
-                        str(out / "evaluation"), "--labels", "1", "2"])
-    if rc != 0:
-        print(f"sam2unet-evaluate failed with exit code {rc}", file=sys.stderr)
-        return rc
-    summary = json.loads((out / "evaluation" / "summary.json").read_text())
+    _say("[4/5] scoring the held-out predictions (sam2unet_core.evaluation, as sam2unet-evaluate)")
+    summary = evaluate_folders(pred_dir, data_root / "labelsTs", labels=[1, 2])
+    write_evaluation(summary, out / "evaluation")
     print(f"      Dice per held-out case\n      {'case':<12} {'grey matter':>12} {'white matter':>13}")
     for row in summary["cases"] + [summary["mean"]]:
         print(f"      {row['case']:<12} {row['Dice_1']:>12.4f} {row['Dice_2']:>13.4f}")

@@ -1,6 +1,6 @@
 """Evaluate predictions: ``python training/evaluate.py --pred DIR --gt DIR``.
 
-A thin script run by path; the logic lives in ``sam2unet_core.cli.evaluate`` (this folder is
+A thin script run by path; the logic lives in ``sam2unet_core.evaluation`` (this folder is
 not a package: ``sam2`` installs a top-level package named ``training``). Same as
 ``sam2unet-evaluate``.
 """

@@ -1,5 +1,7 @@
 """``sam2unet-export MODEL --format onnx -o model.onnx``: write a checkpoint as a
-self-describing ONNX file (the per-slice model step and our metadata) for ONNX Runtime."""
+self-describing ONNX file (the per-slice model step and our metadata) for ONNX Runtime;
+``--int8 --check IMAGE ...``: its int8 version, only if it agrees with fp32 on those volumes;
+``--format monai-bundle -o bundle_dir``: as a MONAI Bundle folder for ``monai.bundle run``."""
 
 from __future__ import annotations
 
@@ -11,11 +13,15 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sam2unet-export", description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path, help="checkpoint: .safetensors, .pt or .pth")
-    parser.add_argument("--format", choices=["onnx"], default="onnx", help="export format (default onnx)")
-    parser.add_argument("-o", "--output", type=Path, required=True, help="output file, e.g. model.onnx")
+    parser.add_argument("--format", choices=["onnx", "monai-bundle"], default="onnx",
+                        help="export format (default onnx)")
+    parser.add_argument("-o", "--output", type=Path, required=True,
+                        help="output file, e.g. model.onnx; for monai-bundle a new (or empty) folder")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or newer (default 17)")
+    parser.add_argument("--authors", default="not stated", help="monai-bundle: authors in metadata.json")
+    parser.add_argument("--copyright", default="not stated", help="monai-bundle: copyright in metadata.json")
     parser.add_argument("--int8", action="store_true",
-                        help="write int8 weights (dynamic quantisation), only if the label maps of --check "
+                        help="onnx: write int8 weights (dynamic quantisation), only if the label maps of --check "
                              "volumes agree with the fp32 model's (Dice >= 0.999 per label)")
     parser.add_argument("--check", type=Path, nargs="+", default=[], metavar="IMAGE",
                         help="with --int8: real volumes to compare int8 and fp32 on (NIfTI, NRRD, DICOM folder)")
@@ -24,14 +30,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--opset {args.opset} is too old; use 17 or newer")
     if args.int8 != bool(args.check):
         parser.error("--int8 needs --check IMAGE [IMAGE ...], and --check needs --int8")
+    if args.int8 and args.format != "onnx":
+        parser.error("--int8 applies to --format onnx only")
     from sam2unet_core.checkpoint import CheckpointError, load_model
-    from sam2unet_core.export.onnx import export_onnx
 
     try:
         model = load_model(args.model)
-        if args.int8:
+        if args.format == "monai-bundle":
+            from sam2unet_core.export.bundle import export_bundle
+
+            path = export_bundle(model, args.output, source_name=args.model.name,
+                                 authors=args.authors, copyright=args.copyright)
+        elif args.int8:
             return _export_int8(model, args)
-        path = export_onnx(model, args.output, opset=args.opset)
+        else:
+            from sam2unet_core.export.onnx import export_onnx
+
+            path = export_onnx(model, args.output, opset=args.opset)
     except (OSError, ValueError, KeyError, CheckpointError) as err:
         print(f"error: {args.model}: {err}", file=sys.stderr)
         return 1

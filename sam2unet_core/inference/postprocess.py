@@ -28,10 +28,17 @@ def postprocess_labels(
       (MONAI ``KeepLargestConnectedComponent``, full 3D connectivity).
     * ``fill_holes``: fill enclosed background inside each label (MONAI ``FillHoles``).
 
-    Returns an array of the input's dtype and shape.
+    Returns an array of the input's dtype and shape. Raises ``ModuleNotFoundError`` naming
+    the steps and the missing package in a torch-free install (the ``onnx`` extra alone).
     """
-    import torch
-    from monai.transforms import FillHoles, KeepLargestConnectedComponent
+    try:
+        import torch
+        from monai.transforms import FillHoles, KeepLargestConnectedComponent
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(
+            f"post-processing {list(steps)} runs on torch and MONAI, and {err.name!r} is not "
+            "installed (install the torch extra: pip install 'sam2unet_core[torch]')",
+            name=err.name) from err
 
     transforms = {
         "largest_component": KeepLargestConnectedComponent(

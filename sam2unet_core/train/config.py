@@ -69,6 +69,9 @@ class AugmentConfig:
     scale_range: float = 0.0  # random zoom in [1 - s, 1 + s]; 0 = off
     intensity_prob: float = 0.0  # chance of random intensity scale/shift/contrast; 0 = off
     multiscale: list[float] = field(default_factory=list)  # e.g. [0.75, 1.0, 1.25]; [] = off
+    # Train on random crop_size x crop_size windows of the augmented input_size samples
+    # (a multiple of 32, < data.input_size; 0 = off); validation and inference see whole slices.
+    crop_size: int = 0
 
 
 @dataclass
@@ -130,6 +133,10 @@ class TrainConfig:
             raise ValueError(f"data.cache must be memory, disk or none, got {self.data.cache!r}")
         if not 0.0 <= self.data.foreground_fraction <= 1.0:
             raise ValueError(f"data.foreground_fraction must be in [0, 1], got {self.data.foreground_fraction}")
+        crop = self.augment.crop_size
+        if crop and (crop % 32 or not 0 < crop < self.data.input_size):
+            raise ValueError(f"augment.crop_size must be a multiple of 32 below data.input_size "
+                             f"({self.data.input_size}), or 0; got {crop}")
         if self.run.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"run.amp must be auto, bf16 or off, got {self.run.amp!r}")
         if self.optim.epochs < 1 or self.optim.batch_size < 1:

@@ -29,6 +29,7 @@ from monai.transforms import (
     RandRotated,
     RandScaleIntensityd,
     RandShiftIntensityd,
+    RandSpatialCropd,
     RandZoomd,
     Transform,
 )
@@ -170,7 +171,8 @@ class NormalizeChannelsd(Transform):
 
 def augmentation_transforms(aug: AugmentConfig) -> list[MapTransform]:
     """Random flips, rotation, zoom and intensity changes of ``(C, n, n)`` samples at network
-    size (intensities about [0, 1]); labels follow spatial changes with nearest sampling."""
+    size (intensities about [0, 1]), then a random ``(C, crop_size, crop_size)`` window when
+    ``crop_size`` is set; labels follow spatial changes with nearest sampling."""
     keys = ("image", "label")
     steps: list[MapTransform] = []
     if aug.flip_prob > 0:
@@ -187,4 +189,6 @@ def augmentation_transforms(aug: AugmentConfig) -> list[MapTransform]:
             RandShiftIntensityd("image", offsets=0.1, prob=aug.intensity_prob),
             RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=aug.intensity_prob),
         ]
+    if aug.crop_size:
+        steps.append(RandSpatialCropd(keys, roi_size=(aug.crop_size, aug.crop_size), random_size=False))
     return steps
