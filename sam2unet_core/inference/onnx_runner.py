@@ -24,6 +24,7 @@ from ..preprocessing import TTA_FLIPS, IntensityMapping, apply_intensity, labels
 __all__ = ["OnnxRunner", "CompletedBatch", "read_onnx_metadata", "create_session"]
 
 METADATA_KEY = "sam2unet"  # as in sam2unet_core.export.onnx (which imports torch)
+PRECISION_KEY = "sam2unet_precision"  # written by export.quantize; absent: fp32
 INPUT_NAME = "slices"
 ONNX_DEVICES = {"auto": ("CUDAExecutionProvider", "CPUExecutionProvider"),
                 "cpu": ("CPUExecutionProvider",), "cuda": ("CUDAExecutionProvider",)}
@@ -98,7 +99,8 @@ class OnnxRunner:
 
     Attributes:
         metadata: the :class:`ModelMetadata` stored in the file.
-        description: one line for logs, e.g. ``onnxruntime cpu: CPUExecutionProvider, fp32``.
+        description: one line for logs, e.g. ``onnxruntime cpu: CPUExecutionProvider, fp32``
+            (the precision from the file's ``PRECISION_KEY`` property; absent: fp32).
     """
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None) -> None:
@@ -112,7 +114,8 @@ class OnnxRunner:
         provider = self.session.get_providers()[0]
         kind = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
         threads_text = f" ({threads} threads)" if threads else ""
-        self.description = f"onnxruntime {kind}: {provider}{threads_text}, fp32"
+        precision = self.session.get_modelmeta().custom_metadata_map.get(PRECISION_KEY, "fp32")
+        self.description = f"onnxruntime {kind}: {provider}{threads_text}, {precision}"
 
     @property
     def num_classes(self) -> int:

@@ -1,0 +1,132 @@
+"""int8 dynamic quantisation of an exported SAM2-UNet ONNX file, kept only behind an
+agreement check on real volumes.
+
+``quantize_int8`` quantises the weights of the graph's ``MatMul`` nodes (Hiera's attention
+and MLP layers; ONNX Runtime's ``quantize_dynamic``: int8 weights, activations quantised
+per batch at run time) and then segments the given check volumes with the fp32 file and
+with the int8 one through the same :class:`~sam2unet_core.inference.engine.Predictor`.
+The int8 file is written only when every label's Dice against the fp32 label maps is at
+least ``min_dice`` (0.999, the bar the ONNX export meets against torch) on every volume;
+otherwise :class:`AgreementError` says by how much it missed and nothing is written.
+Convolutions stay fp32: ONNX Runtime's dynamic ``ConvInteger`` made the model slower on
+an AVX2 CPU (``benchmarks/bench_onnx.py``).
+
+No torch: onnxruntime and numpy only. Volumes are :class:`~sam2unet_core.io.volume.Volume`
+(KJI arrays, LPS geometry); label maps compared are ``(K, J, I)`` integer arrays.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..inference.engine import Predictor
+from ..inference.onnx_runner import PRECISION_KEY, OnnxRunner
+from ..io.atomic import atomic_write
+from ..io.volume import Volume
+
+__all__ = ["MIN_DICE", "PRECISION_KEY", "INT8_PRECISION", "QUANTIZED_OPS", "AgreementError",
+           "AgreementReport", "label_dice", "compare_predictors", "quantize_unchecked", "quantize_int8"]
+
+MIN_DICE = 0.999  # per label, int8 against fp32 label maps
+INT8_PRECISION = "int8 dynamic (MatMul weights)"
+QUANTIZED_OPS = ("MatMul",)
+
+
+class AgreementError(ValueError):
+    """The quantised model's label maps differ from the fp32 model's beyond ``MIN_DICE``."""
+
+
+@dataclass(frozen=True)
+class AgreementReport:
+    """Per label name, the lowest Dice over the check volumes of a candidate's label maps
+    against a reference's; ``worst``: the lowest of them."""
+
+    dice: dict[str, float]
+
+    @property
+    def worst(self) -> float:
+        return min(self.dice.values())
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} {value:.5f}" for name, value in self.dice.items())
+
+
+def label_dice(reference: np.ndarray, candidate: np.ndarray, label: int) -> float:
+    """Dice of ``label`` between two label arrays of one shape; 1.0 when both lack it."""
+    a, b = reference == label, candidate == label
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+def compare_predictors(reference: Predictor, candidate: Predictor, volumes: Sequence[Volume]) -> AgreementReport:
+    """Segment each volume with both predictors (the model's plane, no TTA) and report the
+    lowest Dice per label of ``reference.metadata.labels`` over the volumes."""
+    if not volumes:
+        raise ValueError("no check volumes: give at least one volume to compare the models on")
+    labels = reference.metadata.labels
+    dice = {label.name: 1.0 for label in labels}
+    for volume in volumes:
+        expected = reference.predict(volume).labels.array_kji
+        got = candidate.predict(volume).labels.array_kji
+        for label in labels:
+            dice[label.name] = min(dice[label.name], label_dice(expected, got, label.value))
+    return AgreementReport(dice)
+
+
+def quantize_unchecked(fp32_path: Path, int8_path: Path) -> None:
+    """ONNX Runtime's dynamic quantisation of the ``QUANTIZED_OPS`` weights of ``fp32_path``
+    into ``int8_path``, our metadata kept and the precision recorded under ``PRECISION_KEY``.
+    No agreement check and not atomic: for measuring (``benchmarks/bench_onnx.py``); a
+    file for users comes from :func:`quantize_int8`."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8,
+                     op_types_to_quantize=list(QUANTIZED_OPS))
+    source = onnx.load(str(fp32_path), load_external_data=False)
+    proto = onnx.load(str(int8_path))
+    del proto.metadata_props[:]
+    for prop in source.metadata_props:
+        proto.metadata_props.add(key=prop.key, value=prop.value)
+    proto.metadata_props.add(key=PRECISION_KEY, value=INT8_PRECISION)
+    proto.doc_string = source.doc_string
+    onnx.save(proto, str(int8_path))
+
+
+def quantize_int8(onnx_path: str | os.PathLike, output: str | os.PathLike, check_volumes: Sequence[Volume],
+                  threads: int | None = None, min_dice: float = MIN_DICE) -> AgreementReport:
+    """Write the int8 version of the fp32 ONNX file ``onnx_path`` (``sam2unet-export``'s)
+    to ``output``, atomically, if it passes the agreement check on ``check_volumes``.
+
+    Args:
+        onnx_path: fp32 ONNX file written by :func:`sam2unet_core.export.onnx.export_onnx`.
+        output: the int8 ``.onnx`` file to write.
+        check_volumes: real volumes of the model's kind (e.g. a few of the user's scans).
+        threads: ONNX Runtime CPU threads for the check (None: its default).
+        min_dice: the lowest per-label Dice against the fp32 label maps that is accepted.
+
+    Returns the :class:`AgreementReport` of the accepted file. Raises
+    :class:`AgreementError` (nothing written) when a label's Dice is below ``min_dice``,
+    ``ValueError`` naming the file when ``onnx_path`` is not a readable model.
+    """
+    onnx_path, output = Path(onnx_path), Path(output)
+    reference = Predictor(OnnxRunner(onnx_path, device="cpu", threads=threads))
+    with tempfile.TemporaryDirectory(prefix="sam2unet-int8-") as folder:
+        candidate_path = Path(folder) / "int8.onnx"
+        quantize_unchecked(onnx_path, candidate_path)
+        candidate = Predictor(OnnxRunner(candidate_path, device="cpu", threads=threads))
+        report = compare_predictors(reference, candidate, check_volumes)
+        if report.worst < min_dice:
+            raise AgreementError(
+                f"int8 quantisation of {onnx_path.name} refused: label Dice against the fp32 model "
+                f"{report.describe()} on {len(check_volumes)} check volume(s), below {min_dice}; "
+                f"keep the fp32 file")
+        atomic_write(output, lambda tmp: shutil.copyfile(candidate_path, tmp))
+    return report
