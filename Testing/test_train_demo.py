@@ -20,7 +20,7 @@ from sam2unet_core.demo import main
 def test_demo_runs_end_to_end_and_reports_true_dice(tmp_path: Path, capsys) -> None:
     out = tmp_path / "demo"
     rc = main(["--out", str(out), "--device", "cpu", "--train-cases", "2", "--test-cases", "1",
-               "--resolution-mm", "4", "optim.epochs=1", "data.samples_per_epoch=8", "data.input_size=64",
+               "--resolution-mm", "4", "optim.epochs=1", "data.samples_per_epoch=8", "data.input_size=64", "augment.crop_size=32",
                "optim.batch_size=4", "data.val_fraction=0.5"])
     assert rc == 0
     data = out / "Dataset001_MNIBrain"
@@ -43,7 +43,7 @@ def test_demo_runs_end_to_end_and_reports_true_dice(tmp_path: Path, capsys) -> N
 
 
 SHORT = ["--device", "cpu", "--train-cases", "2", "--test-cases", "1", "--resolution-mm", "4", "optim.epochs=1",
-         "data.samples_per_epoch=4", "data.input_size=64", "optim.batch_size=4", "data.val_fraction=0.5"]
+         "data.samples_per_epoch=4", "data.input_size=64", "augment.crop_size=32", "optim.batch_size=4", "data.val_fraction=0.5"]
 
 
 @pytest.mark.slow
