@@ -183,23 +183,29 @@ def _closure(roots: list[str]) -> set[str]:
     return seen
 
 
+def _top_level_modules_after(imports: str) -> list[str]:
+    """The top-level module names loaded in a fresh Python after ``import <imports>``."""
+    import json
+    import subprocess
+    import sys
+
+    code = (f"import json, sys; import {imports}; "
+            "print(json.dumps(sorted({name.split('.')[0] for name in sys.modules})))")
+    output = subprocess.run([sys.executable, "-c", code], cwd=MODULE_DIR.parent, capture_output=True,
+                            text=True, check=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
 def test_what_the_inference_path_imports_is_installed_by_the_module() -> None:
     """Import the CLI and the engine in a fresh Python and check that every third-party
     distribution they load comes with the module's install (requirements, sam2, or what
     Slicer and the PyTorch extension already hold)."""
     import importlib.metadata
-    import json
-    import subprocess
-    import sys
 
     from packaging.utils import canonicalize_name
 
-    code = ("import json, sys; import sam2unet_core.cli.predict, sam2unet_core.inference.engine, "
-            "sam2unet_core.checkpoint, sam2unet_core.io; "
-            "print(json.dumps(sorted({name.split('.')[0] for name in sys.modules})))")
-    output = subprocess.run([sys.executable, "-c", code], cwd=MODULE_DIR.parent, capture_output=True,
-                            text=True, check=True).stdout
-    modules = json.loads(output.strip().splitlines()[-1])
+    modules = _top_level_modules_after("sam2unet_core.cli.predict, sam2unet_core.inference.engine, "
+                                       "sam2unet_core.checkpoint, sam2unet_core.io")
     providers = importlib.metadata.packages_distributions()
     loaded = {canonicalize_name(dist) for module in modules for dist in providers.get(module, [])}
     slicerBundled = ["requests"]  # in every Slicer; pydicom.data imports it when present
@@ -329,18 +335,11 @@ def test_what_the_onnx_inference_path_imports_is_installed_by_the_onnx_route() -
     runner, describe CLI) in a fresh Python: no torch, and every third-party distribution
     loaded comes with the ONNX route (its requirements, or what Slicer already holds)."""
     import importlib.metadata
-    import json
-    import subprocess
-    import sys
 
     from packaging.utils import canonicalize_name
 
-    code = ("import json, sys; import sam2unet_core.cli.predict, sam2unet_core.cli.describe, "
-            "sam2unet_core.inference.onnx_runner, sam2unet_core.io, onnxruntime; "
-            "print(json.dumps(sorted({name.split('.')[0] for name in sys.modules})))")
-    output = subprocess.run([sys.executable, "-c", code], cwd=MODULE_DIR.parent, capture_output=True,
-                            text=True, check=True).stdout
-    modules = json.loads(output.strip().splitlines()[-1])
+    modules = _top_level_modules_after("sam2unet_core.cli.predict, sam2unet_core.cli.describe, "
+                                       "sam2unet_core.inference.onnx_runner, sam2unet_core.io, onnxruntime")
     assert not {"torch", "monai", "sam2"} & set(modules)
     providers = importlib.metadata.packages_distributions()
     loaded = {canonicalize_name(dist) for module in modules for dist in providers.get(module, [])}
