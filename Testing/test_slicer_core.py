@@ -156,15 +156,23 @@ def _ijkToRas(node):
     return matrix
 
 
-@pytest.mark.parametrize("scan", ["las_nifti", "oblique_nrrd", "ct_series", "dicom_file"])
-def test_segments_equal_a_direct_cli_run_in_physical_space(slicerCore, scans, cliLabels, checkpoint, scan: str) -> None:
+def _segmentUnderParentTransform(slicerCore, path: Path, name: str, checkpoint: Path):
+    """Load ``path`` under the rotated parent transform and segment it on the CPU along the
+    axial plane; returns the volume node and the succeeded run's result (segment names checked)."""
     transform = slicerCore.addTransform(PARENT_RAS)
-    volume = slicerCore.loadVolume(scans[scan], scan, transform)
+    volume = slicerCore.loadVolume(path, name, transform)
     result = makeLogic().runAndWait(volume, None, RunParameters(checkpoint, Device.cpu, SliceAxis.axial),
                                     timeoutSeconds=300)
     assert result.status is RunStatus.succeeded, result.message
     segmentation = result.segmentationNode.GetSegmentation()
     assert [segmentation.GetSegment(sid).GetName() for sid in result.segmentIds] == LABEL_NAMES
+    return volume, result
+
+
+@pytest.mark.parametrize("scan", ["las_nifti", "oblique_nrrd", "ct_series", "dicom_file"])
+def test_segments_equal_a_direct_cli_run_in_physical_space(slicerCore, scans, cliLabels, checkpoint, scan: str) -> None:
+    volume, result = _segmentUnderParentTransform(slicerCore, scans[scan], scan, checkpoint)
+    segmentation = result.segmentationNode.GetSegmentation()
     liver = segmentation.GetSegment(result.segmentIds[0])
     tag = vtk.reference("")
     assert liver.GetTag(liver.GetTerminologyEntryTagName(), tag) and "~SCT^10200004^Liver~" in str(tag)
@@ -250,11 +258,5 @@ def cliOnnxLabels(scans: dict[str, Path], onnxCheckpoint: Path, tmp_path_factory
 @pytest.mark.parametrize("scan", ["las_nifti", "oblique_nrrd"])
 def test_onnx_model_segments_equal_a_direct_onnx_cli_run(slicerCore, scans, cliOnnxLabels, onnxCheckpoint,
                                                          scan: str) -> None:
-    transform = slicerCore.addTransform(PARENT_RAS)
-    volume = slicerCore.loadVolume(scans[scan], scan, transform)
-    result = makeLogic().runAndWait(volume, None, RunParameters(onnxCheckpoint, Device.cpu, SliceAxis.axial),
-                                    timeoutSeconds=300)
-    assert result.status is RunStatus.succeeded, result.message
-    segmentation = result.segmentationNode.GetSegmentation()
-    assert [segmentation.GetSegment(sid).GetName() for sid in result.segmentIds] == LABEL_NAMES
+    volume, result = _segmentUnderParentTransform(slicerCore, scans[scan], scan, onnxCheckpoint)
     assertSegmentsEqualCli(slicerCore, volume, result, cliOnnxLabels[scan])
