@@ -218,7 +218,7 @@ ROWS: list[tuple[str, Builder, str | None]] = [
     # dimensions
     ("time_axis_of_one", lambda f, n: nifti(f, n + ".nii.gz", voxels()[..., np.newaxis]), None),
     ("real_4d", lambda f, n: nifti(f, n + ".nii.gz", np.stack([voxels(seed=s) for s in range(3)], -1)),
-     "3 volumes/channels.*--volume-index"),  # --volume-index: test_volume_index_* below
+     "3 volumes/channels.*volume index"),  # --volume-index: test_volume_index_* below
     ("nifti_2d", lambda f, n: nifti(f, n + ".nii.gz", voxels()[:, :, 0]), None),
     ("mha_2d", lambda f, n: sitk_file(f, n + ".mha", voxels()[:, :, 0].T.copy(),
                                       direction_lps=ROTATED_IN_PLANE), None),

@@ -64,14 +64,14 @@ def train_cnn(config: Any, features: tuple[int, ...]) -> dict[str, Any]:
 
     from sam2unet_core.train.losses import DeepSupervisionLoss
     from sam2unet_core.train.pipeline import build_training_data
-    from sam2unet_core.train.trainer import budget_used, lr_factor, validate
+    from sam2unet_core.train.trainer import budget_used, lr_factor, make_optimizer, validate
 
     torch.manual_seed(config.run.seed)
     data = build_training_data(config)
     model = BasicUNet(spatial_dims=2, in_channels=data.in_channels, out_channels=data.num_classes,
                       features=features)
     optim = config.optim
-    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+    optimizer = make_optimizer(list(model.parameters()), optim, torch.device("cpu"))
     loss_fn = DeepSupervisionLoss(data.num_classes)
     sampler = DistributedSampler(data.train, num_replicas=1, rank=0, shuffle=True, seed=config.run.seed)
     val_loader = DataLoader(data.val, batch_size=config.run.val_batch_size)

@@ -62,7 +62,7 @@ def resolve_device(requested: str | torch.device = "auto") -> torch.device:
         if not torch.cuda.is_available():
             cause = ("this torch build has no CUDA support (CPU-only wheel)"
                      if torch.version.cuda is None else "no CUDA GPU is visible to the driver")
-            raise ValueError(f"device {requested!r} requested but {cause}; use --device cpu")
+            raise ValueError(f"device {requested!r} requested but {cause}; choose the CPU device")
         device = torch.device(name)
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(

@@ -106,7 +106,7 @@ def volume_from_nifti(
         if int(np.prod(extra)) != 1:
             raise ValueError(
                 f"{source}: expected a 3D volume, got shape {data.shape} "
-                f"({int(np.prod(extra))} volumes/channels); choose one with --volume-index "
+                f"({int(np.prod(extra))} volumes/channels); choose one by its volume index "
                 "(4D images) or split it into 3D files first"
             )
         data = data.reshape(data.shape[:3])

@@ -176,7 +176,7 @@ _SEG_SOURCE_UIDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "Study
 _SEG_SLICE_GEOMETRY = ("Rows", "Columns", "PixelSpacing", "ImageOrientationPatient",
                        "ImagePositionPatient")
 _CODE_STRING = re.compile(r"[A-Z][A-Z0-9_ ]{0,15}")  # a CS value highdicom accepts
-SEG_ALTERNATIVES = "the formats that work without them: --format nii.gz, nii, nrrd, mha or seg.nrrd"
+SEG_ALTERNATIVES = "write one of the formats that work without them: nii.gz, nii, nrrd, mha or seg.nrrd"
 
 
 def _seg_source_problems(source: Any) -> list[str]:
