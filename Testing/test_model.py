@@ -113,6 +113,20 @@ def test_unfrozen_encoder_trains_everything_and_grey_stem_is_trainable_when_froz
     assert not grey.encoder.blocks[0].block.attn.qkv.weight.requires_grad
 
 
+def test_stochastic_depth_acts_in_training_only_and_grows_with_depth():
+    model = SAM2UNet("hiera_t", freeze_encoder=False, drop_path_rate=0.2)
+    rates = [getattr(b.block.drop_path, "drop_prob", 0.0) for b in model.encoder.blocks]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.2) and rates == sorted(rates)
+    plain = SAM2UNet("hiera_t", freeze_encoder=False)
+    plain.load_state_dict(model.state_dict())  # same parameters: not part of the architecture
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(model.eval()(x), plain.eval()(x))
+    torch.manual_seed(0)
+    first = model.train()(x)[0]
+    torch.manual_seed(1)
+    assert not torch.allclose(first, model(x)[0])  # other blocks dropped
+
+
 def test_no_unused_parameters_so_ddp_needs_no_find_unused_parameters():
     model = SAM2UNet("hiera_t").train()
     main, aux1, aux2 = model(torch.randn(1, 3, 64, 64))

@@ -50,6 +50,7 @@ def test_overrides_are_yaml_values() -> None:
         (["optim.aux_loss_weights=[1, -1]"], "two weights"),
         (["augment.crop_size=100"], "augment.crop_size must be a multiple of 32"),
         (["augment.crop_size=352"], "augment.crop_size must be a multiple of 32 below data.input_size"),
+        (["model.drop_path_rate=1"], r"model.drop_path_rate must be in \[0, 1\)"),
     ],
 )
 def test_mistakes_are_named(overrides: list[str], message: str) -> None:

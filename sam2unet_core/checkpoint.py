@@ -249,11 +249,14 @@ def _fill_trunk(model: SAM2UNet, trunk: dict[str, torch.Tensor], path: Path) -> 
     logger.info("loaded SAM 2 %s trunk from %s", found, path)
 
 
-def build_model(metadata: ModelMetadata, sam2_checkpoint: str | os.PathLike | None = None) -> SAM2UNet:
-    """A new model for ``metadata``, its encoder filled from a SAM 2 checkpoint if given."""
+def build_model(metadata: ModelMetadata, sam2_checkpoint: str | os.PathLike | None = None,
+                drop_path_rate: float = 0.0) -> SAM2UNet:
+    """A new model for ``metadata``, its encoder filled from a SAM 2 checkpoint if given;
+    ``drop_path_rate``: the encoder's stochastic depth in training (see ``SAM2UNet``)."""
     metadata.validate()
     arch = metadata.architecture
-    model = SAM2UNet(arch.backbone, arch.num_classes, arch.in_channels, arch.freeze_encoder)
+    model = SAM2UNet(arch.backbone, arch.num_classes, arch.in_channels, arch.freeze_encoder,
+                     drop_path_rate=drop_path_rate)
     model.metadata = dataclasses.replace(metadata, architecture=model.architecture)  # one object
     if sam2_checkpoint is not None:
         load_sam2_trunk(model, sam2_checkpoint)

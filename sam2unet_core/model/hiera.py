@@ -50,12 +50,13 @@ def stage_channels(name: str) -> list[int]:
     return [embed_dim * 2**s for s in range(4)]
 
 
-def build_hiera_trunk(name: str) -> nn.Module:
-    """A randomly initialised Hiera trunk of the named size (weights are loaded separately)."""
+def build_hiera_trunk(name: str, drop_path_rate: float = 0.0) -> nn.Module:
+    """A randomly initialised Hiera trunk of the named size (weights are loaded separately);
+    ``drop_path_rate``: stochastic depth in training (0: none)."""
     # Imported here: importing sam2 initialises Hydra, which no caller should pay for at import.
     from sam2.modeling.backbones.hieradet import Hiera
 
-    return Hiera(**backbone_config(name))
+    return Hiera(**backbone_config(name), drop_path_rate=drop_path_rate)
 
 
 def detect_backbone(trunk_state: dict[str, torch.Tensor], source: str = "checkpoint") -> str:

@@ -36,6 +36,9 @@ class SAM2UNet(nn.Module):
             k for a 2.5D stack of k neighbouring slices.
         freeze_encoder: freeze the Hiera trunk and train the adapters (the paper). With
             ``in_channels != 3`` the new patch embedding stays trainable.
+        drop_path_rate: stochastic depth of the Hiera blocks in training mode (block i
+            skips its residual branches with probability ``drop_path_rate * i / (n - 1)``);
+            the identity in eval mode, so it is not part of the saved architecture.
 
     Input ``(B, in_channels, H, W)`` with H and W multiples of 32. In training mode the
     forward returns ``(main, aux1, aux2)``, in eval mode ``main`` only; each is a logit
@@ -49,6 +52,7 @@ class SAM2UNet(nn.Module):
         num_classes: int = 1,
         in_channels: int = 3,
         freeze_encoder: bool = True,
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         self.architecture = Architecture(backbone, num_classes, in_channels, freeze_encoder)
@@ -57,7 +61,7 @@ class SAM2UNet(nn.Module):
         # (sam2unet_core.checkpoint.build_model / load_model); None for a bare network
         self.metadata: ModelMetadata | None = None
 
-        self.encoder = build_hiera_trunk(backbone)
+        self.encoder = build_hiera_trunk(backbone, drop_path_rate)
         self.encoder.blocks = nn.ModuleList(
             HieraBlockAdapter(block, ADAPTER_BOTTLENECK) for block in self.encoder.blocks
         )

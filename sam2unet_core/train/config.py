@@ -82,6 +82,9 @@ class ModelConfig:
     # Standard codes per label name, e.g. {"liver": {"category": ["SCT", "123037004", "Anatomical Structure"],
     # "type": ["SCT", "10200004", "Liver"]}} (optional "modifier"); names in sam2unet_core.terminology need none.
     label_terms: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    # Stochastic depth in training: Hiera block i skips its residual branches with probability
+    # drop_path_rate * i / (blocks - 1) (SAM 2's rule); no effect on the trained model's output.
+    drop_path_rate: float = 0.0
 
 
 @dataclass
@@ -137,6 +140,8 @@ class TrainConfig:
         if crop and (crop % 32 or not 0 < crop < self.data.input_size):
             raise ValueError(f"augment.crop_size must be a multiple of 32 below data.input_size "
                              f"({self.data.input_size}), or 0; got {crop}")
+        if not 0.0 <= self.model.drop_path_rate < 1.0:
+            raise ValueError(f"model.drop_path_rate must be in [0, 1), got {self.model.drop_path_rate}")
         if self.run.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"run.amp must be auto, bf16 or off, got {self.run.amp!r}")
         if self.optim.epochs < 1 or self.optim.batch_size < 1:

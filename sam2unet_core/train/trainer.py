@@ -207,7 +207,8 @@ def train(config: TrainConfig, resume: bool = True) -> TrainResult:
         logger.warning("no SAM 2 checkpoint given (model.sam2_checkpoint): the Hiera encoder starts from "
                        "random weights and is trained in full (no frozen trunk); expect slower training "
                        "and lower accuracy than with SAM 2 weights")
-    model = build_model(metadata, config.model.sam2_checkpoint or None).to(device)
+    model = build_model(metadata, config.model.sam2_checkpoint or None,
+                        drop_path_rate=config.model.drop_path_rate).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, config.optim, device)
     loss_fn = DeepSupervisionLoss(data.num_classes, config.optim.aux_loss_weights)
