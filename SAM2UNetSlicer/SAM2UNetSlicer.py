@@ -124,6 +124,7 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._deviceReport = None  # DeviceReport of the last probe
         self._shownCheckpoint = _UNSET  # what modelInfoLabel describes
         self._sliceLimitsFor = _UNSET  # (volume ID, axis) the slice spin boxes are limited for
+        self._modelPlane: Optional[str] = None  # plane of the described model; None until it is read
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -274,9 +275,12 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except ImportError:  # dependencies not installed yet (or broken)
             self.ui.sliceRangeLabel.text = _("(checked when the run starts)")
             return
+        if parameterNode.sliceAxis is SliceAxis.model and self._modelPlane is None:
+            self.ui.sliceRangeLabel.text = _("(counted along the model's plane once the model is read)")
+            return
         volume = parameterNode.inputVolume
-        count = sliceCountAlongAxis(volumeIjkToRas(slicer, vtk, volume),
-                                    volume.GetImageData().GetDimensions(), parameterNode.sliceAxis, plane_view)
+        count = sliceCountAlongAxis(volumeIjkToRas(slicer, vtk, volume), volume.GetImageData().GetDimensions(),
+                                    parameterNode.sliceAxis, plane_view, self._modelPlane or "axial")
         self.ui.sliceStartSpinBox.maximum = count - 1
         self.ui.sliceEndSpinBox.maximum = count - 1
         self.ui.sliceRangeLabel.text = _("of {count} slices (0-based, inclusive)").format(count=count)
@@ -289,6 +293,7 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._probeRuntime is not self._route() and not (report and report.runtime == self._route().value):
             self.probeDevices()  # another runtime: ask which devices it sees
         checkpoint = _checkpointOf(self._parameterNode) if self._parameterNode else None
+        self._setModelPlane(None)
         if checkpoint is None:
             self.ui.modelInfoLabel.text = _("No model chosen")
             return
@@ -313,8 +318,15 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelInfoLabel.text = error
             return
         self.ui.modelInfoLabel.text = describeMetadata(metadata)
+        self._setModelPlane(metadata.plane)
         qt.QSettings().setValue(SETTINGS_CHECKPOINT, str(checkpoint))
         self.ui.checkpointPathLineEdit.addCurrentPathToHistory()
+
+    def _setModelPlane(self, plane: Optional[str]) -> None:
+        """Remember the model's plane; the slice range along "Model's plane" follows it."""
+        if plane != self._modelPlane:
+            self._modelPlane = plane
+            self._updateSliceLimits()
 
     def _saveCoreSource(self) -> None:
         qt.QSettings().setValue(SETTINGS_CORE_SOURCE, self.ui.coreSourceLineEdit.text.strip() or DEFAULT_CORE_SOURCE)

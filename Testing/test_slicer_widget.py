@@ -106,6 +106,29 @@ def test_segment_is_enabled_only_when_it_can_run(panel: Panel, checkpoint: Path)
     assert panel.ui.segmentButton.enabled
 
 
+def test_slice_range_along_the_models_plane_follows_the_model(panel: Panel, tmp_path: Path) -> None:
+    from SAM2UNetSlicerLib.Parameters import SliceAxis, sliceCountAlongAxis
+
+    from sam2unet_core.io.orientation import plane_view
+
+    metadata = ModelMetadata(architecture=Architecture(backbone="hiera_t", num_classes=2),
+                             labels=default_labels(2, ["brain"]), input_size=64, plane="sagittal")
+    sagittalModel = tmp_path / "sagittal.safetensors"
+    save_model(SAM2UNet(backbone="hiera_t", num_classes=2), sagittalModel, metadata)
+    panel.parameters.inputVolume = panel.addVolume()
+    assert panel.parameters.sliceAxis is SliceAxis.model
+    assert "once the model is read" in panel.ui.sliceRangeLabel.text
+
+    panel.parameters.checkpointPath = sagittalModel
+    sagittal = sliceCountAlongAxis(obliqueIjkToRas(), SHAPE_KJI[::-1], SliceAxis.sagittal, plane_view)
+    assert sagittal != SHAPE_KJI[0]  # not the axial count: the test tells the planes apart
+    assert panel.ui.sliceEndSpinBox.maximum == sagittal - 1
+    assert f"of {sagittal} slices" in panel.ui.sliceRangeLabel.text
+
+    panel.parameters.sliceAxis = SliceAxis.axial
+    assert panel.ui.sliceEndSpinBox.maximum == SHAPE_KJI[0] - 1
+
+
 def test_checkpoint_is_remembered_across_sessions(monkeypatch: pytest.MonkeyPatch, checkpoint: Path) -> None:
     first = Panel(monkeypatch)
     first.parameters.checkpointPath = checkpoint
