@@ -108,7 +108,7 @@ def test_multiframe_predicts_with_input_geometry_and_refuses_dicom_seg_before_th
                             str(checkpoint), "--format", "dcm"], capsys)
     error = next(e for e in events if e["event"] == "case_error")
     assert code == 1 and str(source) in error["error"]
-    assert "legacy multi-frame" in error["error"] and "--format nii.gz" in error["error"]
+    assert "legacy multi-frame" in error["error"] and "formats that work without them: nii.gz" in error["error"]
     assert not any(e["event"] == "case_start" for e in events)  # refused before the model
     assert [p.name for p in (tmp_path / "seg").iterdir()] == ["predict_summary.json"]
 
