@@ -15,6 +15,7 @@ mean, settings) and ``metrics.csv`` (one row per case, then a ``mean`` row).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from sam2unet_core.io.atomic import atomic_write
 from sam2unet_core.io.readers import PICTURE_SUFFIXES
 from sam2unet_core.metrics import image_metrics, volume_metrics
 
@@ -160,13 +162,16 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_evaluation(summary: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
-    """``summary.json`` (NaN written as null) and ``metrics.csv`` (NaN as ``nan``)."""
+    """``summary.json`` (NaN written as null) and ``metrics.csv`` (NaN as ``nan``), each
+    written atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out_dir / "summary.json", out_dir / "metrics.csv"
-    json_path.write_text(json.dumps(_json_safe(summary), indent=2, allow_nan=False))
     rows = summary["cases"] + [summary["mean"]]
-    with csv_path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    summary_text = json.dumps(_json_safe(summary), indent=2, allow_nan=False)
+    atomic_write(json_path, lambda tmp: tmp.write_text(summary_text))
+    atomic_write(csv_path, lambda tmp: tmp.write_text(text.getvalue(), newline=""))  # csv's \r\n kept
     return json_path, csv_path
