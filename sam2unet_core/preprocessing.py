@@ -199,8 +199,8 @@ def labels_from_probabilities(probabilities: np.ndarray, num_classes: int) -> np
     """The label rule in numpy: ``(B, N, H, W)`` probabilities -> ``(B, H, W)`` labels,
     foreground > 0.5 for binary models (N = 1), else the argmax; uint8, or uint16 past
     255 labels."""
-    from .io.volume import label_dtype
+    from .io.volume import model_label_dtype
 
     if num_classes == 1:
         return (probabilities[:, 0] > 0.5).astype(np.uint8)
-    return probabilities.argmax(1).astype(label_dtype(num_classes - 1))
+    return probabilities.argmax(1).astype(model_label_dtype(num_classes))

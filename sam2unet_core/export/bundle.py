@@ -47,7 +47,7 @@ from monai.utils import ImageMetaKey, MetaKeys
 from ..inference.engine import Predictor
 from ..inference.torch_runner import TorchRunner
 from ..io.atomic import PARTIAL_PREFIX
-from ..io.volume import LPS_TO_RAS, Volume, geometry_from_affine_ras, label_dtype
+from ..io.volume import LPS_TO_RAS, Volume, geometry_from_affine_ras, model_label_dtype
 from ..metadata import ModelMetadata
 from ..model.sam2unet import SAM2UNet
 
@@ -181,17 +181,12 @@ def _batch_values(inputs: MetaTensor, key: str) -> list[Any]:
     return values + [values[-1]] * (inputs.shape[0] - len(values))
 
 
-def _label_dtype(metadata: ModelMetadata) -> np.dtype:
-    """The label type of :class:`Predictor`: uint8, or uint16 past 255 labels."""
-    return label_dtype(max(metadata.architecture.num_classes - 1, 1))
-
-
 # --------------------------------------------------------------------- the configs
 def inference_config(metadata: ModelMetadata, batch_size: int = 8) -> dict[str, Any]:
     """``configs/inference.json``: the Model Zoo's ids; ``--dataset_dir IN --output_dir
     OUT`` (and any other id) can be overridden on the ``monai.bundle run`` command line."""
     architecture = f"@{METADATA_ID}#architecture#"
-    output_dtype = "$numpy.uint8" if _label_dtype(metadata) == np.uint8 else "$numpy.uint16"
+    output_dtype = f"$numpy.{model_label_dtype(metadata.architecture.num_classes)}"
     return {
         "bundle_root": ".",
         "dataset_dir": "$@bundle_root + '/data'",
@@ -337,7 +332,7 @@ def bundle_metadata(metadata: ModelMetadata, source_name: str, authors: str, cop
                     "format": "labels",
                     "num_channels": 1,
                     "spatial_shape": ["*", "*", "*"],
-                    "dtype": str(np.dtype(_label_dtype(metadata))),
+                    "dtype": str(model_label_dtype(arch.num_classes)),
                     "value_range": [0, max(arch.num_classes - 1, 1)],
                     "is_patch_data": False,
                     "channel_def": label_values,

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 import numpy as np
 
 from ..io.orientation import PlaneView, plane_view
-from ..io.volume import Volume, check_fits_in_memory, label_dtype
+from ..io.volume import Volume, check_fits_in_memory, model_label_dtype
 from ..metadata import ModelMetadata
 from ..preprocessing import IntensityMapping, fit_intensity, stack_slices
 from .postprocess import check_steps, postprocess_labels
@@ -124,7 +124,7 @@ class Predictor:
     @property
     def label_dtype(self) -> np.dtype:
         """uint8, or uint16 for models with more than 255 labels."""
-        return label_dtype(max(self.num_classes - 1, 1))
+        return model_label_dtype(self.num_classes)
 
     def resolve_plane(self, volume: Volume, axis: str | None = None) -> str:
         """The plane ``predict`` segments: ``axis``, else the model's plane; a single slice

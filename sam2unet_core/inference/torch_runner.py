@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..device import autocast_dtype, describe_device, resolve_device
-from ..io.volume import label_dtype
+from ..io.volume import model_label_dtype
 from ..metadata import ModelMetadata
 from ..preprocessing import TTA_FLIPS, IntensityMapping, apply_intensity, normalize_channels, resize_batch, to_tensor
 from . import acceleration
@@ -83,7 +83,7 @@ class TorchRunner:
         self.description = describe_device(self.device)
         if self.amp_dtype is None and self.device.type == "cuda":
             self.description = self.description.rsplit(", ", 1)[0] + ", fp32"
-        self._label_dtype = label_dtype(max(metadata.architecture.num_classes - 1, 1))
+        self._label_dtype = model_label_dtype(metadata.architecture.num_classes)
         logger.info("TorchRunner on %s", self.description)
 
     @property

@@ -149,6 +149,12 @@ def label_dtype(max_label: int) -> np.dtype:
     raise ValueError(f"{max_label} labels do not fit in uint16")
 
 
+def model_label_dtype(num_classes: int) -> np.dtype:
+    """Type of a model's label maps: values 0..num_classes - 1 (0/1 for a binary model's one
+    sigmoid channel): uint8, or uint16 past 255 labels."""
+    return label_dtype(max(num_classes - 1, 1))
+
+
 GIB = 2**30
 _UNLIMITED_CGROUP = 2**60  # cgroup v1 writes "no limit" as a number near 2**63
 
