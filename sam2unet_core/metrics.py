@@ -13,17 +13,22 @@ Conventions for empty structures: both empty -> Dice 1, surface Dice 1, HD95 0; 
 empty -> Dice 0, surface Dice 0, HD95 NaN (undefined; means skip NaN).
 
 Arrays are KJI (``(slices, rows, columns)``) with ``spacing_kji`` in the same axis order.
+Importing this module costs no torch (``mask_dice`` serves torch-free callers); the pieces
+that work on tensors import it when called.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-__all__ = ["DiceAccumulator", "image_metrics", "volume_metrics", "IMAGE_METRIC_NAMES"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["DiceAccumulator", "mask_dice", "image_metrics", "volume_metrics", "IMAGE_METRIC_NAMES"]
 
 IMAGE_METRIC_NAMES = ("mDice", "mIoU", "Dice@0.5", "Smeasure", "wFmeasure", "meanEm", "MAE")
 
@@ -42,6 +47,8 @@ class DiceAccumulator:
         self.sums: dict[int, torch.Tensor] = {}  # case -> (3, classes): intersection, pred, gt
 
     def update(self, case_ids: torch.Tensor, pred: torch.Tensor, gt: torch.Tensor) -> None:
+        import torch
+
         for case, p, g in zip(case_ids.tolist(), pred, gt):
             rows = [
                 torch.stack([((p == v) & (g == v)).sum(), (p == v).sum(), (g == v).sum()])
@@ -52,6 +59,8 @@ class DiceAccumulator:
 
     def per_case(self) -> dict[int, list[float]]:
         """``{case: [Dice of label 1, 2, ...]}``."""
+        import torch
+
         out = {}
         for case, (inter, n_pred, n_gt) in self.sums.items():
             denom = n_pred + n_gt
@@ -65,7 +74,7 @@ class DiceAccumulator:
         return float(np.mean(scores)) if scores else float("nan")
 
 
-def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
+def mask_dice(pred: np.ndarray, gt: np.ndarray) -> float:
     """Dice of two boolean masks; 1.0 when both are empty."""
     total = int(pred.sum()) + int(gt.sum())
     return 1.0 if total == 0 else 2.0 * float(np.logical_and(pred, gt).sum()) / total
@@ -96,7 +105,7 @@ def image_metrics(pred_u8: np.ndarray, gt_u8: np.ndarray) -> dict[str, float]:
     return {
         "mDice": float(res["dice"]["dynamic"].mean()),
         "mIoU": float(res["iou"]["dynamic"].mean()),
-        "Dice@0.5": _dice(pred_u8 > 127, gt_u8 > 128),
+        "Dice@0.5": mask_dice(pred_u8 > 127, gt_u8 > 128),
         "Smeasure": float(others["sm"].get_results()["sm"]),
         "wFmeasure": float(others["wfm"].get_results()["wfm"]),
         "meanEm": float(others["em"].get_results()["em"]["curve"].mean()),
@@ -122,6 +131,7 @@ def volume_metrics(
     Returns:
         ``{value: {"Dice": d, "HD95": mm, "SurfaceDice": s}}``.
     """
+    import torch
     from monai.metrics import compute_hausdorff_distance, compute_surface_dice
 
     if pred_kji.shape != gt_kji.shape:
@@ -139,7 +149,7 @@ def volume_metrics(
             score = 1.0 if both_empty else 0.0
             results[int(value)] = {"Dice": score, "HD95": 0.0 if both_empty else float("nan"), "SurfaceDice": score}
             continue
-        dice = _dice(pred, gt)
+        dice = mask_dice(pred, gt)
         # (B=1, C=1, *spatial) boolean tensors; MONAI ignores the background channel only
         # when include_background=False, so pass the foreground channel alone and keep it.
         pred_t = torch.from_numpy(pred)[None, None]

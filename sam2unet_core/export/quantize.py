@@ -30,6 +30,7 @@ from ..inference.engine import Predictor
 from ..inference.onnx_runner import PRECISION_KEY, OnnxRunner
 from ..io.atomic import atomic_write
 from ..io.volume import Volume
+from ..metrics import mask_dice
 
 __all__ = ["MIN_DICE", "PRECISION_KEY", "INT8_PRECISION", "QUANTIZED_OPS", "AgreementError",
            "AgreementReport", "label_dice", "compare_predictors", "quantize_unchecked", "quantize_int8"]
@@ -60,9 +61,7 @@ class AgreementReport:
 
 def label_dice(reference: np.ndarray, candidate: np.ndarray, label: int) -> float:
     """Dice of ``label`` between two label arrays of one shape; 1.0 when both lack it."""
-    a, b = reference == label, candidate == label
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+    return mask_dice(reference == label, candidate == label)
 
 
 def compare_predictors(reference: Predictor, candidate: Predictor, volumes: Sequence[Volume]) -> AgreementReport:
