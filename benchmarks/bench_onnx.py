@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sam2unet_core.checkpoint import build_model, load_model  # noqa: E402
 from sam2unet_core.export.onnx import export_onnx  # noqa: E402
-from sam2unet_core.export.quantize import quantize_unchecked, label_dice  # noqa: E402
+from sam2unet_core.export.quantize import compare_label_maps, quantize_unchecked  # noqa: E402
 from sam2unet_core.inference.engine import Predictor  # noqa: E402
 from sam2unet_core.inference.onnx_runner import OnnxRunner  # noqa: E402
 from sam2unet_core.inference.torch_runner import TorchRunner  # noqa: E402
@@ -93,9 +93,8 @@ def main() -> None:
         wall = statistics.median(p[1] for p in pairs)
         print(f"{name:17s} {slices / cpu:7.2f} slices/s of CPU time  {slices / wall:7.2f} slices/s wall")
     for candidate, reference in (("onnxruntime fp32", "torch"), ("onnxruntime int8", "onnxruntime fp32")):
-        dice = {label.name: min(label_dice(a, b, label.value) for a, b in zip(labels[reference], labels[candidate]))
-                for label in model.metadata.labels}
-        print(f"label Dice {candidate} vs {reference}: " + ", ".join(f"{k} {v:.5f}" for k, v in dice.items()))
+        report = compare_label_maps(labels[reference], labels[candidate], model.metadata.labels)
+        print(f"label Dice {candidate} vs {reference}: {report.describe()}")
 
 
 if __name__ == "__main__":

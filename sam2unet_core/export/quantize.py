@@ -30,10 +30,11 @@ from ..inference.engine import Predictor
 from ..inference.onnx_runner import PRECISION_KEY, OnnxRunner
 from ..io.atomic import atomic_write
 from ..io.volume import Volume
+from ..metadata import LabelInfo
 from ..metrics import mask_dice
 
 __all__ = ["MIN_DICE", "PRECISION_KEY", "INT8_PRECISION", "QUANTIZED_OPS", "AgreementError",
-           "AgreementReport", "label_dice", "compare_predictors", "quantize_unchecked", "quantize_int8"]
+           "AgreementReport", "label_dice", "compare_label_maps", "compare_predictors", "quantize_unchecked", "quantize_int8"]
 
 MIN_DICE = 0.999  # per label, int8 against fp32 label maps
 INT8_PRECISION = "int8 dynamic (MatMul weights)"
@@ -64,19 +65,23 @@ def label_dice(reference: np.ndarray, candidate: np.ndarray, label: int) -> floa
     return mask_dice(reference == label, candidate == label)
 
 
+def compare_label_maps(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray],
+                       labels: Sequence[LabelInfo]) -> AgreementReport:
+    """The lowest Dice per label over pairs of label maps (``reference[i]`` against
+    ``candidate[i]``, each ``(K, J, I)``) of one set of volumes."""
+    return AgreementReport({label.name: min(label_dice(expected, got, label.value)
+                                            for expected, got in zip(reference, candidate))
+                            for label in labels})
+
+
 def compare_predictors(reference: Predictor, candidate: Predictor, volumes: Sequence[Volume]) -> AgreementReport:
     """Segment each volume with both predictors (the model's plane, no TTA) and report the
     lowest Dice per label of ``reference.metadata.labels`` over the volumes."""
     if not volumes:
         raise ValueError("no check volumes: give at least one volume to compare the models on")
-    labels = reference.metadata.labels
-    dice = {label.name: 1.0 for label in labels}
-    for volume in volumes:
-        expected = reference.predict(volume).labels.array_kji
-        got = candidate.predict(volume).labels.array_kji
-        for label in labels:
-            dice[label.name] = min(dice[label.name], label_dice(expected, got, label.value))
-    return AgreementReport(dice)
+    return compare_label_maps([reference.predict(volume).labels.array_kji for volume in volumes],
+                              [candidate.predict(volume).labels.array_kji for volume in volumes],
+                              reference.metadata.labels)
 
 
 def quantize_unchecked(fp32_path: Path, int8_path: Path) -> None:
