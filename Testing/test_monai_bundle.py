@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 from nibabel.testing import data_path as NIBABEL_DATA
 
+from sam2unet_core.metrics import mask_dice
+
 REPO = Path(__file__).resolve().parents[1]
 SCANS = ("anatomical.nii", "reoriented_anat_moved.nii")  # LAS int16 and RAS float, big-endian
 INPUT_SIZE = 64
@@ -64,11 +66,6 @@ def _fitted_model(path: Path) -> Path:
         model.head.weight[2] = 2 * model.head.weight[1]
         model.head.bias[2] = 2 * model.head.bias[1] - 4.0
     return save_model(model, path)
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2.0 * (a & b).sum() / total)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +122,7 @@ def test_bundle_run_equals_sam2unet_predict_on_the_input_grid(case) -> None:
             fraction = float((predict_labels == value).mean())
             if 0.01 < fraction < 0.9:
                 seen.add(value)
-            dice = _dice(bundle_labels == value, predict_labels == value)
+            dice = mask_dice(bundle_labels == value, predict_labels == value)
             print(f"{name} label {value}: {fraction:.3f} of the voxels, Dice bundle vs predict {dice:.6f}")
             assert dice >= 0.999
     assert seen == {1, 2}  # both labels segment a real part of the scans
