@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import venv
@@ -21,15 +20,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from benchmarks.bench_install import copy_source
 from onnx_case import REPO, dice
 
 pytestmark = pytest.mark.slow
 
 ANATOMICAL = Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii"  # (33, 41, 25) int16 MR
 INPUT_SIZE = 64
-# what setup.py reads; copied so that the build leaves no build/ or egg-info in the work tree
-SOURCE_FILES = ("setup.py", "MANIFEST.in", "README.md", "requirements.txt", "requirements-onnx.txt",
-                "requirements-torch.txt", "requirements-dev.txt")
 PIP_NETWORK = ("--timeout", "20", "--retries", "2", "--disable-pip-version-check", "--no-input")
 INSTALL_TIMEOUT_S = 900  # --no-compile below: byte-compiling scipy & co. would double the install's CPU time
 
@@ -86,12 +83,8 @@ def torch_free_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh virtualenv with ``<copy of the work tree>[onnx]`` installed (non-editable);
     its ``bin`` folder."""
     folder = tmp_path_factory.mktemp("torch_free")
-    source = folder / "src"
-    source.mkdir()
-    for name in SOURCE_FILES:
-        shutil.copy2(REPO / name, source / name)
-    shutil.copytree(REPO / "sam2unet_core", source / "sam2unet_core",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    # a copy of what pip install reads, so that the build leaves no build/ or egg-info in the work tree
+    source = copy_source(folder / "src")
     venv.EnvBuilder(with_pip=True, system_site_packages=False).create(folder / "venv")
     python = folder / "venv" / "bin" / "python"
     try:
