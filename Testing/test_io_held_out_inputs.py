@@ -174,20 +174,19 @@ def test_an_unreadable_entry_alone_is_a_failed_case_not_no_images_found(
     assert str(link) in error and ("does not exist" in error or "loop" in error)
 
 
-def _world_readable_tree(folder: Path) -> None:
-    for root, dirs, files in os.walk(folder):
-        os.chmod(root, 0o777)
-        for name in files:
-            os.chmod(Path(root) / name, 0o644)
+# Root reads whatever the mode bits say through these two capabilities; a process started
+# without them (in its bounding and inheritable sets) obeys the bits as any user does. Unlike a
+# switch to another user, it still reaches a checkout inside a 0700 folder (mktemp -d).
+_NO_OVERRIDE = "-dac_override,-dac_read_search"
 
 
 @pytest.mark.skipif(shutil.which("setpriv") is None and os.geteuid() == 0,
                     reason="runs as root without setpriv: read permission bits do not stop root")
-def test_entries_without_read_permission_are_failed_cases_for_a_non_root_user(
+def test_entries_without_read_permission_are_failed_cases_for_a_user_bound_by_modes(
     checkpoint: Path,
 ) -> None:
     """A file and a DICOM series folder with mode 000 next to a good case, run by the real
-    ``sam2unet-predict`` as user 65534 (root reads whatever the mode says)."""
+    ``sam2unet-predict``; as root, without the capabilities that override mode bits."""
     work = Path(tempfile.mkdtemp(prefix="sam2unet-perm-", dir="/tmp"))
     try:
         inputs = work / "in"
@@ -196,13 +195,13 @@ def test_entries_without_read_permission_are_failed_cases_for_a_non_root_user(
         oblique_nifti(inputs / "secret_0000.nii.gz", "mm", 1)
         shutil.copytree(CT_SERIES, inputs / "ctseries")
         shutil.copy(checkpoint, work / "model.safetensors")
-        _world_readable_tree(work)
         os.chmod(inputs / "secret_0000.nii.gz", 0)
         os.chmod(inputs / "ctseries", 0)
         command = [str(CLI), "-i", str(inputs), "-o", str(work / "out"), "-m",
                    str(work / "model.safetensors"), "--device", "cpu", "--progress", "none"]
         if os.geteuid() == 0:
-            command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+            command = ["setpriv", f"--bounding-set={_NO_OVERRIDE}", f"--inh-caps={_NO_OVERRIDE}",
+                       *command]
         env = {**os.environ, "HOME": str(work), "PYTHONPATH": str(REPO),
                "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
