@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sam2unet_core import ModelMetadata, build_model, load_model, read_metadata, save_model
+from sam2unet_core import ModelMetadata, SAM2UNet, build_model, load_model, read_metadata, save_model
 from sam2unet_core.checkpoint import CheckpointError, load_sam2_trunk
 from sam2unet_core.metadata import Architecture, default_labels
 
@@ -118,6 +118,40 @@ def test_our_format_round_trips_weights_and_metadata(tmp_path, tiny_model):
     assert header["labels"] == [{"value": 1, "name": "polyp", "color": [230, 25, 75]}]
     assert read_metadata(path) == meta
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp file left
+
+
+def test_window_spec_round_trips_and_sam2_windows_are_not_written(tmp_path):
+    """A trunk with other attention windows saves and loads with them (same outputs); one with
+    SAM 2's windows writes no ``window_spec``, so versions that know none still read it."""
+    torch.manual_seed(0)
+    model = SAM2UNet("hiera_t", num_classes=3, freeze_encoder=False, window_spec=[8, 4, 6, 3]).eval()
+    meta = ModelMetadata(architecture=model.architecture, labels=default_labels(3), input_size=256)
+    loaded = load_model(save_model(model, tmp_path / "small_windows.safetensors", meta))
+    assert loaded.metadata.architecture.window_spec == [8, 4, 6, 3]
+    assert [len(block.block.attn.qkv.weight) for block in loaded.encoder.blocks] == \
+        [len(block.block.attn.qkv.weight) for block in model.encoder.blocks]
+    assert [block.block.window_size for block in loaded.encoder.blocks] == \
+        [block.block.window_size for block in model.encoder.blocks]
+    x = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+        sam2_windows = SAM2UNet("hiera_t", num_classes=3, freeze_encoder=False).eval()
+        sam2_windows.load_state_dict(model.state_dict())  # windows hold no weights
+        assert not torch.allclose(sam2_windows(x), model(x), atol=1e-4)
+    default = save_model(sam2_windows, tmp_path / "sam2_windows.safetensors",
+                         ModelMetadata(architecture=sam2_windows.architecture, labels=default_labels(3)))
+    with safe_open(str(default), framework="pt") as f:
+        assert "window_spec" not in json.loads(f.metadata()["sam2unet"])["architecture"]
+    assert read_metadata(default).architecture.window_spec == []
+
+
+def test_window_spec_mistakes_are_named():
+    with pytest.raises(ValueError, match="four window sides"):
+        Architecture("hiera_t", window_spec=[8, 4, 6]).validate()
+    with pytest.raises(ValueError, match="sides of stages 1-3 must be even"):
+        Architecture("hiera_t", window_spec=[8, 4, 3, 3]).validate()
+    with pytest.raises(ValueError, match="must stay 8 for hiera_t"):
+        SAM2UNet("hiera_t", window_spec=[4, 4, 6, 3])
 
 
 def test_save_refuses_metadata_of_another_architecture(tmp_path, tiny_model):

@@ -3,7 +3,7 @@ on real NIfTI files gives sam2unet-predict's label maps on the input grid, the m
 passes MONAI's verify_metadata offline, bad inputs fail clearly and leave nothing behind.
 
 The model: a random-weight hiera_t (3 classes, 2.5D with one slice of context, sagittal
-plane, percentile intensity) whose 1x1 head is fitted to the scans' bright tissue
+plane, percentile intensity, the demo recipe's attention windows) whose 1x1 head is fitted to the scans' bright tissue
 (``benchmarks.common.fit_head``), with label 2 for its most confident part, so both labels
 follow the anatomy and a wrong orientation or preprocessing in the bundle would show.
 """
@@ -50,7 +50,8 @@ def _fitted_model(path: Path) -> Path:
     from sam2unet_core.preprocessing import (apply_intensity, fit_intensity, normalize_channels, resize_batch,
                                              stack_slices, to_tensor)
 
-    metadata = ModelMetadata(architecture=Architecture("hiera_t", 3, 3), input_size=INPUT_SIZE,
+    metadata = ModelMetadata(architecture=Architecture("hiera_t", 3, 3, window_spec=[8, 4, 6, 3]),
+                             input_size=INPUT_SIZE,
                              intensity={"kind": "percentile", "lower": 0.5, "upper": 99.5},
                              mean=[0.5] * 3, std=[0.25] * 3, context_slices=1, plane="sagittal",
                              labels=[LabelInfo(1, "tissue", (200, 120, 90)), LabelInfo(2, "core", (60, 180, 75))])
@@ -144,6 +145,19 @@ def test_bundle_files_and_config_ids(case) -> None:
     assert [label["color"] for label in meta["labels"]] == [[200, 120, 90], [60, 180, 75]]
     readme = (bundle / "docs" / "README.md").read_text()
     assert "python -m monai.bundle run" in readme and "| 2 | core |" in readme and "sagittal" in readme
+
+
+def test_network_def_names_only_architecture_fields_the_metadata_holds() -> None:
+    """SAM 2's windows are not written in the metadata, so the network is built without them."""
+    from sam2unet_core.export.bundle import METADATA_ID, inference_config
+    from sam2unet_core.metadata import Architecture, ModelMetadata
+
+    for window_spec in ([], [8, 4, 6, 3]):
+        config = inference_config(ModelMetadata(architecture=Architecture("hiera_t", window_spec=window_spec)))
+        referenced = {key for key, value in config["network_def"].items() if key != "_target_"}
+        assert all(value.startswith(f"@{METADATA_ID}#architecture#") for key, value in config["network_def"].items()
+                   if key != "_target_")
+        assert referenced == set(config[METADATA_ID]["architecture"])
 
 
 def test_metadata_passes_monai_verify_metadata_offline(case, tmp_path: Path) -> None:

@@ -51,6 +51,9 @@ def test_overrides_are_yaml_values() -> None:
         (["augment.crop_size=100"], "augment.crop_size must be a multiple of 32"),
         (["augment.crop_size=352"], "augment.crop_size must be a multiple of 32 below data.input_size"),
         (["model.drop_path_rate=1"], r"model.drop_path_rate must be in \[0, 1\)"),
+        (["model.window_spec=[8, 4, 6]"], "model.window_spec must be empty or four window sides"),
+        (["model.window_spec=[8, 4, 6, 3]", "model.sam2_checkpoint=sam2_hiera_large.pt"],
+         "model.window_spec .* is for training from scratch"),
     ],
 )
 def test_mistakes_are_named(overrides: list[str], message: str) -> None:

@@ -104,10 +104,18 @@ class Architecture:
     num_classes: int = 1
     in_channels: int = 3
     freeze_encoder: bool = True  # frozen Hiera trunk + trainable adapters (the paper)
+    # Attention window side per Hiera stage, in tokens; [] = SAM 2's for the backbone.
+    window_spec: list[int] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.backbone not in BACKBONES:
             raise ValueError(f"backbone {self.backbone!r} is not one of {BACKBONES}")
+        if self.window_spec and (len(self.window_spec) != 4 or min(self.window_spec) < 1):
+            raise ValueError(f"window_spec must be empty or four window sides >= 1 (one per Hiera "
+                             f"stage), got {self.window_spec}")
+        if self.window_spec and any(side % 2 for side in self.window_spec[:3]):
+            raise ValueError(f"window_spec {self.window_spec}: the sides of stages 1-3 must be even (the "
+                             f"first block of the next stage halves them when it pools)")
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         if self.in_channels < 1:
@@ -236,6 +244,8 @@ class ModelMetadata:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["labels"] = [label.to_dict() for label in self.labels]
+        if not self.architecture.window_spec:  # SAM 2's windows: files that older versions read
+            del data["architecture"]["window_spec"]
         return data
 
     def to_json(self) -> str:

@@ -186,6 +186,9 @@ def inference_config(metadata: ModelMetadata, batch_size: int = 8) -> dict[str, 
     """``configs/inference.json``: the Model Zoo's ids; ``--dataset_dir IN --output_dir
     OUT`` (and any other id) can be overridden on the ``monai.bundle run`` command line."""
     architecture = f"@{METADATA_ID}#architecture#"
+    network_arguments = ["backbone", "num_classes", "in_channels", "freeze_encoder"]
+    if metadata.architecture.window_spec:  # written in the metadata only when set
+        network_arguments.append("window_spec")
     output_dtype = f"$numpy.{model_label_dtype(metadata.architecture.num_classes)}"
     return {
         "bundle_root": ".",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import yaml
@@ -50,13 +50,22 @@ def stage_channels(name: str) -> list[int]:
     return [embed_dim * 2**s for s in range(4)]
 
 
-def build_hiera_trunk(name: str, drop_path_rate: float = 0.0) -> nn.Module:
+def build_hiera_trunk(name: str, drop_path_rate: float = 0.0, window_spec: Sequence[int] = ()) -> nn.Module:
     """A randomly initialised Hiera trunk of the named size (weights are loaded separately);
-    ``drop_path_rate``: stochastic depth in training (0: none)."""
+    ``drop_path_rate``: stochastic depth in training (0: none); ``window_spec``: the side of
+    the attention windows of each of the four stages, in tokens (empty: SAM 2's, e.g.
+    ``[8, 4, 14, 7]`` for hiera_t). The windows hold no weights, except that the first side is
+    also that of a learned position embedding, so it cannot change."""
     # Imported here: importing sam2 initialises Hydra, which no caller should pay for at import.
     from sam2.modeling.backbones.hieradet import Hiera
 
-    return Hiera(**backbone_config(name), drop_path_rate=drop_path_rate)
+    config = backbone_config(name)
+    if window_spec:
+        if window_spec[0] != config["window_spec"][0]:
+            raise ValueError(f"window_spec {list(window_spec)}: the first side sizes a learned position "
+                             f"embedding and must stay {config['window_spec'][0]} for {name}")
+        config["window_spec"] = list(window_spec)
+    return Hiera(**config, drop_path_rate=drop_path_rate)
 
 
 def detect_backbone(trunk_state: dict[str, torch.Tensor], source: str = "checkpoint") -> str:

@@ -10,6 +10,8 @@ Differences from the official code, all opt-in except the first:
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,6 +41,9 @@ class SAM2UNet(nn.Module):
         drop_path_rate: stochastic depth of the Hiera blocks in training mode (block i
             skips its residual branches with probability ``drop_path_rate * i / (n - 1)``);
             the identity in eval mode, so it is not part of the saved architecture.
+        window_spec: attention window side of each Hiera stage in tokens; empty for SAM 2's
+            (``[8, 4, 14, 7]`` for hiera_t). Other sides change no weights; they suit a
+            trunk trained from scratch (``training/configs/demo_brain_cpu.yaml``).
 
     Input ``(B, in_channels, H, W)`` with H and W multiples of 32. In training mode the
     forward returns ``(main, aux1, aux2)``, in eval mode ``main`` only; each is a logit
@@ -53,15 +58,16 @@ class SAM2UNet(nn.Module):
         in_channels: int = 3,
         freeze_encoder: bool = True,
         drop_path_rate: float = 0.0,
+        window_spec: Sequence[int] = (),
     ) -> None:
         super().__init__()
-        self.architecture = Architecture(backbone, num_classes, in_channels, freeze_encoder)
+        self.architecture = Architecture(backbone, num_classes, in_channels, freeze_encoder, list(window_spec))
         self.architecture.validate()
         # labels, preprocessing and plane: set where checkpoints are built and loaded
         # (sam2unet_core.checkpoint.build_model / load_model); None for a bare network
         self.metadata: ModelMetadata | None = None
 
-        self.encoder = build_hiera_trunk(backbone, drop_path_rate)
+        self.encoder = build_hiera_trunk(backbone, drop_path_rate, window_spec)
         self.encoder.blocks = nn.ModuleList(
             HieraBlockAdapter(block, ADAPTER_BOTTLENECK) for block in self.encoder.blocks
         )

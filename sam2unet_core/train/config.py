@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from sam2unet_core.metadata import PREPROCESSING_FIELDS, ModelMetadata
+from sam2unet_core.metadata import PREPROCESSING_FIELDS, Architecture, ModelMetadata
 
 __all__ = [
     "DataConfig",
@@ -85,6 +85,10 @@ class ModelConfig:
     # Stochastic depth in training: Hiera block i skips its residual branches with probability
     # drop_path_rate * i / (blocks - 1) (SAM 2's rule); no effect on the trained model's output.
     drop_path_rate: float = 0.0
+    # Attention window side per Hiera stage in tokens, [] = SAM 2's ([8, 4, 14, 7] for hiera_t).
+    # From scratch only: SAM 2's weights were trained with SAM 2's windows. The first side
+    # cannot change (it sizes a position embedding).
+    window_spec: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -142,6 +146,14 @@ class TrainConfig:
                              f"({self.data.input_size}), or 0; got {crop}")
         if not 0.0 <= self.model.drop_path_rate < 1.0:
             raise ValueError(f"model.drop_path_rate must be in [0, 1), got {self.model.drop_path_rate}")
+        if self.model.window_spec and self.model.sam2_checkpoint:
+            raise ValueError(f"model.window_spec {self.model.window_spec} is for training from scratch: "
+                             f"SAM 2's weights were trained with SAM 2's windows; leave it empty with "
+                             f"model.sam2_checkpoint")
+        try:
+            Architecture(self.model.backbone, window_spec=self.model.window_spec).validate()
+        except ValueError as err:
+            raise ValueError(f"model.{err}") from err
         if self.run.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"run.amp must be auto, bf16 or off, got {self.run.amp!r}")
         if self.optim.epochs < 1 or self.optim.batch_size < 1:
