@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from sam2unet_core.demo import main
@@ -39,7 +40,11 @@ def test_demo_runs_end_to_end_and_reports_true_dice(tmp_path: Path, capsys) -> N
             assert f"{dice:.4f}" in printed
         overlay = Image.open(out / f"overlay_{row['case']}.png")
         assert overlay.mode == "RGB" and overlay.width > 3 * 40
-    assert (out / "model" / "best.safetensors").exists()
+    from sam2unet_core import read_metadata
+    from sam2unet_core.demo import DEFAULT_CONFIG
+
+    recipe_windows = yaml.safe_load(DEFAULT_CONFIG.read_text())["model"]["window_spec"]
+    assert recipe_windows and read_metadata(out / "model" / "best.safetensors").architecture.window_spec == recipe_windows
 
 
 SHORT = ["--device", "cpu", "--train-cases", "2", "--test-cases", "1", "--resolution-mm", "4", "optim.epochs=1",
@@ -53,7 +58,7 @@ def test_demo_trains_on_a_given_sam2_checkpoint_with_the_trunk_frozen(tmp_path: 
     from sam2unet_core import load_model, read_metadata
 
     meta = read_metadata(out / "model" / "best.safetensors")
-    assert meta.architecture.freeze_encoder
+    assert meta.architecture.freeze_encoder and meta.architecture.window_spec == []  # SAM 2's windows
     assert meta.provenance["config"]["model"]["sam2_checkpoint"] == str(sam2_checkpoint.resolve())
     # The trunk the model holds is the checkpoint's (frozen: training left it as loaded).
     state = torch.load(sam2_checkpoint, map_location="cpu", weights_only=True)["model"]

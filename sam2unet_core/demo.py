@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = [f"data.root={data_root}", f"run.output={out / 'model'}", f"run.device={device}"]
     if args.sam2 is not None:
-        overrides.append(f"model.sam2_checkpoint={args.sam2.resolve()}")
+        # the paper's recipe: SAM 2's weights keep SAM 2's attention windows
+        overrides += [f"model.sam2_checkpoint={args.sam2.resolve()}", "model.window_spec=[]"]
     if device.type == "cuda":  # a wall-clock box instead of the CPU one (a GPU process spins on the CPU)
         overrides += ["run.max_cpu_minutes=0", "run.max_minutes=10", "data.samples_per_epoch=1280"]
     config = load_config(args.config, overrides + args.overrides)
