@@ -47,10 +47,3 @@ def fitted_case(folder: Path) -> tuple[Path, Path]:
     image_path = folder / "phantom.nii.gz"
     nib.save(nib.Nifti1Image(volume, np.diag([0.8, 0.8, 2.0, 1.0])), image_path)
     return model_path, image_path
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of the foregrounds (label > 0) of two label arrays; 1 when both are empty."""
-    fa, fb = a > 0, b > 0
-    total = fa.sum() + fb.sum()
-    return 1.0 if total == 0 else float(2.0 * (fa & fb).sum() / total)

@@ -24,6 +24,7 @@ from train_data import write_polyp_folder
 from sam2unet_core import build_model, load_model, save_model
 from sam2unet_core.cli import predict
 from sam2unet_core.metadata import Architecture, ModelMetadata
+from sam2unet_core.metrics import mask_dice
 from sam2unet_core.train.config import load_config
 from sam2unet_core.train.resume import load_resume_state
 from sam2unet_core.train.trainer import train
@@ -39,12 +40,6 @@ NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 TINY_TRAIN = ["model.backbone=hiera_t", "data.input_size=64", "data.num_workers=0",
               "optim.batch_size=2", "run.resume_every_minutes=0", "run.log_every_steps=1",
               "data.val_fraction=0.25", "run.device=cuda"]
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    fa, fb = a > 0, b > 0
-    total = int(fa.sum() + fb.sum())
-    return 1.0 if total == 0 else 2.0 * int((fa & fb).sum()) / total
 
 
 def _predict(image: Path, model: Path, out: Path, *extra: str) -> tuple[np.ndarray, dict]:
@@ -88,7 +83,7 @@ def test_fp16_inference_agrees_with_fp32(fitted_case: tuple[Path, Path], tmp_pat
     assert "cuda" in summary["device"].lower()
     foreground = float((full > 0).mean())
     assert 0.05 < foreground < 0.6, f"the fitted model should segment the ellipses, got {foreground:.3f}"
-    assert _dice(mixed, full) >= 0.999
+    assert mask_dice(mixed > 0, full > 0) >= 0.999
 
 
 def test_device_auto_picks_cuda(fitted_case: tuple[Path, Path], tmp_path: Path) -> None:
