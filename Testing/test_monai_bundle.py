@@ -3,9 +3,10 @@ on real NIfTI files gives sam2unet-predict's label maps on the input grid, the m
 passes MONAI's verify_metadata offline, bad inputs fail clearly and leave nothing behind.
 
 The model: a random-weight hiera_t (3 classes, 2.5D with one slice of context, sagittal
-plane, percentile intensity, the demo recipe's attention windows) whose 1x1 head is fitted to the scans' bright tissue
-(``benchmarks.common.fit_head``), with label 2 for its most confident part, so both labels
-follow the anatomy and a wrong orientation or preprocessing in the bundle would show.
+plane, percentile intensity, the demo recipe's attention windows) whose 1x1 head is fitted
+to the scans' bright tissue (``benchmarks.common.fit_head``), with label 2 for its most
+confident part, so both labels follow the anatomy and a wrong orientation or preprocessing
+in the bundle would show.
 """
 
 from __future__ import annotations
@@ -154,10 +155,9 @@ def test_network_def_names_only_architecture_fields_the_metadata_holds() -> None
 
     for window_spec in ([], [8, 4, 6, 3]):
         config = inference_config(ModelMetadata(architecture=Architecture("hiera_t", window_spec=window_spec)))
-        referenced = {key for key, value in config["network_def"].items() if key != "_target_"}
-        assert all(value.startswith(f"@{METADATA_ID}#architecture#") for key, value in config["network_def"].items()
-                   if key != "_target_")
-        assert referenced == set(config[METADATA_ID]["architecture"])
+        arguments = {key: value for key, value in config["network_def"].items() if key != "_target_"}
+        assert all(value.startswith(f"@{METADATA_ID}#architecture#") for value in arguments.values())
+        assert set(arguments) == set(config[METADATA_ID]["architecture"])
 
 
 def test_metadata_passes_monai_verify_metadata_offline(case, tmp_path: Path) -> None:

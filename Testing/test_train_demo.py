@@ -14,7 +14,8 @@ import torch
 import yaml
 from PIL import Image
 
-from sam2unet_core.demo import main
+from sam2unet_core import read_metadata
+from sam2unet_core.demo import DEFAULT_CONFIG, main
 
 
 @pytest.mark.slow
@@ -40,9 +41,6 @@ def test_demo_runs_end_to_end_and_reports_true_dice(tmp_path: Path, capsys) -> N
             assert f"{dice:.4f}" in printed
         overlay = Image.open(out / f"overlay_{row['case']}.png")
         assert overlay.mode == "RGB" and overlay.width > 3 * 40
-    from sam2unet_core import read_metadata
-    from sam2unet_core.demo import DEFAULT_CONFIG
-
     recipe_windows = yaml.safe_load(DEFAULT_CONFIG.read_text())["model"]["window_spec"]
     assert recipe_windows and read_metadata(out / "model" / "best.safetensors").architecture.window_spec == recipe_windows
 
@@ -55,7 +53,7 @@ SHORT = ["--device", "cpu", "--train-cases", "2", "--test-cases", "1", "--resolu
 def test_demo_trains_on_a_given_sam2_checkpoint_with_the_trunk_frozen(tmp_path: Path, sam2_checkpoint: Path) -> None:
     out = tmp_path / "demo"
     assert main(["--out", str(out), "--sam2", str(sam2_checkpoint), *SHORT]) == 0
-    from sam2unet_core import load_model, read_metadata
+    from sam2unet_core import load_model
 
     meta = read_metadata(out / "model" / "best.safetensors")
     assert meta.architecture.freeze_encoder and meta.architecture.window_spec == []  # SAM 2's windows
