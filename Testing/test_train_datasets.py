@@ -140,6 +140,25 @@ def test_crop_size_trains_on_windows_of_the_network_size_sample(tmp_path: Path) 
     assert cropped.val[0]["image"].shape == (3, 64, 64)
 
 
+def test_train_size_trains_at_its_own_scale_and_validates_at_input_size(tmp_path: Path) -> None:
+    """augment.train_size: training samples are the slices resized to train_size, exactly as
+    with data.input_size=train_size; validation slices stay at data.input_size."""
+    root = write_msd_dataset(tmp_path / "d", 3)
+    common = [f"data.root={root}", *VOLUME_OVERRIDES, "data.samples_per_epoch=6"]
+    coarse = build_training_data(load_config(None, [*common, "augment.train_size=32"]))
+    small = build_training_data(load_config(None, [*common, "data.input_size=32"]))
+    for i in range(6):
+        torch.testing.assert_close(coarse.train[i]["image"], small.train[i]["image"], rtol=0, atol=0)
+        torch.testing.assert_close(coarse.train[i]["label"], small.train[i]["label"], rtol=0, atol=0)
+    assert coarse.train[0]["image"].shape == (3, 32, 32)
+    assert coarse.val[0]["image"].shape == (3, 64, 64)
+    pictures = write_polyp_folder(tmp_path / "Kvasir", 4)
+    polyp = build_training_data(load_config(None, [f"data.root={pictures}", "data.input_size=64", "data.num_workers=0",
+                                                   "augment.train_size=32", "data.val_fraction=0.25"]))
+    assert polyp.train[0]["image"].shape == (3, 32, 32) and polyp.train[0]["label"].shape == (1, 32, 32)
+    assert polyp.val[0]["image"].shape == (3, 64, 64)
+
+
 def test_labels_outside_dataset_json_are_rejected(tmp_path: Path) -> None:
     root = write_msd_dataset(tmp_path / "d", 3)
     path = root / "labelsTr" / "case_002.nii.gz"

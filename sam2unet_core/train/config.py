@@ -72,6 +72,11 @@ class AugmentConfig:
     # Train on random crop_size x crop_size windows of the augmented input_size samples
     # (a multiple of 32, < data.input_size; 0 = off); validation and inference see whole slices.
     crop_size: int = 0
+    # Side the training samples are resized to before augmentation; 0 = data.input_size.
+    # Below data.input_size, the model learns at a coarser scale than it predicts at, so its
+    # output (a quarter of the input side) is finer at inference ("FixRes", Touvron et al.
+    # 2019). A multiple of 32 unless crop_size is set; validation sees data.input_size.
+    train_size: int = 0
 
 
 @dataclass
@@ -140,10 +145,14 @@ class TrainConfig:
             raise ValueError(f"data.cache must be memory, disk or none, got {self.data.cache!r}")
         if not 0.0 <= self.data.foreground_fraction <= 1.0:
             raise ValueError(f"data.foreground_fraction must be in [0, 1], got {self.data.foreground_fraction}")
-        crop = self.augment.crop_size
-        if crop and (crop % 32 or not 0 < crop < self.data.input_size):
-            raise ValueError(f"augment.crop_size must be a multiple of 32 below data.input_size "
-                             f"({self.data.input_size}), or 0; got {crop}")
+        crop, train_size = self.augment.crop_size, self.augment.train_size
+        train_side = train_size or self.data.input_size
+        if crop and (crop % 32 or not 0 < crop < train_side):
+            raise ValueError(f"augment.crop_size must be a multiple of 32 below the training side "
+                             f"(augment.train_size or data.input_size: {train_side}), or 0; got {crop}")
+        if train_size < 0 or (train_size and not crop and train_size % 32):
+            raise ValueError(f"augment.train_size must be 0 (data.input_size) or, without augment.crop_size, "
+                             f"a multiple of 32; got {train_size}")
         if not 0.0 <= self.model.drop_path_rate < 1.0:
             raise ValueError(f"model.drop_path_rate must be in [0, 1), got {self.model.drop_path_rate}")
         if self.model.window_spec and self.model.sam2_checkpoint:

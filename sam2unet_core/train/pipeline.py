@@ -142,8 +142,10 @@ def build_training_data(config: TrainConfig) -> TrainingData:
     val_base = _cached(val_cases, Compose(load), config, "val")
     normalize = NormalizeChannelsd(data.mean, data.std)
     augment = augmentation_transforms(config.augment)
+    train_side = config.augment.train_size or data.input_size
     if picture:
-        train = SeededSamples(len(train_base), _PickImage(train_base), Compose([*augment, normalize]), seed)
+        rescale = [ResizeToNetworkd(train_side)] if train_side != data.input_size else []
+        train = SeededSamples(len(train_base), _PickImage(train_base), Compose([*rescale, *augment, normalize]), seed)
         val: torch.utils.data.Dataset = _AllSlices(val_base, Compose([normalize]))
     else:
         # Read once: with data.cache=none every base[i] loads the volume again.
@@ -152,10 +154,10 @@ def build_training_data(config: TrainConfig) -> TrainingData:
         _check_labels([val_base[i]["label"] for i in range(len(val_base))], val_cases, num_values)
         plan = slice_plan(train_labels)
         length = data.samples_per_epoch or sum(n for n, _ in plan)
-        slice_steps = [StackSlicesd(context, in_channels), ResizeToNetworkd(data.input_size)]
+        stack = StackSlicesd(context, in_channels)
         train = SeededSamples(length, _PickSlice(train_base, plan, data.foreground_fraction),
-                              Compose([*slice_steps, *augment, normalize]), seed)
-        val = _AllSlices(val_base, Compose([*slice_steps, normalize]))
+                              Compose([stack, ResizeToNetworkd(train_side), *augment, normalize]), seed)
+        val = _AllSlices(val_base, Compose([stack, ResizeToNetworkd(data.input_size), normalize]))
     facts = {
         "dataset": str(Path(data.root).resolve()),
         "plane": data.plane if not picture else None,
