@@ -35,7 +35,7 @@ from sam2unet_core.preprocessing import apply_intensity, fit_intensity, normaliz
 MAX_LOGIT_DIFF = 1e-4
 MAX_PROBABILITY_DIFF = 1e-5
 # The demo's recipe cut to 24 steps of 64 px slices (whole slices, per-epoch cosine, no time box).
-SHORT_TRAINING = ["data.input_size=64", "augment.crop_size=0", "optim.batch_size=4", "data.samples_per_epoch=48",
+SHORT_TRAINING = ["data.input_size=64", "augment.crop_size=0", "augment.train_size=0", "optim.batch_size=4", "data.samples_per_epoch=48",
                   "optim.epochs=2", "optim.schedule=epochs", "optim.warmup_steps=0", "data.val_fraction=0.5",
                   "run.max_minutes=0", "run.max_cpu_minutes=0", "run.resume_every_minutes=0", "run.device=cpu"]
 

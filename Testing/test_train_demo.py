@@ -23,7 +23,7 @@ def test_demo_runs_end_to_end_and_reports_true_dice(tmp_path: Path, capsys) -> N
     out = tmp_path / "demo"
     rc = main(["--out", str(out), "--device", "cpu", "--train-cases", "2", "--test-cases", "1",
                "--resolution-mm", "4", "optim.epochs=1", "data.samples_per_epoch=8", "data.input_size=64", "augment.crop_size=32",
-               "optim.batch_size=4", "data.val_fraction=0.5"])
+               "augment.train_size=56", "optim.batch_size=4", "data.val_fraction=0.5"])
     assert rc == 0
     data = out / "Dataset001_MNIBrain"
     assert json.loads((data / "dataset.json").read_text())["labels"]["white_matter"] == 2
@@ -42,11 +42,15 @@ def test_demo_runs_end_to_end_and_reports_true_dice(tmp_path: Path, capsys) -> N
         overlay = Image.open(out / f"overlay_{row['case']}.png")
         assert overlay.mode == "RGB" and overlay.width > 3 * 40
     recipe_windows = yaml.safe_load(DEFAULT_CONFIG.read_text())["model"]["window_spec"]
-    assert recipe_windows and read_metadata(out / "model" / "best.safetensors").architecture.window_spec == recipe_windows
+    meta = read_metadata(out / "model" / "best.safetensors")
+    assert recipe_windows and meta.architecture.window_spec == recipe_windows
+    # trained on 56 px slices (augment.train_size), predicts at 64 px (data.input_size)
+    assert meta.input_size == 64 and meta.provenance["config"]["augment"]["train_size"] == 56
 
 
 SHORT = ["--device", "cpu", "--train-cases", "2", "--test-cases", "1", "--resolution-mm", "4", "optim.epochs=1",
-         "data.samples_per_epoch=4", "data.input_size=64", "augment.crop_size=32", "optim.batch_size=4", "data.val_fraction=0.5"]
+         "data.samples_per_epoch=4", "data.input_size=64", "augment.crop_size=32", "augment.train_size=56", "optim.batch_size=4",
+         "data.val_fraction=0.5"]
 
 
 @pytest.mark.slow
