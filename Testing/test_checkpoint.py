@@ -145,6 +145,40 @@ def test_window_spec_round_trips_and_sam2_windows_are_not_written(tmp_path):
     assert read_metadata(default).architecture.window_spec == []
 
 
+def test_full_resolution_head_round_trips_and_the_papers_head_is_not_written(tmp_path):
+    """A model with the full-resolution head saves and loads with it (same outputs); the paper's
+    head (0) writes no ``full_res_channels``. The head's stem sees single input pixels: a change
+    of one pixel moves the logits there more than 4 pixels away, which the paper's stride-4
+    head, up-sampled bilinearly, cannot tell apart."""
+    torch.manual_seed(0)
+    model = SAM2UNet("hiera_t", num_classes=3, freeze_encoder=False, full_res_channels=8).eval()
+    paper = SAM2UNet("hiera_t", num_classes=3, freeze_encoder=False).eval()
+    head_parameters = sum(p.numel() for p in model.head.parameters())
+    assert sum(p.numel() for p in model.parameters()) - head_parameters == \
+        sum(p.numel() for p in paper.parameters()) - sum(p.numel() for p in paper.head.parameters())
+    meta = ModelMetadata(architecture=model.architecture, labels=default_labels(3), input_size=64)
+    path = save_model(model, tmp_path / "full_res.safetensors", meta)
+    with safe_open(str(path), framework="pt") as f:
+        assert json.loads(f.metadata()["sam2unet"])["architecture"]["full_res_channels"] == 8
+    loaded = load_model(path)
+    assert loaded.metadata.architecture.full_res_channels == 8
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+        for network in (model, paper):
+            y = x.clone()
+            y[0, :, 30, 30] += 5.0
+            change = (network(y) - network(x)).abs()[0].amax(0)
+            ratio = change[30, 30] / change[30, 36]  # the changed pixel against one 6 px away
+            assert (ratio > 2) == (network is model), float(ratio)
+    default = save_model(paper, tmp_path / "paper.safetensors",
+                         ModelMetadata(architecture=paper.architecture, labels=default_labels(3)))
+    with safe_open(str(default), framework="pt") as f:
+        assert "full_res_channels" not in json.loads(f.metadata()["sam2unet"])["architecture"]
+    with pytest.raises(ValueError, match="full_res_channels must be 0"):
+        Architecture("hiera_t", full_res_channels=-1).validate()
+
+
 def test_window_spec_mistakes_are_named():
     with pytest.raises(ValueError, match="four window sides"):
         Architecture("hiera_t", window_spec=[8, 4, 6]).validate()

@@ -149,12 +149,14 @@ def test_bundle_files_and_config_ids(case) -> None:
 
 
 def test_network_def_names_only_architecture_fields_the_metadata_holds() -> None:
-    """SAM 2's windows are not written in the metadata, so the network is built without them."""
+    """SAM 2's windows and the paper's head are not written in the metadata, so the network is
+    built without them."""
     from sam2unet_core.export.bundle import METADATA_ID, inference_config
     from sam2unet_core.metadata import Architecture, ModelMetadata
 
-    for window_spec in ([], [8, 4, 6, 3]):
-        config = inference_config(ModelMetadata(architecture=Architecture("hiera_t", window_spec=window_spec)))
+    for architecture in (Architecture("hiera_t"), Architecture("hiera_t", window_spec=[8, 4, 6, 3]),
+                         Architecture("hiera_t", full_res_channels=16)):
+        config = inference_config(ModelMetadata(architecture=architecture))
         arguments = {key: value for key, value in config["network_def"].items() if key != "_target_"}
         assert all(value.startswith(f"@{METADATA_ID}#architecture#") for value in arguments.values())
         assert set(arguments) == set(config[METADATA_ID]["architecture"])

@@ -54,6 +54,7 @@ def test_overrides_are_yaml_values() -> None:
         (["augment.train_size=300"], "augment.train_size must be 0 .* a multiple of 32"),
         (["model.drop_path_rate=1"], r"model.drop_path_rate must be in \[0, 1\)"),
         (["model.window_spec=[8, 4, 6]"], "model.window_spec must be empty or four window sides"),
+        (["model.full_res_channels=-1"], "model.full_res_channels must be 0"),
         (["model.window_spec=[8, 4, 6, 3]", "model.sam2_checkpoint=sam2_hiera_large.pt"],
          "model.window_spec .* is for training from scratch"),
     ],

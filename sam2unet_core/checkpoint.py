@@ -256,7 +256,8 @@ def build_model(metadata: ModelMetadata, sam2_checkpoint: str | os.PathLike | No
     metadata.validate()
     arch = metadata.architecture
     model = SAM2UNet(arch.backbone, arch.num_classes, arch.in_channels, arch.freeze_encoder,
-                     drop_path_rate=drop_path_rate, window_spec=arch.window_spec)
+                     drop_path_rate=drop_path_rate, window_spec=arch.window_spec,
+                     full_res_channels=arch.full_res_channels)
     model.metadata = dataclasses.replace(metadata, architecture=model.architecture)  # one object
     if sam2_checkpoint is not None:
         load_sam2_trunk(model, sam2_checkpoint)

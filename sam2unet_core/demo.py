@@ -174,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = [f"data.root={data_root}", f"run.output={out / 'model'}", f"run.device={device}"]
     if args.sam2 is not None:
-        # the paper's recipe: SAM 2's weights keep SAM 2's attention windows
-        overrides += [f"model.sam2_checkpoint={args.sam2.resolve()}", "model.window_spec=[]"]
+        # the paper's recipe: SAM 2's weights keep SAM 2's attention windows and the paper's head
+        overrides += [f"model.sam2_checkpoint={args.sam2.resolve()}", "model.window_spec=[]",
+                      "model.full_res_channels=0"]
     if device.type == "cuda":  # a wall-clock box instead of the CPU one (a GPU process spins on the CPU)
         overrides += ["run.max_cpu_minutes=0", "run.max_minutes=10", "data.samples_per_epoch=1280"]
     config = load_config(args.config, overrides + args.overrides)

@@ -106,6 +106,8 @@ class Architecture:
     freeze_encoder: bool = True  # frozen Hiera trunk + trainable adapters (the paper)
     # Attention window side per Hiera stage, in tokens; [] = SAM 2's for the backbone.
     window_spec: list[int] = field(default_factory=list)
+    # Width of the full-resolution head; 0 = the paper's head (logits at stride 4).
+    full_res_channels: int = 0
 
     def validate(self) -> None:
         if self.backbone not in BACKBONES:
@@ -120,6 +122,8 @@ class Architecture:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         if self.in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {self.in_channels}")
+        if self.full_res_channels < 0:
+            raise ValueError(f"full_res_channels must be 0 (the paper's head) or >= 1, got {self.full_res_channels}")
 
 
 @dataclass(frozen=True)
@@ -244,8 +248,11 @@ class ModelMetadata:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["labels"] = [label.to_dict() for label in self.labels]
-        if not self.architecture.window_spec:  # SAM 2's windows: files that older versions read
+        # Options left at the paper's values are not written: files that older versions read.
+        if not self.architecture.window_spec:
             del data["architecture"]["window_spec"]
+        if not self.architecture.full_res_channels:
+            del data["architecture"]["full_res_channels"]
         return data
 
     def to_json(self) -> str:

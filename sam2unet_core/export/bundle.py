@@ -187,8 +187,9 @@ def inference_config(metadata: ModelMetadata, batch_size: int = 8) -> dict[str, 
     OUT`` (and any other id) can be overridden on the ``monai.bundle run`` command line."""
     architecture = f"@{METADATA_ID}#architecture#"
     network_arguments = ["backbone", "num_classes", "in_channels", "freeze_encoder"]
-    if metadata.architecture.window_spec:  # written in the metadata only when set
-        network_arguments.append("window_spec")
+    for option in ("window_spec", "full_res_channels"):  # written in the metadata only when set
+        if getattr(metadata.architecture, option):
+            network_arguments.append(option)
     output_dtype = f"$numpy.{model_label_dtype(metadata.architecture.num_classes)}"
     return {
         "bundle_root": ".",

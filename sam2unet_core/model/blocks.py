@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["HieraBlockAdapter", "ConvBN", "RFBModified", "DoubleConv", "UpBlock"]
+__all__ = ["HieraBlockAdapter", "ConvBN", "RFBModified", "DoubleConv", "UpBlock", "FullResolutionHead"]
 
 
 class HieraBlockAdapter(nn.Module):
@@ -121,3 +121,26 @@ class UpBlock(nn.Module):
     def forward(self, deep: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         up = F.interpolate(deep, size=skip.shape[-2:], mode="bilinear", align_corners=True)
         return self.conv(torch.cat([skip, up], dim=1))
+
+
+class FullResolutionHead(nn.Module):
+    """Logits at the input's resolution (not part of the paper; for training from scratch).
+
+    A two-conv stem (3x3 conv, BN, ReLU twice) reads the input image at full resolution;
+    its ``channels`` maps are concatenated with the stride-4 decoder map up-sampled
+    bilinearly to the input size, fused by a ``DoubleConv`` of ``2 * channels`` and turned
+    into logits by a 1x1 conv. The paper's head is the 1x1 conv on the stride-4 map, then
+    bilinear up-sampling: its logits cannot place a boundary finer than 4 input pixels.
+
+    ``image (B, C_in, H, W)``, ``decoder (B, C_d, H/4, W/4)`` -> ``(B, num_classes, H, W)``.
+    """
+
+    def __init__(self, in_channels: int, decoder_channels: int, channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.stem = DoubleConv(in_channels, channels, channels)
+        self.fuse = DoubleConv(decoder_channels + channels, 2 * channels, 2 * channels)
+        self.logits = nn.Conv2d(2 * channels, num_classes, kernel_size=1)
+
+    def forward(self, image: torch.Tensor, decoder: torch.Tensor) -> torch.Tensor:
+        up = F.interpolate(decoder, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        return self.logits(self.fuse(torch.cat([self.stem(image), up], dim=1)))

@@ -5,7 +5,9 @@ Differences from the official code, all opt-in except the first:
     * the unused fourth up block is left out (DDP then needs no find_unused_parameters);
     * ``num_classes > 1`` gives softmax logits with background as channel 0;
     * ``in_channels != 3`` (grey CT/MR, 2.5D slice stacks) replaces the patch embedding;
-    * ``freeze_encoder=False`` trains the whole encoder (use it without SAM 2 weights).
+    * ``freeze_encoder=False`` trains the whole encoder (use it without SAM 2 weights);
+    * ``full_res_channels > 0`` computes the logits at the input's resolution
+      (``FullResolutionHead``) instead of at stride 4.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..metadata import Architecture, ModelMetadata
-from .blocks import HieraBlockAdapter, RFBModified, UpBlock
+from .blocks import FullResolutionHead, HieraBlockAdapter, RFBModified, UpBlock
 from .hiera import build_hiera_trunk, stage_channels
 
 __all__ = ["SAM2UNet"]
@@ -44,6 +46,10 @@ class SAM2UNet(nn.Module):
         window_spec: attention window side of each Hiera stage in tokens; empty for SAM 2's
             (``[8, 4, 14, 7]`` for hiera_t). Other sides change no weights; they suit a
             trunk trained from scratch (``training/configs/demo_brain_cpu.yaml``).
+        full_res_channels: 0 for the paper's head (1x1 conv on the stride-4 decoder map,
+            bilinear up-sampling); c > 0 for a ``FullResolutionHead`` of width c, whose stem
+            reads the input at full resolution (``head.*`` weights then differ from the
+            official code's).
 
     Input ``(B, in_channels, H, W)`` with H and W multiples of 32. In training mode the
     forward returns ``(main, aux1, aux2)``, in eval mode ``main`` only; each is a logit
@@ -59,9 +65,11 @@ class SAM2UNet(nn.Module):
         freeze_encoder: bool = True,
         drop_path_rate: float = 0.0,
         window_spec: Sequence[int] = (),
+        full_res_channels: int = 0,
     ) -> None:
         super().__init__()
-        self.architecture = Architecture(backbone, num_classes, in_channels, freeze_encoder, list(window_spec))
+        self.architecture = Architecture(backbone, num_classes, in_channels, freeze_encoder, list(window_spec),
+                                         full_res_channels)
         self.architecture.validate()
         # labels, preprocessing and plane: set where checkpoints are built and loaded
         # (sam2unet_core.checkpoint.build_model / load_model); None for a bare network
@@ -88,7 +96,11 @@ class SAM2UNet(nn.Module):
         self.up3 = UpBlock(2 * width, width)
         self.side1 = nn.Conv2d(width, num_classes, kernel_size=1)
         self.side2 = nn.Conv2d(width, num_classes, kernel_size=1)
-        self.head = nn.Conv2d(width, num_classes, kernel_size=1)
+        self.head: nn.Module
+        if full_res_channels:
+            self.head = FullResolutionHead(in_channels, width, full_res_channels, num_classes)
+        else:
+            self.head = nn.Conv2d(width, num_classes, kernel_size=1)
 
         self.set_encoder_trainable(not freeze_encoder)
 
@@ -124,7 +136,10 @@ class SAM2UNet(nn.Module):
         d3 = self.up1(x4, x3)  # stride 16
         d2 = self.up2(d3, x2)  # stride 8
         d1 = self.up3(d2, x1)  # stride 4
-        main = F.interpolate(self.head(d1), size=size, mode="bilinear", align_corners=False)
+        if self.architecture.full_res_channels:
+            main = self.head(x, d1)
+        else:
+            main = F.interpolate(self.head(d1), size=size, mode="bilinear", align_corners=False)
         if not self.training:
             return main
         aux1 = F.interpolate(self.side1(d3), size=size, mode="bilinear", align_corners=False)

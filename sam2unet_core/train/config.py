@@ -94,6 +94,10 @@ class ModelConfig:
     # From scratch only: SAM 2's weights were trained with SAM 2's windows. The first side
     # cannot change (it sizes a position embedding).
     window_spec: list[int] = field(default_factory=list)
+    # 0: the paper's head (logits at stride 4, up-sampled). c > 0: a full-resolution head of
+    # width c (a two-conv stem on the input fused with the decoder), for training from scratch
+    # at low resolution: the logits can then follow boundaries finer than 4 input pixels.
+    full_res_channels: int = 0
 
 
 @dataclass
@@ -160,7 +164,8 @@ class TrainConfig:
                              f"SAM 2's weights were trained with SAM 2's windows; leave it empty with "
                              f"model.sam2_checkpoint")
         try:
-            Architecture(self.model.backbone, window_spec=self.model.window_spec).validate()
+            Architecture(self.model.backbone, window_spec=self.model.window_spec,
+                         full_res_channels=self.model.full_res_channels).validate()
         except ValueError as err:
             raise ValueError(f"model.{err}") from err
         if self.run.amp not in ("auto", "bf16", "off"):

@@ -106,7 +106,8 @@ def _barrier(d: _Dist) -> None:
 def _metadata(config: TrainConfig, data: TrainingData) -> ModelMetadata:
     pretrained = bool(config.model.sam2_checkpoint)
     arch = Architecture(config.model.backbone, data.num_classes, data.in_channels, freeze_encoder=pretrained,
-                        window_spec=list(config.model.window_spec))
+                        window_spec=list(config.model.window_spec),
+                        full_res_channels=config.model.full_res_channels)
     meta = ModelMetadata(
         architecture=arch,
         labels=default_labels(data.num_classes, data.label_names, config.model.label_terms),
