@@ -249,10 +249,9 @@ class ModelMetadata:
         data = asdict(self)
         data["labels"] = [label.to_dict() for label in self.labels]
         # Options left at the paper's values are not written: files that older versions read.
-        if not self.architecture.window_spec:
-            del data["architecture"]["window_spec"]
-        if not self.architecture.full_res_channels:
-            del data["architecture"]["full_res_channels"]
+        for option in ("window_spec", "full_res_channels"):
+            if not data["architecture"][option]:
+                del data["architecture"][option]
         return data
 
     def to_json(self) -> str:

@@ -186,10 +186,8 @@ def inference_config(metadata: ModelMetadata, batch_size: int = 8) -> dict[str, 
     """``configs/inference.json``: the Model Zoo's ids; ``--dataset_dir IN --output_dir
     OUT`` (and any other id) can be overridden on the ``monai.bundle run`` command line."""
     architecture = f"@{METADATA_ID}#architecture#"
-    network_arguments = ["backbone", "num_classes", "in_channels", "freeze_encoder"]
-    for option in ("window_spec", "full_res_channels"):  # written in the metadata only when set
-        if getattr(metadata.architecture, option):
-            network_arguments.append(option)
+    metadata_dict = metadata.to_dict()
+    network_arguments = list(metadata_dict["architecture"])  # the fields the metadata writes
     output_dtype = f"$numpy.{model_label_dtype(metadata.architecture.num_classes)}"
     return {
         "bundle_root": ".",
@@ -197,7 +195,7 @@ def inference_config(metadata: ModelMetadata, batch_size: int = 8) -> dict[str, 
         "output_dir": "$@bundle_root + '/eval'",
         "output_postfix": "seg",
         "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
-        METADATA_ID: metadata.to_dict(),
+        METADATA_ID: metadata_dict,
         "network_def": {
             "_target_": f"{SAM2UNet.__module__}.SAM2UNet",
             **{name: architecture + name for name in network_arguments},
