@@ -148,10 +148,11 @@ def test_window_spec_round_trips_and_sam2_windows_are_not_written(tmp_path):
 def test_full_resolution_head_round_trips_and_the_papers_head_is_not_written(tmp_path):
     """A model with the full-resolution head saves and loads with it (same outputs); the paper's
     head (0) writes no ``full_res_channels``. The head's stem sees single input pixels: a change
-    of one pixel moves the logits there more than 4 pixels away, which the paper's stride-4
-    head, up-sampled bilinearly, cannot tell apart."""
+    of one pixel moves the logits there far more than 6 pixels away (21-400x over seeds 0-3),
+    which the paper's stride-4 head, up-sampled bilinearly, cannot tell apart (1.6-2.8x)."""
     torch.manual_seed(0)
     model = SAM2UNet("hiera_t", num_classes=3, freeze_encoder=False, full_res_channels=8).eval()
+    torch.manual_seed(0)
     paper = SAM2UNet("hiera_t", num_classes=3, freeze_encoder=False).eval()
     head_parameters = sum(p.numel() for p in model.head.parameters())
     assert sum(p.numel() for p in model.parameters()) - head_parameters == \
@@ -170,7 +171,7 @@ def test_full_resolution_head_round_trips_and_the_papers_head_is_not_written(tmp
             y[0, :, 30, 30] += 5.0
             change = (network(y) - network(x)).abs()[0].amax(0)
             ratio = change[30, 30] / change[30, 36]  # the changed pixel against one 6 px away
-            assert (ratio > 2) == (network is model), float(ratio)
+            assert (ratio > 10) == (network is model), float(ratio)
     default = save_model(paper, tmp_path / "paper.safetensors",
                          ModelMetadata(architecture=paper.architecture, labels=default_labels(3)))
     with safe_open(str(default), framework="pt") as f:

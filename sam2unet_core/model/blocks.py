@@ -126,11 +126,13 @@ class UpBlock(nn.Module):
 class FullResolutionHead(nn.Module):
     """Logits at the input's resolution (not part of the paper; for training from scratch).
 
-    A two-conv stem (3x3 conv, BN, ReLU twice) reads the input image at full resolution;
-    its ``channels`` maps are concatenated with the stride-4 decoder map up-sampled
-    bilinearly to the input size, fused by a ``DoubleConv`` of ``2 * channels`` and turned
-    into logits by a 1x1 conv. The paper's head is the 1x1 conv on the stride-4 map, then
-    bilinear up-sampling: its logits cannot place a boundary finer than 4 input pixels.
+    A two-conv stem (3x3 conv, BN, ReLU twice) reads the input image at full resolution
+    into ``channels`` maps. The stride-4 decoder map is projected to ``channels`` maps by a
+    1x1 conv *before* it is up-sampled bilinearly to the input size (projecting first makes
+    the head 3x cheaper than fusing all decoder channels at full resolution). The two are
+    concatenated, fused by a ``DoubleConv`` and turned into logits by a 1x1 conv. The paper's
+    head is the 1x1 conv on the stride-4 map, then bilinear up-sampling: its logits cannot
+    place a boundary finer than 4 input pixels.
 
     ``image (B, C_in, H, W)``, ``decoder (B, C_d, H/4, W/4)`` -> ``(B, num_classes, H, W)``.
     """
@@ -138,9 +140,10 @@ class FullResolutionHead(nn.Module):
     def __init__(self, in_channels: int, decoder_channels: int, channels: int, num_classes: int) -> None:
         super().__init__()
         self.stem = DoubleConv(in_channels, channels, channels)
-        self.fuse = DoubleConv(decoder_channels + channels, 2 * channels, 2 * channels)
-        self.logits = nn.Conv2d(2 * channels, num_classes, kernel_size=1)
+        self.project = nn.Conv2d(decoder_channels, channels, kernel_size=1)
+        self.fuse = DoubleConv(2 * channels, channels, channels)
+        self.logits = nn.Conv2d(channels, num_classes, kernel_size=1)
 
     def forward(self, image: torch.Tensor, decoder: torch.Tensor) -> torch.Tensor:
-        up = F.interpolate(decoder, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        up = F.interpolate(self.project(decoder), size=image.shape[-2:], mode="bilinear", align_corners=False)
         return self.logits(self.fuse(torch.cat([self.stem(image), up], dim=1)))
