@@ -127,7 +127,9 @@ def test_max_logit_difference_on_real_slices(trained) -> None:
         worst = max(worst, float(np.abs(onnx_logits - torch_logits).max()))
         scale = max(scale, float(np.abs(torch_logits).max()))
     print(f"max logit difference ONNX Runtime vs torch: {worst:.2e} (logits up to {scale:.1f})")
-    assert scale > 1.0  # the trained network is confident somewhere
+    # The bound means something only for logits far above it (the segmentation itself is
+    # checked by test_the_trained_model_segments_the_held_out_brains).
+    assert scale > 1e3 * MAX_LOGIT_DIFF
     assert worst < MAX_LOGIT_DIFF
 
 
