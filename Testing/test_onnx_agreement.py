@@ -34,9 +34,9 @@ from sam2unet_core.preprocessing import apply_intensity, fit_intensity, normaliz
 # Bounds stated in the README ("ONNX export and torch-free inference"): fp32 ORT vs torch.
 MAX_LOGIT_DIFF = 1e-4
 MAX_PROBABILITY_DIFF = 1e-5
-# The demo's recipe cut to 24 steps of 64 px slices (whole slices, per-epoch cosine, no time box).
+# The demo's recipe cut to 72 steps of 64 px slices (whole slices, per-epoch cosine, no time box).
 SHORT_TRAINING = ["data.input_size=64", "augment.crop_size=0", "augment.train_size=0", "optim.batch_size=4", "data.samples_per_epoch=48",
-                  "optim.epochs=2", "optim.schedule=epochs", "optim.warmup_steps=0", "data.val_fraction=0.5",
+                  "optim.epochs=6", "optim.schedule=epochs", "optim.warmup_steps=0", "data.val_fraction=0.5",
                   "run.max_minutes=0", "run.max_cpu_minutes=0", "run.resume_every_minutes=0", "run.device=cpu"]
 
 
@@ -127,9 +127,7 @@ def test_max_logit_difference_on_real_slices(trained) -> None:
         worst = max(worst, float(np.abs(onnx_logits - torch_logits).max()))
         scale = max(scale, float(np.abs(torch_logits).max()))
     print(f"max logit difference ONNX Runtime vs torch: {worst:.2e} (logits up to {scale:.1f})")
-    # The bound means something only for logits far above it (the segmentation itself is
-    # checked by test_the_trained_model_segments_the_held_out_brains).
-    assert scale > 1e3 * MAX_LOGIT_DIFF
+    assert scale > 1.0  # the trained network is confident somewhere
     assert worst < MAX_LOGIT_DIFF
 
 
