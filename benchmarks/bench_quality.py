@@ -114,8 +114,9 @@ def train_cnn(config: Any, features: tuple[int, ...]) -> dict[str, Any]:
             "num_classes": data.num_classes}
 
 
-def _predict_cases(predictor: Any, images: list[Path], out: Path, plane: str) -> dict[str, float]:
-    """Segment every held-out case into ``out``; CPU and wall seconds per slice."""
+def _predict_cases(predictor: Any, images: list[Path], out: Path, plane: str, tta: bool) -> dict[str, float]:
+    """Segment every held-out case into ``out`` (``tta``: averaged over flips, as
+    ``sam2unet-predict --tta``); CPU and wall seconds per slice."""
     from sam2unet_core.io.orientation import plane_view
     from sam2unet_core.io.readers import read_volume, split_suffix
     from sam2unet_core.io.writers import write_labels
@@ -126,7 +127,7 @@ def _predict_cases(predictor: Any, images: list[Path], out: Path, plane: str) ->
     for path in images:
         volume = read_volume(path)
         cpu_start, wall_start = time.process_time(), time.perf_counter()
-        labels = predictor.predict(volume, axis=plane).labels
+        labels = predictor.predict(volume, axis=plane, tta=tta).labels
         cpu += time.process_time() - cpu_start
         wall += time.perf_counter() - wall_start
         slices += plane_view(volume.direction_lps, plane).to_plane(volume.array_kji).shape[0]
@@ -177,7 +178,7 @@ def _run_model(name: str, args: argparse.Namespace, data_root: Path, work: Path)
         row = {**run, "parameters": _parameters(model)}
         predictor = Predictor(TorchRunner(model, metadata=meta, device="cpu"), batch_size=8)
     row["config"] = config.to_dict()
-    row.update(_predict_cases(predictor, images, work / name / "predictions", config.data.plane))
+    row.update(_predict_cases(predictor, images, work / name / "predictions", config.data.plane, args.tta))
     row.update(_evaluate(work / name / "predictions", data_root / "labelsTs", work / name / "evaluation"))
     LOGGER.info("%s: %s", name, {k: v for k, v in row.items() if k not in ("history", "config")})
     return row
@@ -206,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resolution-mm", type=int, default=2, help="voxel size of the demo volumes")
     parser.add_argument("--train-cases", type=int, default=8, help="training cases (one validates)")
     parser.add_argument("--test-cases", type=int, default=3, help="held-out cases")
+    parser.add_argument("--tta", action="store_true",
+                        help="predict every model with flip test-time augmentation (3 passes per slice)")
     parser.add_argument("--work", type=Path, default=Path("bench_quality_runs"), help="data, models, predictions")
     parser.add_argument("--cnn-set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides for the BasicUNets only")
@@ -229,12 +232,12 @@ def main(argv: list[str] | None = None) -> int:
                f"load average {os.getloadavg()[0]:.1f} at the end")
     print(f"\nMNI152 demo data at {args.resolution_mm} mm, {args.train_cases} training (one validates) and "
           f"{args.test_cases} held-out cases; {args.cpu_minutes:g} CPU minutes of training each "
-          f"(process CPU time); {machine}")
+          f"(process CPU time); {'prediction averaged over flips (--tta); ' if args.tta else ''}{machine}")
     print(_table(rows))
     print("* wall-clock seconds on a shared machine: other processes' load is in them; compare CPU seconds")
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": "python benchmarks/bench_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": machine, "budget_cpu_minutes": args.cpu_minutes, "resolution_mm": args.resolution_mm,
+              "machine": machine, "budget_cpu_minutes": args.cpu_minutes, "tta": args.tta, "resolution_mm": args.resolution_mm,
               "train_cases": args.train_cases, "test_cases": args.test_cases, "models": rows}
     path = args.json or RESULTS / f"quality_{datetime.date.today().isoformat()}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
