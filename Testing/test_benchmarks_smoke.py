@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 import torch
+from conftest import randomize_
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,3 +143,35 @@ def test_bench_cpu_engine_compares_old_and_new_settings(monkeypatch: pytest.Monk
     assert summary["dice_new_vs_old"] >= 0.999 and 0.0 < summary["foreground_fraction"] < 1.0
     assert summary["old"]["cpu_s_per_slice"] > 0 and summary["speedup_cpu"] > 0
     assert acceleration.accelerate_model.__module__ == acceleration.__name__  # the patch is undone
+
+
+def test_bench_input_size_scores_one_model_at_each_size(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                        capsys) -> None:
+    """A saved model is scored on the demo's held-out case at every size; a size the model
+    cannot take is refused before any prediction, with no result file."""
+    from sam2unet_core import SAM2UNet, save_model
+    from sam2unet_core.demo import build_brain_dataset
+    from sam2unet_core.metadata import Architecture, ModelMetadata, default_labels
+
+    monkeypatch.syspath_prepend(str(REPO))
+    from benchmarks import bench_input_size
+
+    data = build_brain_dataset(tmp_path / "data", train_cases=1, test_cases=1, resolution_mm=4)
+    meta = ModelMetadata(architecture=Architecture("hiera_t", num_classes=3, in_channels=1),
+                         labels=default_labels(3, ["grey_matter", "white_matter"]), input_size=64,
+                         intensity={"kind": "percentile", "lower": 0.5, "upper": 99.5}, mean=[], std=[])
+    checkpoint = save_model(randomize_(SAM2UNet("hiera_t", num_classes=3, in_channels=1)),
+                            tmp_path / "model.safetensors", meta)
+    result = tmp_path / "sizes.json"
+    common = [str(checkpoint), "--data", str(data), "--work", str(tmp_path / "work"), "--json", str(result)]
+    assert bench_input_size.main([*common, "--sizes", "32", "64"]) == 0
+    rows = json.loads(result.read_text())["rows"]
+    assert [(r["checkpoint_input_size"], r["input_size"]) for r in rows] == [(64, 32), (64, 64)]
+    assert all(0.0 <= r["Dice_1"] <= 1.0 and 0.0 <= r["Dice_2"] <= 1.0 and r["infer_cpu_s_per_slice"] > 0
+               for r in rows)
+    assert "at   32 px" in capsys.readouterr().out
+    result.unlink()
+    with pytest.raises(SystemExit) as refused:
+        bench_input_size.main([*common, "--sizes", "64", "48"])
+    assert refused.value.code == 2 and "--sizes 48" in capsys.readouterr().err
+    assert not result.exists()

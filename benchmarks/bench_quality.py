@@ -40,7 +40,7 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 
 from sam2unet_core.demo import DEFAULT_CONFIG, build_brain_dataset  # noqa: E402
 
-__all__ = ["main", "CNN_WIDTHS", "train_cnn"]
+__all__ = ["main", "CNN_WIDTHS", "train_cnn", "predict_cases", "evaluate_predictions"]
 
 LOGGER = logging.getLogger("bench_quality")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -114,7 +114,7 @@ def train_cnn(config: Any, features: tuple[int, ...]) -> dict[str, Any]:
             "num_classes": data.num_classes}
 
 
-def _predict_cases(predictor: Any, images: list[Path], out: Path, plane: str, tta: bool) -> dict[str, float]:
+def predict_cases(predictor: Any, images: list[Path], out: Path, plane: str, tta: bool) -> dict[str, float]:
     """Segment every held-out case into ``out`` (``tta``: averaged over flips, as
     ``sam2unet-predict --tta``); CPU and wall seconds per slice."""
     from sam2unet_core.io.orientation import plane_view
@@ -136,7 +136,9 @@ def _predict_cases(predictor: Any, images: list[Path], out: Path, plane: str, tt
     return {"infer_cpu_s_per_slice": cpu / slices, "infer_wall_s_per_slice": wall / slices}
 
 
-def _evaluate(pred: Path, truth: Path, out: Path) -> dict[str, float]:
+def evaluate_predictions(pred: Path, truth: Path, out: Path) -> dict[str, float]:
+    """Score the label maps in ``pred`` against ``truth`` (grey and white matter) into ``out``;
+    mean Dice and HD95 per class."""
     from sam2unet_core.evaluation import evaluate_folders, write_evaluation
 
     summary = evaluate_folders(pred, truth, labels=[1, 2])
@@ -178,8 +180,8 @@ def _run_model(name: str, args: argparse.Namespace, data_root: Path, work: Path)
         row = {**run, "parameters": _parameters(model)}
         predictor = Predictor(TorchRunner(model, metadata=meta, device="cpu"), batch_size=8)
     row["config"] = config.to_dict()
-    row.update(_predict_cases(predictor, images, work / name / "predictions", config.data.plane, args.tta))
-    row.update(_evaluate(work / name / "predictions", data_root / "labelsTs", work / name / "evaluation"))
+    row.update(predict_cases(predictor, images, work / name / "predictions", config.data.plane, args.tta))
+    row.update(evaluate_predictions(work / name / "predictions", data_root / "labelsTs", work / name / "evaluation"))
     LOGGER.info("%s: %s", name, {k: v for k, v in row.items() if k not in ("history", "config")})
     return row
 
