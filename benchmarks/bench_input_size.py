@@ -1,10 +1,11 @@
 """Held-out Dice of trained models predicted at several input sizes, without retraining.
 
 A model's ``input_size`` (its metadata) is the side every slice is resized to before the
-network. When the training config sets ``augment.train_size``, training never sees
-``data.input_size`` (it resizes the samples to ``train_size``; only the validation at the
-end uses ``input_size``), so the trained weights are the same whatever ``input_size`` is,
-and the best one can be chosen afterwards on the held-out cases of the demo data::
+network. When a volume dataset is trained with ``augment.train_size`` set, training never
+sees ``data.input_size`` (slices are resized to ``train_size``; only the validation at the
+end uses ``input_size``; 2D pictures are cached at ``input_size`` first), so the trained
+weights are the same whatever ``input_size`` is, and the best one can be chosen afterwards
+on the held-out cases of the demo data::
 
     python benchmarks/bench_quality.py --models sam2unet --work runs/a
     python benchmarks/bench_input_size.py runs/a/sam2unet/model/best.safetensors \\
