@@ -239,8 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     print("* wall-clock seconds on a shared machine: other processes' load is in them; compare CPU seconds")
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": "python benchmarks/bench_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": machine, "budget_cpu_minutes": args.cpu_minutes, "tta": args.tta, "resolution_mm": args.resolution_mm,
-              "train_cases": args.train_cases, "test_cases": args.test_cases, "models": rows}
+              "machine": machine, "budget_cpu_minutes": args.cpu_minutes, "tta": args.tta,
+              "resolution_mm": args.resolution_mm, "train_cases": args.train_cases, "test_cases": args.test_cases,
+              "models": rows}
     path = args.json or RESULTS / f"quality_{datetime.date.today().isoformat()}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, default=float))
