@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"infer CPU s/slice {row['infer_cpu_s_per_slice']:.3f}", flush=True)
     machine = f"CPU {platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads"
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": "python benchmarks/bench_input_size.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "command": "python benchmarks/bench_input_size.py "
+                         + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": machine, "data": str(args.data), "rows": rows}
     result_path = args.json or RESULTS / f"input_size_{datetime.date.today().isoformat()}.json"
     result_path.parent.mkdir(parents=True, exist_ok=True)
