@@ -11,7 +11,8 @@ on the held-out cases of the demo data::
     python benchmarks/bench_input_size.py runs/a/sam2unet/model/best.safetensors \\
         --data runs/a/Dataset001_MNIBrain_2mm_8_3 --sizes 192 224 256
 
-Prints one row per model and size (Dice and HD95 per class, inference CPU seconds per slice)
+Prints one row per model and size (Dice and HD95 per class, inference CPU seconds per slice;
+``--tta``: predictions averaged over flips, as ``sam2unet-predict --tta``)
 and writes them as JSON under ``benchmarks/results/``. Grey matter is label 1, white matter 2.
 """
 
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, required=True,
                         help="the demo dataset the models were trained on (imagesTs, labelsTs)")
     parser.add_argument("--sizes", nargs="+", type=int, required=True, help="input sizes (multiples of 32)")
+    parser.add_argument("--tta", action="store_true", help="average each prediction over flips (3 passes per slice)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--work", type=Path, default=Path("bench_input_size_runs"), help="predictions, evaluations")
     parser.add_argument("--json", type=Path, default=None,
@@ -74,13 +76,14 @@ def main(argv: list[str] | None = None) -> int:
         for size in args.sizes:
             model.metadata = dataclasses.replace(model.metadata, input_size=size)
             out = args.work.resolve() / f"model{index}_{size}"
-            row = {"model": str(path), "checkpoint_input_size": checkpoint_size, "input_size": size}
+            row = {"model": str(path), "checkpoint_input_size": checkpoint_size, "input_size": size, "tta": args.tta}
             row.update(predict_cases(Predictor(model, device="cpu", batch_size=8), images, out / "predictions",
-                                     model.metadata.plane, tta=False))
+                                     model.metadata.plane, tta=args.tta))
             row.update(evaluate_predictions(out / "predictions", args.data / "labelsTs", out / "evaluation"))
             rows.append(row)
-            print(f"model {index} ({path}) at {size:>4d} px: Dice GM {row['Dice_1']:.4f} WM {row['Dice_2']:.4f}  "
-                  f"HD95 GM {row['HD95_1']:.2f} WM {row['HD95_2']:.2f}  "
+            scores = (f"Dice GM {row['Dice_1']:.4f} WM {row['Dice_2']:.4f}  "
+                      f"HD95 GM {row['HD95_1']:.2f} WM {row['HD95_2']:.2f}")
+            print(f"model {index} ({path}) at {size:>4d} px{' with TTA' if args.tta else ''}: {scores}  "
                   f"infer CPU s/slice {row['infer_cpu_s_per_slice']:.3f}", flush=True)
     machine = f"CPU {platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads"
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
