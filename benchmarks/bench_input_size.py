@@ -22,8 +22,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 
@@ -33,6 +31,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and the repo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_quality import RESULTS, evaluate_predictions, predict_cases  # noqa: E402
+from benchmarks.common import machine_description  # noqa: E402
 
 __all__ = ["main"]
 
@@ -85,11 +84,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"HD95 GM {row['HD95_1']:.2f} WM {row['HD95_2']:.2f}")
             print(f"model {index} ({path}) at {size:>4d} px{' with TTA' if args.tta else ''}: {scores}  "
                   f"infer CPU s/slice {row['infer_cpu_s_per_slice']:.3f}", flush=True)
-    machine = f"CPU {platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads"
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": "python benchmarks/bench_input_size.py "
                          + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": machine, "data": str(args.data), "rows": rows}
+              "machine": machine_description(torch.device("cpu")), "data": str(args.data), "rows": rows}
     result_path = args.json or RESULTS / f"input_size_{datetime.date.today().isoformat()}.json"
     result_path.parent.mkdir(parents=True, exist_ok=True)
     result_path.write_text(json.dumps(report, indent=2))
