@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -148,18 +149,21 @@ class Harness:
 
 
 @pytest.fixture
-def harness(tmp_path: Path) -> Harness:
-    return Harness(tmp_path)
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    harness = Harness(tmp_path)
+    yield harness
+    harness.logic.cancel()  # a run the test left going: cancelling removes its temporary folder
 
 
 @pytest.fixture(params=["fake", "slicer"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
     """The harness on the fakes, then on Slicer's real core."""
-    if request.param == "fake":
-        return Harness(tmp_path)
-    if slicerCore is None:
+    if request.param == "slicer" and slicerCore is None:
         pytest.skip("slicer-core is not installed (pip install -r requirements-slicer.txt)")
-    return Harness(tmp_path, core=request.getfixturevalue("slicerCore"))
+    core = request.getfixturevalue("slicerCore") if request.param == "slicer" else None
+    harness = Harness(tmp_path, core=core)
+    yield harness
+    harness.logic.cancel()
 
 
 def test_command_line_carries_the_exported_input_and_all_options(harness: Harness) -> None:

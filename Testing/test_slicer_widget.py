@@ -70,6 +70,14 @@ class Panel:
     def nodeNames(self) -> list[str]:
         return [node.GetName() for node in self.slicer.mrmlScene.nodes]
 
+    def closeMidRun(self) -> None:
+        """Close the module while a run goes on, as quitting Slicer does: the run is cancelled
+        and its temporary folder (the exported input) removed."""
+        tempDir = self.widget.logic.segmentation._run.tempDir
+        assert tempDir.is_dir()
+        self.widget.cleanup()
+        assert not self.logicRunner.isRunning() and not tempDir.exists()
+
 
 @pytest.fixture
 def panel(monkeypatch: pytest.MonkeyPatch) -> Panel:
@@ -269,6 +277,7 @@ def test_first_use_installs_after_confirmation_then_segments(monkeypatch, checkp
     assert args[1:3] == ["-m", "sam2unet_core.cli.predict"]
     assert panel.nodeNames() == ["CT", "CT segmentation"]
     assert not constraintsPath.exists()  # removed once pip is done
+    panel.closeMidRun()
 
 
 def test_declined_or_failed_installation_changes_nothing(monkeypatch: pytest.MonkeyPatch, checkpoint: Path) -> None:
@@ -310,6 +319,7 @@ def test_poll_timer_keeps_running_from_one_pip_step_to_the_next(monkeypatch, che
     panel.widget._poll()  # pip done: the segmentation starts (and a new device probe)
     panel.answerProbe(cuda=[])
     assert panel.logicRunner.isRunning() and panel.widget._timer.active
+    panel.closeMidRun()
 
 
 def test_default_input_is_a_plain_scalar_volume_never_a_labelmap_or_vector_volume(panel: Panel) -> None:
@@ -479,3 +489,4 @@ def test_onnx_first_use_installs_onnxruntime_and_never_pytorch(monkeypatch: pyte
     panel.widget._poll()
     answerOnnxProbe(panel, ["CPUExecutionProvider"])
     assert panel.ui.deviceInfoLabel.text == "Found: onnxruntime 1.20.1: CPU"
+    panel.closeMidRun()
