@@ -60,8 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     images = sorted((args.data / "imagesTs").glob("*_0000.nii.gz"))
     if not images:
-        print(f"error: no held-out images (imagesTs/*_0000.nii.gz) in {args.data}", file=sys.stderr)
-        return 2
+        parser.error(f"--data {args.data}: no held-out images (imagesTs/*_0000.nii.gz)")
     models = [load_model(path, device="cpu") for path in args.models]
     for path, model in zip(args.models, models):  # every size checked before any prediction
         for size in args.sizes:
