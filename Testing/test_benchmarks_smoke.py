@@ -133,7 +133,7 @@ def test_bench_cpu_engine_compares_old_and_new_settings(monkeypatch: pytest.Monk
 
     out = tmp_path / "engine.json"
     code = bench_cpu_engine.main(["--slices", "2", "--side", "96", "--size", "64", "--repeats", "2",
-                                  "--threads", "1", "--json", str(out)])
+                                  "--threads", "1", "--precision", "fp32", "--json", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "# new vs old:" in printed and "passes" in printed
@@ -142,7 +142,7 @@ def test_bench_cpu_engine_compares_old_and_new_settings(monkeypatch: pytest.Monk
     summary = result["summary"]
     assert summary["dice_new_vs_old"] >= 0.999 and 0.0 < summary["foreground_fraction"] < 1.0
     assert summary["old"]["cpu_s_per_slice"] > 0 and summary["speedup_cpu"] > 0
-    assert acceleration.accelerate_model.__module__ == acceleration.__name__  # the patch is undone
+    assert acceleration.prepare_model.__module__ == acceleration.__name__  # the patch is undone
 
 
 def test_bench_input_size_scores_one_model_at_each_size(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,

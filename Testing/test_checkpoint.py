@@ -127,7 +127,7 @@ def test_window_spec_round_trips_and_sam2_windows_are_not_written(tmp_path):
     model = SAM2UNet("hiera_t", num_classes=3, freeze_encoder=False, window_spec=[8, 4, 6, 3]).eval()
     meta = ModelMetadata(architecture=model.architecture, labels=default_labels(3), input_size=256)
     loaded = load_model(save_model(model, tmp_path / "small_windows.safetensors", meta))
-    assert loaded.metadata.architecture.window_spec == [8, 4, 6, 3]
+    assert loaded.metadata.architecture.window_spec == (8, 4, 6, 3)
     assert [len(block.block.attn.qkv.weight) for block in loaded.encoder.blocks] == \
         [len(block.block.attn.qkv.weight) for block in model.encoder.blocks]
     assert [block.block.window_size for block in loaded.encoder.blocks] == \
@@ -142,7 +142,7 @@ def test_window_spec_round_trips_and_sam2_windows_are_not_written(tmp_path):
                          ModelMetadata(architecture=sam2_windows.architecture, labels=default_labels(3)))
     with safe_open(str(default), framework="pt") as f:
         assert "window_spec" not in json.loads(f.metadata()["sam2unet"])["architecture"]
-    assert read_metadata(default).architecture.window_spec == []
+    assert read_metadata(default).architecture.window_spec == ()
 
 
 def test_full_resolution_head_round_trips_and_the_papers_head_is_not_written(tmp_path):
@@ -295,3 +295,16 @@ def test_fuzz_findings_corrupt_pickles_and_non_tensor_entries_give_checkpoint_er
     torch.save({"head.weight": "not a tensor", "encoder.blocks.0.x": torch.zeros(1)}, path)
     with pytest.raises(CheckpointError, match="not named tensors"):
         load_model(path)
+
+
+def test_read_metadata_of_our_safetensors_file_imports_no_torch(tiny_checkpoint: Path) -> None:
+    """``sam2unet_core.read_metadata``, the public call, reads our header without torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, sam2unet_core; "
+            f"meta = sam2unet_core.read_metadata({str(tiny_checkpoint)!r}); "
+            "print(meta.architecture.backbone, sorted(m for m in ('torch', 'sam2', 'monai') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "hiera_t []"
+    assert read_metadata(tiny_checkpoint) == load_model(tiny_checkpoint).metadata

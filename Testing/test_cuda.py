@@ -79,7 +79,7 @@ def fitted_case(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_fp16_inference_agrees_with_fp32(fitted_case: tuple[Path, Path], tmp_path: Path) -> None:
     model, image = fitted_case
     mixed, summary = _predict(image, model, tmp_path / "fp16", "--device", "cuda")
-    full, _ = _predict(image, model, tmp_path / "fp32", "--device", "cuda", "--no-mixed-precision")
+    full, _ = _predict(image, model, tmp_path / "fp32", "--device", "cuda", "--precision", "fp32")
     assert "cuda" in summary["device"].lower()
     foreground = float((full > 0).mean())
     assert 0.05 < foreground < 0.6, f"the fitted model should segment the ellipses, got {foreground:.3f}"

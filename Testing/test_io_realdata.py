@@ -236,7 +236,7 @@ def test_labels_land_on_the_voxels_they_were_predicted_for(
         intensity={"kind": "percentile", "lower": 0.5, "upper": 99.5}, mean=[], std=[],
     )
     predictor = Predictor(TorchRunner(lambda x: (x[:, :1] - 0.5) * 40, metadata=meta,
-                                      device="cpu", mixed_precision=False))
+                                      device="cpu", precision="fp32"))
     volume = read_volume(path)
     low, high = np.percentile(volume.array_kji, [0.5, 99.5])
     output = write_labels(predictor.predict(volume, axis="sagittal").labels, tmp_path / f"l.{fmt}")

@@ -272,3 +272,37 @@ def test_slice_inferer_reads_an_lps_affine_as_the_predictor_reads_the_file(case)
     assert labels.shape == (1, 1, *image.shape) and labels.dtype == torch.uint8
     np.testing.assert_array_equal(labels[0, 0].numpy(), expected)
     np.testing.assert_allclose(labels.affine.numpy(), affine_lps.numpy())
+
+
+def test_slice_inferer_leaves_the_network_as_it_was(case, tmp_path: Path) -> None:
+    """The inferer segments with its own inference copy of MONAI's network: afterwards the
+    same network object is unchanged, exports to ONNX and trains one step."""
+    import torch
+    from monai.data import MetaTensor
+
+    from sam2unet_core.checkpoint import load_model
+    from sam2unet_core.export.bundle import SliceInferer
+    from sam2unet_core.export.onnx import export_onnx
+    from sam2unet_core.train.losses import DeepSupervisionLoss
+
+    path = Path(NIBABEL_DATA) / "standard.nii.gz"
+    image = nib.load(path)
+    network = load_model(case["model"])
+    values = {name: tensor.clone() for name, tensor in network.state_dict().items()}
+    layout = {name: (p.data_ptr(), p.stride(), p.dtype) for name, p in network.named_parameters()}
+    inputs = MetaTensor(torch.from_numpy(np.asanyarray(image.dataobj).astype(np.float32))[None, None],
+                        affine=torch.from_numpy(image.affine), meta={"filename_or_obj": str(path)})
+    for precision in ("auto", "bf16"):
+        labels = SliceInferer(network.metadata, precision=precision)(inputs, network)
+        assert labels.shape == (1, 1, *image.shape)
+    assert {name: (p.data_ptr(), p.stride(), p.dtype) for name, p in network.named_parameters()} == layout
+    assert not [name for name, module in network.named_modules() if "forward" in module.__dict__]
+    assert all(torch.equal(tensor, values[name]) for name, tensor in network.state_dict().items())
+    assert export_onnx(network, tmp_path / "network.onnx").is_file()
+    network.train()
+    batch = torch.rand(2, 3, INPUT_SIZE, INPUT_SIZE)
+    loss = DeepSupervisionLoss(3)(network(batch), torch.randint(0, 3, (2, 1, INPUT_SIZE, INPUT_SIZE)))
+    loss.backward()
+    assert torch.isfinite(loss) and network.head.weight.grad is not None
+    with pytest.raises(ValueError, match="precision 'int8' is not one of"):
+        SliceInferer(network.metadata, precision="int8")

@@ -65,7 +65,8 @@ def test_onnx_graph_agrees_with_the_torch_runner(case, side) -> None:
         import torch.nn.functional as F
 
         raw = F.interpolate(torch.from_numpy(raw), size=side, mode="bilinear").numpy()
-    torch_labels, torch_probs = TorchRunner(model, device="cpu").submit(raw, mapping, side, False, True).result()
+    runner = TorchRunner(model, device="cpu", precision="fp32")  # backends compared at fp32
+    torch_labels, torch_probs = runner.submit(raw, mapping, side, False, True).result()
     session = ort.InferenceSession(str(case["onnx"]), providers=["CPUExecutionProvider"])
     onnx_probs = session.run(None, {"slices": apply_intensity(raw, mapping)})[0][:, 0]
     onnx_labels = (onnx_probs > 0.5).astype(np.uint8)

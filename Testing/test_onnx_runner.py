@@ -64,7 +64,7 @@ def test_onnx_and_torch_backends_give_equal_labels(case, tmp_path, tta) -> None:
     """Both backends through the same CLI and batch layer on the same NIfTI volume."""
     extra = ("--tta",) if tta else ()
     _predict(case["onnx"], case["image"], tmp_path / "onnx", *extra)
-    _predict(case["model"], case["image"], tmp_path / "torch", *extra, "--no-mixed-precision")
+    _predict(case["model"], case["image"], tmp_path / "torch", *extra, "--precision", "fp32")
     onnx_labels = read_volume(tmp_path / "onnx" / "phantom.nii.gz").array_kji
     torch_labels = read_volume(tmp_path / "torch" / "phantom.nii.gz").array_kji
     assert (torch_labels > 0).any()

@@ -43,7 +43,7 @@ def test_demo_runs_end_to_end_and_reports_true_dice(tmp_path: Path, capsys) -> N
         assert overlay.mode == "RGB" and overlay.width > 3 * 40
     recipe = yaml.safe_load(DEFAULT_CONFIG.read_text())["model"]
     meta = read_metadata(out / "model" / "best.safetensors")
-    assert recipe["window_spec"] and meta.architecture.window_spec == recipe["window_spec"]
+    assert recipe["window_spec"] and list(meta.architecture.window_spec) == recipe["window_spec"]
     assert recipe["full_res_channels"] and meta.architecture.full_res_channels == recipe["full_res_channels"]
     # trained on 56 px slices (augment.train_size), predicts at 64 px (data.input_size)
     assert meta.input_size == 64 and meta.provenance["config"]["augment"]["train_size"] == 56
@@ -61,7 +61,7 @@ def test_demo_trains_on_a_given_sam2_checkpoint_with_the_trunk_frozen(tmp_path: 
     from sam2unet_core import load_model
 
     meta = read_metadata(out / "model" / "best.safetensors")
-    assert meta.architecture.freeze_encoder and meta.architecture.window_spec == []  # SAM 2's windows
+    assert meta.architecture.freeze_encoder and meta.architecture.window_spec == ()  # SAM 2's windows
     assert meta.architecture.full_res_channels == 0  # and the paper's head
     assert meta.provenance["config"]["model"]["sam2_checkpoint"] == str(sam2_checkpoint.resolve())
     # The trunk the model holds is the checkpoint's (frozen: training left it as loaded).

@@ -1,8 +1,9 @@
 """The CPU engine before and after ``sam2unet_core.inference.acceleration``, side by side:
 the same volume through the real ``sam2unet-predict``, old settings (the model as loaded,
-fp32 eager) and new (``accelerate_model``: channels_last, oneDNN fp32 linear, bf16 Hiera
-stages 3-4 where the CPU has native bf16), alternating runs, medians of wall time and of
-process CPU time per slice, and the Dice of the two label volumes (must be >= 0.999).
+fp32 eager) and new (``prepare_model``: channels_last, oneDNN fp32 linear and, with
+``--precision auto``, bf16 Hiera stages 3-4 where the CPU has native bf16), alternating runs,
+medians of wall time and of process CPU time per slice, and the Dice of the two label
+volumes (must be >= 0.999).
 
 The model is Hiera-T with its 1x1 head fitted by ridge regression (``common.fit_head``) to
 segment the bright ellipses of a phantom, so that the label maps are confident and
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8, help="slices per forward pass")
     parser.add_argument("--repeats", type=int, default=3, help="runs per setting (alternating)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--precision", choices=("auto", "fp32"), default="auto",
+                        help="the new engine's --precision (fp32: the speed-ups alone)")
     parser.add_argument("--json", type=Path, default=None, help="also write all results here")
     return parser
 
@@ -76,17 +79,17 @@ def write_fitted_case(folder: Path, backbone: str, size: int, side: int, slices:
     return model_path, image_path
 
 
-def _unaccelerated(model: torch.nn.Module, device: torch.device | str, native_bf16=None
-                   ) -> acceleration.AccelerationInfo:
-    """The old engine: the model as loaded."""
-    return acceleration.AccelerationInfo(False, False, False, "old engine settings")
+def _unaccelerated(model: torch.nn.Module, device: torch.device | str, precision: str = "auto",
+                   native_bf16=None) -> tuple[torch.nn.Module, acceleration.PrecisionPlan]:
+    """The old engine: the model as loaded, fp32."""
+    return model.to(device).eval(), acceleration.PrecisionPlan("fp32", None, False, "old engine settings")
 
 
-def run_once(setting: str, image: Path, model: Path, out: Path, batch_size: int) -> dict:
+def run_once(setting: str, image: Path, model: Path, out: Path, batch_size: int, precision: str) -> dict:
     """One ``sam2unet-predict`` run on CPU in this process: wall and CPU seconds, labels."""
     argv = ["-i", str(image), "-o", str(out), "-m", str(model), "--device", "cpu",
-            "--batch-size", str(batch_size), "--progress", "none", "--overwrite"]
-    patch = (mock.patch.object(acceleration, "accelerate_model", _unaccelerated)
+            "--batch-size", str(batch_size), "--progress", "none", "--overwrite", "--precision", precision]
+    patch = (mock.patch.object(acceleration, "prepare_model", _unaccelerated)
              if setting == "old" else contextlib.nullcontext())
     with patch:
         wall, cpu = time.perf_counter(), time.process_time()
@@ -108,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_description(torch.device("cpu")), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "native_bf16": acceleration.cpu_has_native_bf16(),
+        "precision": args.precision,
         "command": " ".join(sys.argv if argv is None else ["bench_cpu_engine.py", *argv]),
     }
     for key, value in header.items():
@@ -119,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         labels: dict[str, np.ndarray] = {}
         for repeat in range(args.repeats):
             for setting in ("old", "new") if repeat % 2 == 0 else ("new", "old"):
-                run = run_once(setting, image, model, folder / setting, args.batch_size)
+                run = run_once(setting, image, model, folder / setting, args.batch_size, args.precision)
                 labels[setting] = run.pop("labels")
                 run["repeat"] = repeat
                 runs.append(run)

@@ -76,7 +76,7 @@ def main() -> None:
         fp32 = export_onnx(model, Path(folder) / "model.onnx")
         int8 = Path(folder) / "model_int8.onnx"
         quantize_unchecked(fp32, int8)
-        predictors = {"torch": Predictor(TorchRunner(model, device="cpu", mixed_precision=False)),
+        predictors = {"torch": Predictor(TorchRunner(model, device="cpu", precision="fp32")),
                       "onnxruntime fp32": Predictor(OnnxRunner(fp32, device="cpu", threads=args.threads)),
                       "onnxruntime int8": Predictor(OnnxRunner(int8, device="cpu", threads=args.threads))}
         times: dict[str, list[tuple[float, float]]] = {name: [] for name in predictors}

@@ -28,7 +28,7 @@ _LAZY_NAMES = {
     "predict_from_files": ".inference.batch",
     "build_model": ".checkpoint",
     "load_model": ".checkpoint",
-    "read_metadata": ".checkpoint",
+    "read_metadata": ".metadata",
     "save_model": ".checkpoint",
 }
 

@@ -35,6 +35,7 @@ from .metadata import (
     ModelMetadata,
     default_labels,
     file_kind,
+    read_metadata,
     read_safetensors_metadata,
 )
 from .model.hiera import adapt_patch_embed_weight, detect_backbone
@@ -49,6 +50,7 @@ __all__ = [
     "load_model",
     "load_sam2_trunk",
     "read_metadata",
+    "read_torch_metadata",
     "save_model",
 ]
 
@@ -111,18 +113,10 @@ def checkpoint_kind(state: dict[str, Any]) -> str:
     return "unknown"
 
 
-def read_metadata(path: str | os.PathLike) -> ModelMetadata:
-    """The metadata of a checkpoint without loading its weights.
-
-    For official files (which carry none) this is what ``load_model`` would assume.
-    """
+def read_torch_metadata(path: str | os.PathLike) -> ModelMetadata:
+    """The metadata of a torch checkpoint (official SAM2-UNet, SAM 2): for these files,
+    which carry none, what ``load_model`` would assume. Other kinds: ``metadata.read_metadata``."""
     path = Path(path)
-    if file_kind(path) == "onnx":
-        from .inference.onnx_runner import read_onnx_metadata
-
-        return read_onnx_metadata(path)
-    if file_kind(path) == "safetensors":
-        return read_safetensors_metadata(path)
     state = _read_torch_file(path)
     kind = checkpoint_kind(state)
     if kind == "sam2":

@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DeviceInfo", "available_devices", "resolve_device", "autocast_dtype", "describe_device"]
+__all__ = ["PRECISIONS", "DeviceInfo", "available_devices", "resolve_device", "autocast_dtype", "describe_device"]
 
 DEVICE_CHOICES = ("auto", "cuda", "cpu", "mps")
+# inference precisions of the torch runner; see sam2unet_core.inference.acceleration
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -95,12 +97,10 @@ def autocast_dtype(device: torch.device, training: bool = False) -> torch.dtype 
 
 
 def describe_device(device: torch.device) -> str:
-    """One line for logs and the Slicer panel, e.g. ``cuda:0: NVIDIA H100 (79.1 GB ...), bf16``."""
-    import torch  # lazy: importing this module costs no torch
+    """One line for logs and the Slicer panel, e.g. ``cuda:0: NVIDIA H100 (79.1 GB, CUDA 12.8)``;
+    the runner adds the precision it runs (``TorchRunner.description``)."""
     for info in available_devices():
         if info.name == str(device) or (device.type == "cuda" and device.index is None
                                         and info.name == "cuda:0"):
-            precision = autocast_dtype(device)
-            mode = "fp32" if precision is None else str(precision).replace("torch.", "")
-            return f"{info.name}: {info.description}, {mode}"
+            return f"{info.name}: {info.description}"
     return str(device)

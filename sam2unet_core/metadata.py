@@ -51,6 +51,7 @@ __all__ = [
     "METADATA_KEY",
     "PLANES",
     "CheckpointError",
+    "read_metadata",
     "read_safetensors_metadata",
     "PREPROCESSING_FIELDS",
 ]
@@ -96,18 +97,23 @@ def file_kind(path: str | os.PathLike) -> str:
     return FILE_KINDS.get(path.suffix.lower(), "torch")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Architecture:
-    """Hyper-parameters that rebuild the network; see ``sam2unet_core.SAM2UNet``."""
+    """Hyper-parameters that rebuild the network; see ``sam2unet_core.SAM2UNet``. Frozen: a
+    model and its metadata may hold the same one; a change makes a new one
+    (``dataclasses.replace``)."""
 
     backbone: str = "hiera_l"
     num_classes: int = 1
     in_channels: int = 3
     freeze_encoder: bool = True  # frozen Hiera trunk + trainable adapters (the paper)
-    # Attention window side per Hiera stage, in tokens; [] = SAM 2's for the backbone.
-    window_spec: list[int] = field(default_factory=list)
+    # Attention window side per Hiera stage, in tokens; () = SAM 2's for the backbone.
+    window_spec: tuple[int, ...] = ()
     # Width of the full-resolution head; 0 = the paper's head (logits at stride 4).
     full_res_channels: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "window_spec", tuple(self.window_spec))  # lists from JSON, configs
 
     def validate(self) -> None:
         if self.backbone not in BACKBONES:
@@ -352,3 +358,20 @@ def read_safetensors_metadata(path: str | os.PathLike) -> ModelMetadata:
         return ModelMetadata.from_json(entries[METADATA_KEY])
     except (ValueError, TypeError, KeyError) as err:
         raise CheckpointError(f"{path}: invalid model metadata: {err}") from err
+
+
+def read_metadata(path: str | os.PathLike) -> ModelMetadata:
+    """The metadata of any checkpoint without loading its weights: our ``.safetensors``
+    files (header only) and ONNX files (ONNX Runtime) without torch; torch files (official
+    SAM2-UNet, SAM 2) through ``sam2unet_core.checkpoint.read_torch_metadata``, which imports
+    torch. Raises :class:`CheckpointError` naming the file."""
+    kind = file_kind(path)
+    if kind == "safetensors":
+        return read_safetensors_metadata(path)
+    if kind == "onnx":
+        from .inference.onnx_runner import read_onnx_metadata
+
+        return read_onnx_metadata(path)
+    from .checkpoint import read_torch_metadata  # torch
+
+    return read_torch_metadata(path)

@@ -21,12 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.checkpoint.is_file():
         print(f"error: {args.checkpoint} is not a file", file=sys.stderr)
         return 1
-    from sam2unet_core.metadata import file_kind
+    from sam2unet_core.metadata import read_metadata  # torch only for torch files
 
-    if file_kind(args.checkpoint) == "onnx":  # without torch
-        from sam2unet_core.inference.onnx_runner import read_onnx_metadata as read_metadata
-    else:
-        from sam2unet_core.checkpoint import read_metadata
     try:
         metadata = read_metadata(args.checkpoint)
     except (OSError, ValueError, KeyError) as err:

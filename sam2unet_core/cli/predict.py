@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..device import DEVICE_CHOICES
+from ..device import DEVICE_CHOICES, PRECISIONS
 from ..inference.batch import PROBABILITY_FOLDER, PredictOptions, predict_from_files, select_cases
 from ..inference.engine import Predictor
 from ..inference.postprocess import POSTPROCESS_STEPS
@@ -97,8 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--qc-png", action="store_true",
                         help="also write CASE.qc.png: axial, coronal, sagittal slices through the "
                              "labels' centre of mass with the labels overlaid")
-    parser.add_argument("--no-mixed-precision", action="store_true",
-                        help="run fp32 on CUDA too (default: fp16 autocast on CUDA)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="torch models: auto = fp16 autocast on CUDA, bf16 Hiera stages 3-4 on "
+                             "CPUs with native bf16 (AVX512_BF16/AMX), else fp32; fp32 = full "
+                             "precision everywhere; bf16 = Hiera stages 3-4 in bf16 (emulated on "
+                             "other CPUs); fp16 = fp16 autocast. The log and the summary say what ran. "
+                             "An ONNX file runs at the precision it was written with")
     parser.add_argument("--progress", choices=("bar", "jsonl", "none"), default="bar",
                         help="progress display: tqdm bars on stderr, JSON lines on stdout, none")
     return parser
@@ -147,13 +151,16 @@ def _build_predictor(args: argparse.Namespace) -> Predictor:
     if file_kind(args.model) == "onnx":
         from ..inference.onnx_runner import OnnxRunner
 
+        if args.precision != "auto":
+            raise ValueError(f"--precision {args.precision}: an ONNX file runs at the precision "
+                             f"it was written with (fp32, or int8 from sam2unet-export --int8)")
         return Predictor(OnnxRunner(args.model, device=args.device), batch_size=args.batch_size)
     from ..checkpoint import load_model  # torch from here on
     from ..device import resolve_device
 
     device = resolve_device(args.device)
     return Predictor(load_model(args.model), batch_size=args.batch_size, device=device,
-                     mixed_precision=not args.no_mixed_precision)
+                     precision=args.precision)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,6 +44,7 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.utils import ImageMetaKey, MetaKeys
 
+from ..device import PRECISIONS
 from ..inference.engine import Predictor
 from ..inference.torch_runner import TorchRunner
 from ..io.atomic import PARTIAL_PREFIX
@@ -118,32 +119,34 @@ class SliceInferer(Inferer):
             the plane the slices are cut along.
         batch_size: slices per forward pass.
         tta, postprocess: as in :meth:`Predictor.predict`.
-        mixed_precision: fp16 autocast on CUDA, as ``sam2unet-predict`` (fp32 elsewhere).
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``, as ``sam2unet-predict --precision``.
+
+    Each call segments with a runner built for it around its own inference copy of
+    ``network`` (``inference.acceleration.prepare_model``), so the network is not changed
+    and a network trained between calls is used with its current weights.
     """
 
     def __init__(self, metadata: ModelMetadata | dict[str, Any], batch_size: int = 8, tta: bool = False,
-                 postprocess: Sequence[str] = (), mixed_precision: bool = True) -> None:
+                 postprocess: Sequence[str] = (), precision: str = "auto") -> None:
         super().__init__()
         self.metadata = metadata if isinstance(metadata, ModelMetadata) else ModelMetadata.from_dict(metadata)
         self.metadata.validate()
         self.batch_size = batch_size
         self.tta = tta
         self.postprocess = tuple(postprocess)
-        self.mixed_precision = mixed_precision
-        self._predictor: Predictor | None = None
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+        self.precision = precision
 
     def _predictor_for(self, network: torch.nn.Module) -> Predictor:
-        """One Predictor per network (the runner prepares the network once)."""
-        if self._predictor is None or self._predictor.runner.model is not network:
-            architecture = getattr(network, "architecture", None)
-            if architecture != self.metadata.architecture:
-                raise ValueError(f"the network's architecture {architecture} differs from the "
-                                 f"metadata's {self.metadata.architecture}")
-            device = next(network.parameters()).device
-            runner = TorchRunner(network, metadata=self.metadata, device=device,
-                                 mixed_precision=self.mixed_precision)
-            self._predictor = Predictor(runner, batch_size=self.batch_size)
-        return self._predictor
+        """A Predictor over an inference copy of ``network`` (the network is not changed)."""
+        architecture = getattr(network, "architecture", None)
+        if architecture != self.metadata.architecture:
+            raise ValueError(f"the network's architecture {architecture} differs from the "
+                             f"metadata's {self.metadata.architecture}")
+        device = next(network.parameters()).device
+        runner = TorchRunner(network, metadata=self.metadata, device=device, precision=self.precision)
+        return Predictor(runner, batch_size=self.batch_size)
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> MetaTensor:
         """Segment each volume of ``inputs`` (see the class docstring); ``args``/``kwargs``

@@ -94,20 +94,21 @@ class Predictor:
 
     Args:
         runner_or_model: a :class:`ModelRunner`, or a loaded torch ``SAM2UNet`` (wrapped in
-            ``TorchRunner(model, device=device, mixed_precision=mixed_precision)``).
+            ``TorchRunner(model, device=device, precision=precision)``, which works on its own
+            copy: the model is not changed).
         batch_size: slices per runner call.
-        device, mixed_precision: for the ``TorchRunner`` built around a torch model.
+        device, precision: for the ``TorchRunner`` built around a torch model (precision
+            ``auto``, ``fp32``, ``bf16`` or ``fp16``; see ``inference.acceleration``).
     """
 
     def __init__(self, runner_or_model: ModelRunner | Any, batch_size: int = 8, *,
-                 device: str | torch.device = "auto", mixed_precision: bool = True) -> None:
+                 device: str | torch.device = "auto", precision: str = "auto") -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not callable(getattr(runner_or_model, "submit", None)):
             from .torch_runner import TorchRunner  # torch only for torch models
 
-            runner_or_model = TorchRunner(runner_or_model, device=device,
-                                          mixed_precision=mixed_precision)
+            runner_or_model = TorchRunner(runner_or_model, device=device, precision=precision)
         self.runner: ModelRunner = runner_or_model
         self.metadata = self.runner.metadata
         self.metadata.validate()

@@ -1,8 +1,8 @@
 """The PyTorch model runner: all torch work of inference happens here.
 
 :class:`TorchRunner` implements the :class:`~sam2unet_core.inference.engine.ModelRunner`
-contract for a loaded ``SAM2UNet`` (or any callable ``(B, C, S, S)`` tensor -> logits
-``(B, N, S, S)`` with its metadata, e.g. in tests). A batch goes: raw values -> tensor
+contract for a loaded ``SAM2UNet`` (another ``nn.Module``, or any callable ``(B, C, S, S)``
+tensor -> logits ``(B, N, S, S)`` with its metadata, e.g. in tests). A batch goes: raw values -> tensor
 (pinned, asynchronous copy on CUDA) -> intensity mapping -> resize to the model input ->
 mean/std -> forward passes (TTA flips) -> sigmoid/softmax -> resize back -> labels; the
 copies back to the host are queued asynchronously on CUDA and ``result()`` synchronises,
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..device import autocast_dtype, describe_device, resolve_device
+from ..device import describe_device, resolve_device
 from ..io.volume import model_label_dtype
 from ..metadata import ModelMetadata
 from ..preprocessing import TTA_FLIPS, IntensityMapping, apply_intensity, normalize_channels, resize_batch, to_tensor
@@ -53,36 +53,36 @@ class TorchPendingBatch:
 
 
 class TorchRunner:
-    """Run a SAM2-UNet (or an injected forward function) with PyTorch.
+    """Run a SAM2-UNet (or another network, or an injected forward function) with PyTorch.
 
     Args:
-        model: a loaded ``SAM2UNet`` (``sam2unet_core.load_model``), or any callable
-            ``(B, C, S, S)`` float tensor on ``device`` -> logits ``(B, N, S, S)``.
+        model: a loaded ``SAM2UNet`` (``sam2unet_core.load_model``), another ``nn.Module``
+            (e.g. a MONAI network), or any callable ``(B, C, S, S)`` float tensor on
+            ``device`` -> logits ``(B, N, S, S)``. A module is never changed: the runner
+            works on its own inference copy (``acceleration.prepare_model``).
         metadata: preprocessing, labels and plane; defaults to ``model.metadata``;
-            required for a plain callable.
+            required for other networks and plain callables.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
-        mixed_precision: fp16 autocast on CUDA (see ``device.autocast_dtype``); fp32 elsewhere.
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (``acceleration.PRECISIONS``;
+            ``auto``: fp16 autocast on CUDA, bf16 Hiera stages 3-4 on CPUs with native bf16,
+            else fp32). ``description`` says what runs.
     """
 
     def __init__(self, model: nn.Module | ForwardFn, metadata: ModelMetadata | None = None,
-                 device: str | torch.device = "auto", mixed_precision: bool = True) -> None:
+                 device: str | torch.device = "auto", precision: str = "auto") -> None:
         self.device = resolve_device(device)
-        self.amp_dtype = autocast_dtype(self.device) if mixed_precision else None
-        self.acceleration: acceleration.AccelerationInfo | None = None  # CPU speed-ups applied
         if isinstance(model, nn.Module):
-            model = model.to(self.device).eval()
-            self.acceleration = acceleration.accelerate_model(model, self.device)
-            logger.info("model acceleration: %s", self.acceleration.describe())
             metadata = metadata or getattr(model, "metadata", None)
+            model, self.plan = acceleration.prepare_model(model, self.device, precision)
+        else:
+            self.plan = acceleration.plan_precision(precision, self.device, sam2unet=False)
         if metadata is None:
             raise ValueError("TorchRunner needs the model's metadata: pass a loaded SAM2UNet "
                              "(it carries .metadata) or metadata= with a forward function")
         metadata.validate()
         self.model = model
         self.metadata = metadata
-        self.description = describe_device(self.device)
-        if self.amp_dtype is None and self.device.type == "cuda":
-            self.description = self.description.rsplit(", ", 1)[0] + ", fp32"
+        self.description = f"{describe_device(self.device)}, {self.plan.describe()}"
         self._label_dtype = model_label_dtype(metadata.architecture.num_classes)
         logger.info("TorchRunner on %s", self.description)
 
@@ -119,8 +119,8 @@ class TorchRunner:
         """``(B, C, S, S)`` model input -> float32 probabilities ``(B, N, S, S)``;
         N = 1 (foreground) for binary models, else the softmax over all classes."""
         flips = TTA_FLIPS if tta else ((),)
-        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype)
-                    if self.amp_dtype is not None else nullcontext())
+        autocast = (torch.autocast(self.device.type, dtype=self.plan.autocast)
+                    if self.plan.autocast is not None else nullcontext())
         total = None
         with autocast:
             for dims in flips:

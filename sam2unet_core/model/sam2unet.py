@@ -12,6 +12,7 @@ Differences from the official code, all opt-in except the first:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import torch
@@ -68,7 +69,7 @@ class SAM2UNet(nn.Module):
         full_res_channels: int = 0,
     ) -> None:
         super().__init__()
-        self.architecture = Architecture(backbone, num_classes, in_channels, freeze_encoder, list(window_spec),
+        self.architecture = Architecture(backbone, num_classes, in_channels, freeze_encoder, tuple(window_spec),
                                          full_res_channels)
         self.architecture.validate()
         # labels, preprocessing and plane: set where checkpoints are built and loaded
@@ -105,12 +106,16 @@ class SAM2UNet(nn.Module):
         self.set_encoder_trainable(not freeze_encoder)
 
     def set_encoder_trainable(self, trainable: bool) -> None:
-        """Train the whole trunk (True) or only adapters, decoder and a new patch embedding."""
+        """Train the whole trunk (True) or only adapters, decoder and a new patch embedding.
+        The model gets a new ``architecture`` (and ``metadata``) saying so; objects handed
+        out before (a runner's metadata, a saved copy) keep theirs."""
         for name, param in self.encoder.named_parameters():
             is_adapter = ".prompt_learn." in name
             is_new_stem = name.startswith("patch_embed.") and self.architecture.in_channels != 3
             param.requires_grad = trainable or is_adapter or is_new_stem
-        self.architecture.freeze_encoder = not trainable
+        self.architecture = dataclasses.replace(self.architecture, freeze_encoder=not trainable)
+        if self.metadata is not None:
+            self.metadata = dataclasses.replace(self.metadata, architecture=self.architecture)
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ``ValueError`` unless ``x`` is ``(B, in_channels, H, W)`` with H, W % 32 == 0."""
