@@ -105,7 +105,9 @@ def test_nifti_spatial_units_outputs_agree_for_simpleitk_nibabel_and_our_reader(
         expected_mm = np.diag([mm_per_unit] * 3 + [1.0]) @ nib.load(source).affine
         np.testing.assert_allclose(nibabel_affine_mm(source), expected_mm)
         if fmt.startswith("nii"):  # nibabel reads only the NIfTI outputs
-            assert nib.load(output).header.get_xyzt_units()[0] == "mm"
+            # the input's unit and raw affine: image and labels overlay for nibabel users too
+            assert nib.load(output).header.get_xyzt_units()[0] == nib.load(source).header.get_xyzt_units()[0]
+            np.testing.assert_allclose(nib.load(output).affine, nib.load(source).affine, rtol=1e-5, atol=1e-5)
             np.testing.assert_allclose(nibabel_affine_mm(output), expected_mm,
                                        rtol=1e-5, atol=1e-5 * mm_per_unit)
 
@@ -129,6 +131,9 @@ def test_real_nifti_with_its_unit_rewritten_to_micron_lands_where_simpleitk_puts
         output = sitk.ReadImage(str(tmp_path / "out" / f"anat_{unit}.nii.gz"))
         np.testing.assert_allclose(sitk_geometry(output), sitk_geometry(reference),
                                    rtol=1e-5, atol=1e-6)
+        labels = nib.load(tmp_path / "out" / f"anat_{unit}.nii.gz")  # as nibabel, FSL, nnU-Net read it
+        assert labels.header.get_xyzt_units()[0] == unit
+        np.testing.assert_allclose(labels.affine, nib.load(inputs / f"anat_{unit}.nii").affine, rtol=1e-6, atol=1e-6)
 
 
 # ---------------------------------------------------------- 2. unreadable batch entries

@@ -120,14 +120,14 @@ def volume_from_nifti(
     if array_kji.dtype.names is not None:  # RGB24/RGBA32 -> (K, J, I, 3), alpha dropped
         array_kji = np.stack([array_kji[channel] for channel in "RGB"], axis=-1)
     volume = Volume(array_kji, spacing, origin, direction, source=source)
-    if hasattr(header, "get_qform"):  # NIfTI-1/2: keep both transforms (in mm) for the writer
+    if hasattr(header, "get_qform"):  # NIfTI-1/2: keep both transforms and the unit for the writer
         qform, qform_code = header.get_qform(coded=True)
         sform, sform_code = header.get_sform(coded=True)
         volume.meta[NIFTI_UNITS] = unit
         volume.meta[NIFTI_TRANSFORMS] = {
-            "affine": to_mm @ image.affine,
-            "qform": None if qform is None else to_mm @ qform, "qform_code": int(qform_code),
-            "sform": None if sform is None else to_mm @ sform, "sform_code": int(sform_code),
+            "affine": to_mm @ image.affine, "mm_per_unit": mm_per_unit,  # the grid, in mm
+            "qform": qform, "qform_code": int(qform_code),  # as stored, in the file's unit
+            "sform": sform, "sform_code": int(sform_code),
         }
     return volume
 
@@ -136,22 +136,28 @@ def volume_to_nifti(volume: Volume) -> nib.Nifti1Image:
     """:class:`Volume` -> NIfTI-1 image. A ``(K, J, I, C)`` array is written as
     ``(I, J, K, C)``.
 
-    A volume read from NIfTI gets its input's qform and sform back, codes included, so every
-    tool (nibabel, ITK/Slicer, FSL), whichever of the two it trusts, places the output
-    exactly on the input. Other volumes get both set to their geometry with code 1.
-    The spatial unit is always mm (the :class:`Volume`'s unit; an input in metre or micron
-    was converted on reading), so SimpleITK, nibabel and our reader agree on the output.
+    A volume read from NIfTI, on its input's grid, gets its input's qform and sform back as
+    stored, codes and spatial unit (``xyzt_units``: metre, mm, micron or unknown) included,
+    so every tool (nibabel, ITK/Slicer, FSL), whichever transform it trusts and whether or
+    not it converts the unit, places the output exactly on the input. Other volumes get both
+    transforms set to their geometry in mm with code 1.
     """
     array = volume.array_kji
     axes = (2, 1, 0) if array.ndim == 3 else (2, 1, 0, 3)
-    affine = affine_ras(volume)
-    image = nib.Nifti1Image(np.ascontiguousarray(array.transpose(axes)), affine)
+    array = np.ascontiguousarray(array.transpose(axes))
+    affine = affine_ras(volume)  # mm
     source = volume.meta.get(NIFTI_TRANSFORMS)
-    if source is not None and np.allclose(source["affine"], affine, atol=1e-5):
+    unit = volume.meta.get(NIFTI_UNITS)
+    on_input_grid = source is not None and np.allclose(source["affine"], affine, atol=1e-5)
+    if on_input_grid and unit in _NIFTI_UNIT_NAMES.values():
+        to_unit = np.diag([1.0 / source["mm_per_unit"]] * 3 + [1.0])
+        image = nib.Nifti1Image(array, to_unit @ affine)  # pixdim in the input's unit
         image.set_qform(source["qform"], code=source["qform_code"])
         image.set_sform(source["sform"], code=source["sform_code"])
+        image.header.set_xyzt_units(unit, "sec")
     else:
+        image = nib.Nifti1Image(array, affine)
         image.set_qform(affine, code=1)
         image.set_sform(affine, code=1)
-    image.header.set_xyzt_units("mm", "sec")
+        image.header.set_xyzt_units("mm", "sec")
     return image
