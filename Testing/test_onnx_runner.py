@@ -86,3 +86,17 @@ def test_onnx_metadata_and_bad_files(case, tmp_path) -> None:
                           cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 2 and "broken.onnx: not a readable ONNX model" in done.stderr
     assert not (tmp_path / "out" / "phantom.nii.gz").exists()
+
+
+def test_the_precision_that_ran_is_stated_and_onnx_files_refuse_another(case, tmp_path) -> None:
+    """``--precision bf16`` (emulated on CPUs without native bf16) is what the log line and
+    the run summary state; an ONNX file runs at its own precision, so the flag is refused."""
+    done = _predict(case["model"], case["image"], tmp_path / "bf16", "--precision", "bf16")
+    summary = json.loads((tmp_path / "bf16" / "predict_summary.json").read_text())
+    assert "), bf16 Hiera stages 3-4 (bf16 asked" in summary["device"]
+    assert summary["device"].startswith("cpu: CPU (") and "bf16 Hiera stages 3-4 (bf16 asked" in done.stderr
+    refused = subprocess.run([sys.executable, "-m", "sam2unet_core.cli.predict", "-i", str(case["image"]),
+                              "-o", str(tmp_path / "onnx"), "-m", str(case["onnx"]), "--precision", "bf16"],
+                             cwd=REPO, capture_output=True, text=True)
+    assert refused.returncode == 2
+    assert "an ONNX file runs at the precision it was written with" in refused.stderr

@@ -15,7 +15,8 @@ import pytest
 
 import slicer_fakes  # noqa: F401  (puts SAM2UNetSlicer/ on sys.path)
 from SAM2UNetSlicerLib.DeviceProbe import DeviceReport, parseProbeOutput
-from SAM2UNetSlicerLib.Parameters import Device, RunParameters, SliceAxis, buildPredictArgs, processEnvironment, sliceCountAlongAxis
+from SAM2UNetSlicerLib.Parameters import (Device, Precision, RunParameters, SliceAxis, buildPredictArgs,
+                                          processEnvironment, sliceCountAlongAxis)
 from SAM2UNetSlicerLib.ProcessRunner import SubprocessRunner, parseProgressLine
 
 posixOnly = pytest.mark.skipif(os.name == "nt", reason="checks process ids with os.kill(pid, 0)")
@@ -148,6 +149,10 @@ def test_predict_arguments_without_slice_range_and_environment_untouched(tmp_pat
                               RunParameters(tmp_path / "m.safetensors", sliceRange=(3, 5)))
     assert ranged[ranged.index("--slice-range") + 1] == "3:6"  # inclusive 3..5 -> half-open 3:6
     assert args[args.index("--axis") + 1] == "sagittal" and args[args.index("--device") + 1] == "mps"
+    assert "--precision" not in args  # auto: the CLI's default
+    forced = RunParameters(tmp_path / "m.safetensors", precision=Precision.fp32)
+    fp32 = buildPredictArgs("python", tmp_path / "in.nrrd", tmp_path / "out", forced)
+    assert fp32[fp32.index("--precision") + 1] == "fp32"
     base = {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0"}
     env = processEnvironment(base, Device.mps)
     assert env["CUDA_VISIBLE_DEVICES"] == "0" and env["PYTHONUNBUFFERED"] == "1"
@@ -258,5 +263,7 @@ def test_onnx_run_parameters_refuse_apple_mps(tmp_path: Path) -> None:
     RunParameters(model, Device.cuda).validate()
     with pytest.raises(ValueError, match=r"Apple MPS is not available for ONNX models \(organs\.onnx\)"):
         RunParameters(model, Device.mps).validate()
+    with pytest.raises(ValueError, match=r"organs\.onnx is an ONNX model, which runs at the precision"):
+        RunParameters(model, Device.cpu, precision=Precision.bf16).validate()
     args = buildPredictArgs("/opt/Slicer/bin/PythonSlicer", tmp_path / "in.nrrd", tmp_path / "out", RunParameters(model, Device.cpu))
     assert args[args.index("-m", 3) + 1] == str(model) and args[args.index("--device") + 1] == "cpu"

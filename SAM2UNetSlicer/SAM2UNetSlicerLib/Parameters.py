@@ -20,6 +20,7 @@ __all__ = [
     "ONNX_DEVICES",
     "offeredDevices",
     "SliceAxis",
+    "Precision",
     "RunParameters",
     "buildPredictArgs",
     "sliceCountAlongAxis",
@@ -71,6 +72,19 @@ class SliceAxis(enum.Enum):
         return "Model's plane" if self is SliceAxis.model else self.name.capitalize()
 
 
+class Precision(enum.Enum):
+    """``sam2unet-predict --precision`` for PyTorch models; ONNX files run at their own."""
+
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+    def label(self) -> str:
+        return {"auto": "auto (GPU: fp16, CPU: bf16 where native)", "fp32": "fp32 (full)",
+                "bf16": "bf16 (deep encoder stages)", "fp16": "fp16"}[self.name]
+
+
 @dataclass
 class RunParameters:
     """Everything ``sam2unet-predict`` needs besides the input and output paths.
@@ -84,6 +98,7 @@ class RunParameters:
     sliceAxis: SliceAxis = SliceAxis.model
     sliceRange: tuple[int, int] | None = None
     batchSize: int = 8  # slices per forward pass; lower it when the GPU runs out of memory
+    precision: Precision = Precision.auto
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first unusable value."""
@@ -98,6 +113,9 @@ class RunParameters:
         if routeOf(self.checkpointPath) is ModelRoute.onnx and self.device not in ONNX_DEVICES:
             raise ValueError(f"{self.device.label()} is not available for ONNX models "
                              f"({self.checkpointPath.name}); choose CPU, CUDA GPU or auto")
+        if routeOf(self.checkpointPath) is ModelRoute.onnx and self.precision is not Precision.auto:
+            raise ValueError(f"{self.checkpointPath.name} is an ONNX model, which runs at the precision it "
+                             f"was written with; choose precision auto")
 
 
 def buildPredictArgs(python: str, inputPath: Path, outputDir: Path, params: RunParameters) -> list[str]:
@@ -114,6 +132,8 @@ def buildPredictArgs(python: str, inputPath: Path, outputDir: Path, params: RunP
     ]
     if params.sliceAxis is not SliceAxis.model:  # without --axis the CLI uses the model's plane
         args += ["--axis", params.sliceAxis.value]
+    if params.precision is not Precision.auto:
+        args += ["--precision", params.precision.value]
     if params.sliceRange is not None:
         first, last = params.sliceRange
         args += ["--slice-range", f"{first}:{last + 1}"]  # the CLI takes half-open START:STOP
