@@ -145,6 +145,21 @@ def test_bench_cpu_engine_compares_old_and_new_settings(monkeypatch: pytest.Monk
     assert acceleration.prepare_model.__module__ == acceleration.__name__  # the patch is undone
 
 
+def test_bench_onnx_compares_the_cpu_paths_and_names_the_fastest_agreeing_one(
+        monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.syspath_prepend(str(REPO))
+    from benchmarks import bench_onnx
+
+    bench_onnx.main(["--size", "64", "--slices", "2", "--rounds", "1", "--threads", "1"])
+    printed = capsys.readouterr().out
+    rows = [line.split()[:2] for line in printed.splitlines() if line.startswith(("torch", "onnxruntime", "ort "))]
+    assert [" ".join(row) for row in rows] == ["torch fp32", "torch auto", "onnxruntime fp32", "onnxruntime int8",
+                                               "ort int8"]
+    assert "# torch auto: cpu: CPU (" in printed and "# machine: " in printed
+    fastest = printed.rsplit("on this CPU: ", 1)[1].strip()
+    assert fastest in ("torch fp32", "torch auto", "onnxruntime fp32", "onnxruntime int8", "ort int8 8-bit w")
+
+
 def test_bench_input_size_scores_one_model_at_each_size(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                         capsys) -> None:
     """A saved model is scored on the demo's held-out case at every size; a size the model

@@ -12,6 +12,7 @@ step, and the int8 export behind its agreement check.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from sam2unet_core.demo import DEFAULT_CONFIG, build_brain_dataset
 from sam2unet_core.export.onnx import INPUT_NAME, export_onnx
 from sam2unet_core.export.quantize import INT8_PRECISION, AgreementError, compare_predictors, label_dice, quantize_int8
 from sam2unet_core.inference.engine import Predictor
-from sam2unet_core.inference.onnx_runner import OnnxRunner, create_session, read_onnx_metadata
+from sam2unet_core.inference.onnx_runner import CHECK_KEY, OnnxRunner, cpu_features, create_session, read_onnx_metadata
 from sam2unet_core.inference.torch_runner import TorchRunner
 from sam2unet_core.io import read_volume
 from sam2unet_core.io.orientation import plane_view
@@ -34,6 +35,7 @@ from sam2unet_core.preprocessing import apply_intensity, fit_intensity, normaliz
 # Bounds stated in the README ("ONNX export and torch-free inference"): fp32 ORT vs torch.
 MAX_LOGIT_DIFF = 1e-4
 MAX_PROBABILITY_DIFF = 1e-5
+MIN_BF16_DICE = 0.999  # per label, bf16 Hiera stages 3-4 against fp32 (measured 0.99993 or more)
 # The demo's recipe cut to 72 steps of 64 px slices (whole slices, per-epoch cosine, no time box).
 SHORT_TRAINING = ["data.input_size=64", "augment.crop_size=0", "augment.train_size=0", "optim.batch_size=4", "data.samples_per_epoch=48",
                   "optim.epochs=6", "optim.schedule=epochs", "optim.warmup_steps=0", "data.val_fraction=0.5",
@@ -62,7 +64,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def _torch_predictor(model) -> Predictor:
-    return Predictor(TorchRunner(model, device="cpu", mixed_precision=False))
+    """Backend comparisons run at fp32, whatever the CPU's native precisions."""
+    return Predictor(TorchRunner(model, device="cpu", precision="fp32"))
 
 
 @pytest.mark.slow
@@ -132,11 +135,15 @@ def test_max_logit_difference_on_real_slices(trained) -> None:
 
 
 @pytest.mark.slow
-def test_int8_export_is_refused_below_the_agreement_bar(trained, capsys) -> None:
-    """Dynamic int8 (MatMul weights) misses Dice 0.999 against fp32 on these volumes: the
-    CLI says so, exits 1 and writes nothing (int8 is not adopted for this model)."""
-    from sam2unet_core.cli.export import main
+def test_int8_export_is_refused_below_the_agreement_bar(trained, capsys, monkeypatch) -> None:
+    """Below its bar the CLI says so, exits 1 and writes nothing. The bar is 1.5, which no
+    file meets, so the outcome is the same on every CPU (int8 accuracy is not)."""
+    import functools
 
+    from sam2unet_core.cli.export import main
+    from sam2unet_core.export import quantize
+
+    monkeypatch.setattr(quantize, "quantize_int8", functools.partial(quantize.quantize_int8, min_dice=1.5))
     model_path = trained["folder"] / "model" / "best.safetensors"
     output = trained["folder"] / "refused_int8.onnx"
     rc = main([str(model_path), "--format", "onnx", "--int8", "--check", str(trained["images"][0]),
@@ -144,7 +151,7 @@ def test_int8_export_is_refused_below_the_agreement_bar(trained, capsys) -> None
     err = capsys.readouterr().err
     print(err)
     assert rc == 1
-    assert "int8 quantisation of refused_int8.onnx refused" in err and "below 0.999" in err
+    assert "int8 quantisation of refused_int8.onnx refused" in err and "below 1.5" in err
     assert not output.exists() and not list(output.parent.glob(".partial-*"))
 
 
@@ -160,17 +167,33 @@ def test_int8_export_needs_check_volumes(tmp_path: Path, capsys) -> None:
 
 @pytest.mark.slow
 def test_int8_file_written_when_it_meets_the_bar_it_is_given(trained) -> None:
-    """With a lower bar the int8 file is written, keeps our metadata and says int8."""
+    """The gate's mechanism with bars whose outcome is the same on every CPU: 0 writes the
+    file (which keeps our metadata, says int8 and records its check and this CPU's
+    features), 1.5 refuses and writes nothing."""
     output = trained["folder"] / "int8.onnx"
-    report = quantize_int8(trained["onnx"], output, trained["volumes"][:1], threads=2, min_dice=0.9)
+    report = quantize_int8(trained["onnx"], output, trained["volumes"][:1], threads=2, min_dice=0.0)
     print(f"label Dice int8 vs fp32: {report.describe()}")
-    assert 0.9 <= report.worst < 0.999
+    assert set(report.dice) == {"grey_matter", "white_matter"} and 0.0 <= report.worst <= 1.0
     assert read_onnx_metadata(output) == read_onnx_metadata(trained["onnx"])
     runner = OnnxRunner(output, device="cpu", threads=2)
     assert runner.description.endswith(INT8_PRECISION)
-    with pytest.raises(AgreementError, match="below 0.99"):
-        quantize_int8(trained["onnx"], trained["folder"] / "never.onnx", trained["volumes"][:1], min_dice=0.99)
+    check = json.loads(runner.session.get_modelmeta().custom_metadata_map[CHECK_KEY])
+    assert check["dice"] == report.dice and check["min_dice"] == 0.0 and check["volumes"] == 1
+    assert check["cpu"]["features"] == list(cpu_features()) and check["settings"]["reduce_range"]
+    with pytest.raises(AgreementError, match="below 1.5"):
+        quantize_int8(trained["onnx"], trained["folder"] / "never.onnx", trained["volumes"][:1], min_dice=1.5)
     assert not (trained["folder"] / "never.onnx").exists()
+
+
+@pytest.mark.slow
+def test_bf16_deep_stages_agree_with_fp32_on_real_volumes(trained) -> None:
+    """The bf16 path forced on (emulated on CPUs without native bf16) against fp32."""
+    fp32 = _torch_predictor(trained["model"])
+    bf16 = Predictor(TorchRunner(trained["model"], device="cpu", precision="bf16"))
+    assert "bf16 Hiera stages 3-4" in bf16.description
+    report = compare_predictors(fp32, bf16, trained["volumes"])
+    print(f"label Dice bf16 Hiera stages 3-4 vs fp32: {report.describe()}")
+    assert report.worst >= MIN_BF16_DICE
 
 
 def test_quantisation_module_imports_no_torch() -> None:

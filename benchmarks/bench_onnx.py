@@ -1,5 +1,6 @@
-"""Torch vs ONNX Runtime fp32 vs ONNX Runtime int8 on the CPU, side by side on the same
-volumes and threads.
+"""The CPU paths side by side on the same model, volumes and threads: torch fp32, torch at
+``--precision auto``, ONNX Runtime fp32 and ONNX Runtime int8 (7-bit weights, the export's
+setting, and 8-bit weights for comparison); which is fastest and agrees with fp32.
 
     python benchmarks/bench_onnx.py --model demo_output/model/best.safetensors \\
         --images demo_output/Dataset001_MNIBrain/imagesTs/brain_008_0000.nii.gz [--threads 2]
@@ -9,12 +10,13 @@ With ``--model`` (a trained checkpoint, e.g. ``make demo``'s) the volumes are ``
 (real scans, files or folders of NIfTI). Without it: a random-weight ``--backbone``
 (hiera_t) binary model with input ``--size`` and a random volume of ``--slices`` x size x
 size. The model is exported with ``sam2unet_core.export.onnx.export_onnx`` and quantised with
-``sam2unet_core.export.quantize`` (dynamic int8 MatMul weights; here without its agreement
-gate, to measure it). The same ``Predictor`` segments the volumes over ``TorchRunner``
-(fp32), ``OnnxRunner`` on the fp32 file and on the int8 file (ORT_ENABLE_ALL), alternating
-``--rounds`` rounds; prints the median slices/s of process CPU time and of wall time of
-each, and the per-label Dice of ONNX Runtime fp32 vs torch and of int8 vs fp32 (lowest over
-the volumes). Torch and ONNX Runtime use ``--threads`` intra-op threads.
+``sam2unet_core.export.quantize.quantize_unchecked`` (dynamic int8 MatMul weights; here
+without its agreement gate, to measure it). The same ``Predictor`` segments the volumes
+with each path, alternating ``--rounds`` rounds; prints the median slices/s of process CPU
+time and of wall time, the wall-time ratio to torch fp32, the per-label Dice of each path's
+label maps against torch fp32 (lowest over the volumes), and the fastest path whose labels
+agree with fp32 (every label's Dice >= 0.999) on this CPU. Torch and ONNX Runtime use
+``--threads`` intra-op threads.
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sam2unet_core.checkpoint import build_model, load_model  # noqa: E402
 from sam2unet_core.export.onnx import export_onnx  # noqa: E402
-from sam2unet_core.export.quantize import compare_label_maps, quantize_unchecked  # noqa: E402
+from benchmarks.common import machine_description  # noqa: E402
+from sam2unet_core.export.quantize import MIN_DICE, compare_label_maps, quantize_unchecked  # noqa: E402
+from sam2unet_core.inference.acceleration import cpu_has_native_bf16  # noqa: E402
 from sam2unet_core.inference.engine import Predictor  # noqa: E402
-from sam2unet_core.inference.onnx_runner import OnnxRunner  # noqa: E402
+from sam2unet_core.inference.onnx_runner import OnnxRunner, cpu_features  # noqa: E402
 from sam2unet_core.inference.torch_runner import TorchRunner  # noqa: E402
 from sam2unet_core.io import read_volume  # noqa: E402
 from sam2unet_core.io.volume import Volume  # noqa: E402
@@ -48,7 +52,7 @@ def _volumes(paths: list[Path]) -> list[Volume]:
     return [read_volume(f) for f in files]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="trained checkpoint (default: random weights)")
     parser.add_argument("--images", type=Path, nargs="+", default=[], help="with --model: volumes or folders")
@@ -57,7 +61,7 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=24, help="slices of the random volume")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if bool(args.model) != bool(args.images):
         parser.error("--model and --images go together")
     torch.set_num_threads(args.threads)
@@ -74,11 +78,15 @@ def main() -> None:
     slices = sum(v.shape_kji[0] for v in volumes)
     with tempfile.TemporaryDirectory() as folder:
         fp32 = export_onnx(model, Path(folder) / "model.onnx")
-        int8 = Path(folder) / "model_int8.onnx"
-        quantize_unchecked(fp32, int8)
-        predictors = {"torch": Predictor(TorchRunner(model, device="cpu", precision="fp32")),
-                      "onnxruntime fp32": Predictor(OnnxRunner(fp32, device="cpu", threads=args.threads)),
-                      "onnxruntime int8": Predictor(OnnxRunner(int8, device="cpu", threads=args.threads))}
+        int8 = {bits: Path(folder) / f"model_int8_{bits}.onnx" for bits in (7, 8)}
+        for bits, path in int8.items():
+            quantize_unchecked(fp32, path, reduce_range=bits == 7)
+        runners = {"torch fp32": TorchRunner(model, device="cpu", precision="fp32"),
+                   "torch auto": TorchRunner(model, device="cpu", precision="auto"),
+                   "onnxruntime fp32": OnnxRunner(fp32, device="cpu", threads=args.threads),
+                   "onnxruntime int8": OnnxRunner(int8[7], device="cpu", threads=args.threads),
+                   "ort int8 8-bit w": OnnxRunner(int8[8], device="cpu", threads=args.threads)}
+        predictors = {name: Predictor(runner) for name, runner in runners.items()}
         times: dict[str, list[tuple[float, float]]] = {name: [] for name in predictors}
         labels: dict[str, list[np.ndarray]] = {}
         for _ in range(args.rounds):
@@ -86,16 +94,24 @@ def main() -> None:
                 cpu, wall = time.process_time(), time.perf_counter()
                 labels[name] = [predictor.predict(v).labels.array_kji for v in volumes]
                 times[name].append((time.process_time() - cpu, time.perf_counter() - wall))
-    print(f"{what}: {len(volumes)} volume(s), {slices} slices, {args.threads} threads, "
+    print(f"# {what}: {len(volumes)} volume(s), {slices} slices, {args.threads} threads, "
           f"median of {args.rounds} alternating rounds")
+    print(f"# machine: {machine_description(torch.device('cpu'))}; CPU features {list(cpu_features())}; "
+          f"native bf16: {cpu_has_native_bf16()}; torch {torch.__version__}")
+    for name, runner in runners.items():
+        print(f"# {name}: {runner.description}")
+    wall_of = {name: statistics.median(p[1] for p in pairs) for name, pairs in times.items()}
+    agreeing = []
+    print(f"{'path':17s} {'CPU slices/s':>12s} {'wall slices/s':>13s} {'x torch fp32':>12s}  label Dice vs torch fp32")
     for name, pairs in times.items():
         cpu = statistics.median(p[0] for p in pairs)
-        wall = statistics.median(p[1] for p in pairs)
-        print(f"{name:17s} {slices / cpu:7.2f} slices/s of CPU time  {slices / wall:7.2f} slices/s wall")
-    for candidate, reference in (("onnxruntime fp32", "torch"), ("onnxruntime int8", "onnxruntime fp32")):
-        report = compare_label_maps(labels[reference], labels[candidate], model.metadata.labels)
-        print(f"label Dice {candidate} vs {reference}: {report.describe()}")
-
+        report = compare_label_maps(labels["torch fp32"], labels[name], model.metadata.labels)
+        if report.worst >= MIN_DICE:
+            agreeing.append(name)
+        print(f"{name:17s} {slices / cpu:12.2f} {slices / wall_of[name]:13.2f} "
+              f"{wall_of['torch fp32'] / wall_of[name]:12.2f}  {report.describe()}")
+    fastest = min(agreeing, key=wall_of.__getitem__)
+    print(f"# fastest path whose labels agree with fp32 (Dice >= {MIN_DICE}) on this CPU: {fastest}")
 
 if __name__ == "__main__":
     main()

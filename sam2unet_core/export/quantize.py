@@ -11,13 +11,25 @@ otherwise :class:`AgreementError` says by how much it missed and nothing is writ
 Convolutions stay fp32: ONNX Runtime's dynamic ``ConvInteger`` made the model slower on
 an AVX2 CPU (``benchmarks/bench_onnx.py``).
 
+Same result on every x86-64 CPU: the weights use 7 of their 8 bits (``reduce_range``).
+ONNX Runtime's u8 x s8 kernels on CPUs without VNNI (AVX2, AVX-512F) add pairs of products
+in 16 bits (``vpmaddubsw``), which saturates with full-range weights, while VNNI CPUs
+(``vpdpbusd``) add in 32 bits: the same file then gives different labels on the two kinds.
+With 7-bit weights no pair can saturate, so both compute the same integers.
+
+The accepted file records its check in its metadata (``CHECK_KEY``: the bar, the Dice per
+label, the number of volumes, the quantisation settings, the onnxruntime version and the
+CPU features it was measured with, :func:`cpu_features`); ``OnnxRunner`` logs it on load.
+
 No torch: onnxruntime and numpy only. Volumes are :class:`~sam2unet_core.io.volume.Volume`
 (KJI arrays, LPS geometry); label maps compared are ``(K, J, I)`` integer arrays.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -27,18 +39,20 @@ from typing import Sequence
 import numpy as np
 
 from ..inference.engine import Predictor
-from ..inference.onnx_runner import PRECISION_KEY, OnnxRunner
+from ..inference.onnx_runner import CHECK_KEY, PRECISION_KEY, OnnxRunner, cpu_features
 from ..io.atomic import atomic_write
 from ..io.volume import Volume
 from ..metadata import LabelInfo
 from ..metrics import mask_dice
 
-__all__ = ["MIN_DICE", "PRECISION_KEY", "INT8_PRECISION", "QUANTIZED_OPS", "AgreementError",
-           "AgreementReport", "label_dice", "compare_label_maps", "compare_predictors", "quantize_unchecked", "quantize_int8"]
+__all__ = ["MIN_DICE", "PRECISION_KEY", "CHECK_KEY", "INT8_PRECISION", "QUANTIZED_OPS", "AgreementError",
+           "AgreementReport", "label_dice", "compare_label_maps", "compare_predictors", "quantize_unchecked",
+           "quantize_int8", "cpu_features"]
 
 MIN_DICE = 0.999  # per label, int8 against fp32 label maps
-INT8_PRECISION = "int8 dynamic (MatMul weights)"
+INT8_PRECISION = "int8 dynamic (MatMul weights, 7-bit)"
 QUANTIZED_OPS = ("MatMul",)
+REDUCE_RANGE = True  # 7-bit weights: the same integers with and without VNNI (module docstring)
 
 
 class AgreementError(ValueError):
@@ -84,22 +98,24 @@ def compare_predictors(reference: Predictor, candidate: Predictor, volumes: Sequ
                               reference.metadata.labels)
 
 
-def quantize_unchecked(fp32_path: Path, int8_path: Path) -> None:
+def quantize_unchecked(fp32_path: Path, int8_path: Path, reduce_range: bool = REDUCE_RANGE) -> None:
     """ONNX Runtime's dynamic quantisation of the ``QUANTIZED_OPS`` weights of ``fp32_path``
     into ``int8_path``, our metadata kept and the precision recorded under ``PRECISION_KEY``.
-    No agreement check and not atomic: for measuring (``benchmarks/bench_onnx.py``); a
-    file for users comes from :func:`quantize_int8`."""
+    No agreement check and not atomic: for measuring (``benchmarks/bench_onnx.py``, which
+    also measures ``reduce_range=False``, 8-bit weights); a file for users comes from
+    :func:`quantize_int8`."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8,
-                     op_types_to_quantize=list(QUANTIZED_OPS))
+                     op_types_to_quantize=list(QUANTIZED_OPS), reduce_range=reduce_range)
     source = onnx.load(str(fp32_path), load_external_data=False)
     proto = onnx.load(str(int8_path))
     del proto.metadata_props[:]
     for prop in source.metadata_props:
         proto.metadata_props.add(key=prop.key, value=prop.value)
-    proto.metadata_props.add(key=PRECISION_KEY, value=INT8_PRECISION)
+    precision = INT8_PRECISION if reduce_range else "int8 dynamic (MatMul weights, 8-bit)"
+    proto.metadata_props.add(key=PRECISION_KEY, value=precision)
     proto.doc_string = source.doc_string
     onnx.save(proto, str(int8_path))
 
@@ -116,9 +132,11 @@ def quantize_int8(onnx_path: str | os.PathLike, output: str | os.PathLike, check
         threads: ONNX Runtime CPU threads for the check (None: its default).
         min_dice: the lowest per-label Dice against the fp32 label maps that is accepted.
 
-    Returns the :class:`AgreementReport` of the accepted file. Raises
-    :class:`AgreementError` (nothing written) when a label's Dice is below ``min_dice``,
-    ``ValueError`` naming the file when ``onnx_path`` is not a readable model.
+    Returns the :class:`AgreementReport` of the accepted file, which is also stored in its
+    metadata under ``CHECK_KEY`` with the CPU features it was measured with. Raises
+    :class:`AgreementError` (nothing written) when a label's Dice is below ``min_dice``
+    (a bar above 1 refuses every file), ``ValueError`` naming the file when ``onnx_path``
+    is not a readable model.
     """
     onnx_path, output = Path(onnx_path), Path(output)
     reference = Predictor(OnnxRunner(onnx_path, device="cpu", threads=threads))
@@ -132,5 +150,20 @@ def quantize_int8(onnx_path: str | os.PathLike, output: str | os.PathLike, check
                 f"int8 quantisation of {onnx_path.name} refused: label Dice against the fp32 model "
                 f"{report.describe()} on {len(check_volumes)} check volume(s), below {min_dice}; "
                 f"keep the fp32 file")
+        _record_check(candidate_path, report, min_dice, len(check_volumes))
         atomic_write(output, lambda tmp: shutil.copyfile(candidate_path, tmp))
     return report
+
+
+def _record_check(path: Path, report: AgreementReport, min_dice: float, volumes: int) -> None:
+    """Store the agreement check of the int8 file ``path`` in its metadata (in place)."""
+    import onnx
+    import onnxruntime
+
+    record = {"min_dice": min_dice, "dice": report.dice, "volumes": volumes,
+              "settings": {"weights": "int8", "reduce_range": REDUCE_RANGE, "ops": list(QUANTIZED_OPS)},
+              "onnxruntime": onnxruntime.__version__, "cpu": {"machine": platform.machine(),
+                                                                "features": list(cpu_features())}}
+    proto = onnx.load(str(path))
+    proto.metadata_props.add(key=CHECK_KEY, value=json.dumps(record, sort_keys=True))
+    onnx.save(proto, str(path))

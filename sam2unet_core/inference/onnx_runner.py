@@ -11,6 +11,7 @@ torch runner. Importing this module imports numpy only; onnxruntime on first use
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +22,16 @@ import numpy as np
 from ..metadata import ModelMetadata
 from ..preprocessing import TTA_FLIPS, IntensityMapping, apply_intensity, labels_from_probabilities
 
-__all__ = ["OnnxRunner", "CompletedBatch", "read_onnx_metadata", "create_session"]
+__all__ = ["OnnxRunner", "CompletedBatch", "read_onnx_metadata", "create_session", "cpu_features"]
+
+logger = logging.getLogger(__name__)
 
 METADATA_KEY = "sam2unet"  # as in sam2unet_core.export.onnx (which imports torch)
 PRECISION_KEY = "sam2unet_precision"  # written by export.quantize; absent: fp32
+CHECK_KEY = "sam2unet_int8_check"  # written by export.quantize: the int8 file's agreement check (JSON)
+# CPU flags (as Linux names them) that select integer and bf16 kernels of ONNX Runtime and oneDNN
+KERNEL_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8",
+                   "asimddp", "i8mm")
 INPUT_NAME = "slices"
 ONNX_DEVICES = {"auto": ("CUDAExecutionProvider", "CPUExecutionProvider"),
                 "cpu": ("CPUExecutionProvider",), "cuda": ("CUDAExecutionProvider",)}
@@ -72,6 +79,36 @@ def create_session(path: str | os.PathLike, device: str = "auto", threads: int |
         raise ValueError(f"{path}: not a readable ONNX model: {type(err).__name__}: {err}") from err
 
 
+def cpu_features() -> tuple[str, ...]:
+    """The ``KERNEL_FEATURES`` of this CPU, from ``/proc/cpuinfo`` (Linux); () elsewhere."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
+    except OSError:
+        return ()
+    flags = next((line.split(":", 1)[1].split() for line in lines
+                  if line.startswith(("flags", "Features")) and ":" in line), [])
+    return tuple(name for name in KERNEL_FEATURES if name in flags)
+
+
+def _log_int8_check(props: dict[str, str], source: str) -> None:
+    """Log the agreement check stored in an int8 file (``CHECK_KEY``) and whether this CPU
+    has the integer kernels it was measured with."""
+    if PRECISION_KEY not in props:
+        return
+    if CHECK_KEY not in props:
+        logger.warning("%s: int8 file without an agreement check (not written by sam2unet-export --int8)", source)
+        return
+    check = json.loads(props[CHECK_KEY])
+    measured, here = set(check["cpu"]["features"]), set(cpu_features())
+    logger.info("%s: int8 checked against fp32 on %d volume(s): label Dice %s (bar %s)", source,
+                check["volumes"], ", ".join(f"{k} {v:.5f}" for k, v in check["dice"].items()), check["min_dice"])
+    vnni = {"avx512_vnni", "avx_vnni", "amx_int8"}
+    if bool(measured & vnni) != bool(here & vnni) and not check["settings"].get("reduce_range"):
+        logger.warning("%s: checked on a CPU %s VNNI, this one has %s; its 8-bit weights may give other labels "
+                       "here: check it again on this CPU (sam2unet-export --int8 --check)", source,
+                       "with" if measured & vnni else "without", "it" if here & vnni else "none")
+
+
 def _session_metadata(session: Any, source: str) -> ModelMetadata:
     props = session.get_modelmeta().custom_metadata_map
     if METADATA_KEY not in props:
@@ -114,8 +151,10 @@ class OnnxRunner:
         provider = self.session.get_providers()[0]
         kind = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
         threads_text = f" ({threads} threads)" if threads else ""
-        precision = self.session.get_modelmeta().custom_metadata_map.get(PRECISION_KEY, "fp32")
+        props = self.session.get_modelmeta().custom_metadata_map
+        precision = props.get(PRECISION_KEY, "fp32")
         self.description = f"onnxruntime {kind}: {provider}{threads_text}, {precision}"
+        _log_int8_check(props, str(path))
 
     @property
     def num_classes(self) -> int:
