@@ -132,9 +132,9 @@ def prepare_model(model: nn.Module, device: torch.device | str, precision: str =
         native_bf16: whether the CPU has native bf16 (None: ask it); tests pass it to
             exercise both ``auto`` paths on any CPU.
     Returns:
-        the copy (eval mode, no gradients, float32 weights on ``device``) and the plan. Under
-        ``torch.no_grad``/``torch.inference_mode`` only: with gradients on, every layer of
-        the copy takes its usual fp32 path.
+        the copy (eval mode, no gradients, float32 weights on ``device``) and the plan. The
+        oneDNN linear layers and bf16 stages act under ``torch.no_grad``/``inference_mode``
+        (as the runner calls it); with gradients on, every layer takes its usual fp32 path.
     """
     device = torch.device(device)
     sam2unet = isinstance(model, SAM2UNet)
