@@ -3,6 +3,8 @@
 nnU-Net style: ``CASE_0000.nii.gz`` inputs give ``CASE.nii.gz`` outputs; ``--num-parts N
 --part-id K`` splits a folder over N independent processes; finished cases are skipped on
 a rerun; a case that fails is reported (file and cause) and the run goes on, then exits 1.
+Ctrl-C (exit 130) and SIGTERM (exit 143) stop the run after writing the summary of what
+finished.
 Every output is written atomically. ``predict_summary.json`` (per part:
 ``predict_summary_partK_of_N.json``) lists each case with its status and timings.
 
@@ -13,13 +15,15 @@ files. The work is done by the library call
 calls and prints.
 
 ``--progress jsonl`` prints one JSON event per line on stdout (start, case_start, slices,
-case_done, case_error, done) for the 3D Slicer module; ``bar`` shows tqdm bars on stderr.
+case_done, case_skipped, case_error, done) for the 3D Slicer module; ``bar`` shows tqdm
+bars on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -60,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-i", "--input", required=True, type=Path,
                         help="image file, DICOM folder, or folder of cases")
-    parser.add_argument("-o", "--output", required=True, type=Path, help="output folder")
+    parser.add_argument("-o", "--output", type=Path, help="output folder; required unless --list-series")
     parser.add_argument("-m", "--model", type=Path,
                         help="checkpoint (.safetensors, official SAM2-UNet .pth) or an ONNX file from "
                              "sam2unet-export (run by ONNX Runtime, without torch); required unless "
@@ -156,13 +160,42 @@ def _build_predictor(args: argparse.Namespace) -> Predictor:
                      mixed_precision=not args.no_mixed_precision)
 
 
+def _below_error(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
+
+
+def _set_up_output() -> None:
+    """Log lines on stderr. nibabel reports a bad NIfTI header on its own handler, at error
+    level, and then raises it, which the batch reports as that case's error: the report is
+    dropped so that the cause is said once, in the case's line. File names that are not
+    UTF-8 (Linux names are bytes) are printed escaped on stdout, not refused."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    reports = logging.getLogger("nibabel.global")
+    for handler in list(reports.handlers):
+        reports.removeHandler(handler)
+    reports.addFilter(_below_error)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, so that the run stops as on Ctrl-C: the
+    summary of what finished is written, then the process exits with 143."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    _set_up_output()
     if args.list_series:
         return _list_series(args.input)
+    if args.output is None:
+        parser.error("-o/--output is required")
     if args.model is None:
         parser.error("-m/--model is required")
     try:
@@ -180,8 +213,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     record = {"model": str(args.model),
               "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-    summary = predict_from_files(predictor, args.input, args.output, options, Progress(args.progress),
-                                 record)
+    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        summary = predict_from_files(predictor, args.input, args.output, options,
+                                     Progress(args.progress), record)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     counts = summary.counts
     if args.progress != "jsonl":
         print(f"{counts['ok']} done, {counts['skipped']} skipped (already done), "
@@ -190,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         if case["status"] == "failed":
             print(f"FAILED {case['case']}: {flag_words(case['error'])}", file=sys.stderr)
     if summary.interrupted:
-        return 130
+        return 143 if isinstance(summary.interruption, _Terminated) else 130
     return 1 if counts["failed"] else 0
 
 
