@@ -60,7 +60,8 @@ def offeredDevices(route: ModelRoute, report: Any) -> list[Device]:
 
 class SliceAxis(enum.Enum):
     """Anatomical plane the 2D model slices along (whatever the array order of the volume);
-    ``model``: the plane the model was trained on (its metadata's ``plane``)."""
+    ``model``: the plane the model was trained on, or every plane of a model trained on
+    several, their predictions fused (its main plane alone with a slice range)."""
 
     model = "model"
     axial = "axial"

@@ -8,9 +8,10 @@ finished.
 Every output is written atomically. ``predict_summary.json`` (per part:
 ``predict_summary_partK_of_N.json``) lists each case with its status and timings.
 
-Volumes are sliced along the model's plane (``--axis`` overrides it, with a warning when
-it differs) and batched slice-wise; PNG/JPG frames (polyp benchmarks) are batched across
-files. The work is done by the library call
+Volumes are sliced along the model's plane, or along each of its planes with their
+probabilities fused when it was trained on several (``--planes`` chooses planes to fuse,
+``--axis`` one plane, with a warning when the model was not trained on it), and batched
+slice-wise; PNG/JPG frames (polyp benchmarks) are batched across files. The work is done by the library call
 :func:`sam2unet_core.inference.batch.predict_from_files`; this module parses, builds,
 calls and prints.
 
@@ -42,7 +43,8 @@ __all__ = ["main", "build_parser"]
 
 logger = logging.getLogger(__name__)
 # library option -> the flag that sets it, for error messages
-FLAGS = {"axis": "--axis", "output format": "--format", "part_id": "--part-id/--num-parts",
+FLAGS = {"axis": "--axis", "planes": "--planes", "output format": "--format",
+         "part_id": "--part-id/--num-parts",
          "slice range": "--slice-range", "unknown post-processing": "--postprocess"}
 
 
@@ -74,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--axis", default=None, choices=sorted(PLANES),
                         help="anatomical plane of the 2D slices (default: the plane the model "
                              "was trained on, axial for older models)")
+    parser.add_argument("--planes", nargs="+", default=None, choices=sorted(PLANES),
+                        help="segment along each of these planes and fuse them (mean of the "
+                             "class probabilities); default: every plane the model was trained "
+                             "on, fused when several (python -m sam2unet_core.cli.describe MODEL "
+                             "lists them)")
     parser.add_argument("--format", choices=LABEL_FORMATS, default=None,
                         help="output format (default: nii.gz for volumes, png for PNG/JPG)")
     parser.add_argument("--overwrite", action="store_true",
@@ -137,7 +144,8 @@ def _list_series(input_path: Path) -> int:
 
 def _options(args: argparse.Namespace) -> PredictOptions:
     return PredictOptions(
-        axis=args.axis, output_format=args.format, overwrite=args.overwrite,
+        axis=args.axis, planes=None if args.planes is None else tuple(args.planes),
+        output_format=args.format, overwrite=args.overwrite,
         num_parts=args.num_parts, part_id=args.part_id,
         slice_range=_parse_slice_range(args.slice_range), series_uid=args.series_uid,
         volume_index=args.volume_index, tta=args.tta, postprocess=tuple(args.postprocess),

@@ -50,7 +50,8 @@ EventFn = Callable[[dict[str, Any]], None]
 class PredictOptions:
     """How :func:`predict_from_files` runs; every field has the CLI's default.
 
-    ``axis``: plane of the 2D slices, None for the model's plane. ``output_format``: one
+    ``axis``: the one plane of the 2D slices; ``planes``: several planes, fused; both None:
+    the model's planes (fused when it was trained on several). ``output_format``: one
     of ``LABEL_FORMATS``, None for nii.gz (volumes) / png (PNG/JPG frames).
     ``slice_range``: half-open ``(start, stop)`` along the slicing axis.
     ``series_uid``/``volume_index``: which DICOM series / 4D volume to read.
@@ -61,6 +62,7 @@ class PredictOptions:
     """
 
     axis: str | None = None
+    planes: tuple[str, ...] | None = None
     output_format: str | None = None
     overwrite: bool = False
     num_parts: int = 1
@@ -79,6 +81,14 @@ class PredictOptions:
         if self.axis is not None and self.axis not in PLANES:
             raise ValueError(f"axis {self.axis!r} is not one of {sorted(PLANES)} (or None for "
                              "the model's plane)")
+        if self.planes is not None and (self.axis is not None or not self.planes
+                                        or any(plane not in PLANES for plane in self.planes)
+                                        or len(set(self.planes)) != len(self.planes)):
+            raise ValueError(f"planes {list(self.planes)} must be distinct planes of "
+                             f"{sorted(PLANES)}, without an axis")
+        if self.planes is not None and len(self.planes) > 1 and self.slice_range is not None:
+            raise ValueError("slice range applies to one plane; it cannot be combined with "
+                             "several fused planes")  # without planes: the model's main plane
         if self.output_format is not None and self.output_format not in LABEL_FORMATS:
             raise ValueError(f"output format {self.output_format!r} is not one of {LABEL_FORMATS}")
         if self.num_parts < 1 or not 0 <= self.part_id < self.num_parts:
@@ -169,6 +179,7 @@ def predict_from_files(predictor: Predictor, inputs: str | os.PathLike, output_d
         **(record or {}),
         "device": predictor.description,
         "plane": predictor.metadata.plane,
+        "planes": list(predictor.metadata.trained_planes),
         "labels": {label.value: label.name for label in predictor.metadata.labels},
         "options": asdict(options),
         "cases": run.summary.cases,
@@ -297,10 +308,12 @@ class _CaseRunner:
             self._check_format(case, volume, paths)
             started = time.perf_counter()
             options = self.options
-            total = self.predictor.count_slices(volume, options.axis, options.slice_range)
+            total = self.predictor.count_slices(volume, options.axis, options.slice_range,
+                                                options.planes)
             self.emit("case_start", case=case.name, slices=total)
             prediction = self.predictor.predict(
-                volume, axis=options.axis, slice_range=options.slice_range, tta=options.tta,
+                volume, axis=options.axis, planes=options.planes,
+                slice_range=options.slice_range, tta=options.tta,
                 postprocess=options.postprocess, probabilities=options.save_probabilities,
                 progress=lambda done, all_: self.emit("slices", case=case.name, done=done, total=all_),
             )
@@ -373,11 +386,13 @@ class _CaseRunner:
             from ..statistics import label_statistics, write_statistics
 
             writes.append((stats_json, lambda: write_statistics(
-                label_statistics(labels, image, metadata.labels), stats_json, stats_json.with_suffix(".csv"))))
+                label_statistics(labels, image, metadata.labels, prediction.agreement),
+                stats_json, stats_json.with_suffix(".csv"))))
         if image is not None and qc_path is not None:
             from ..qc import write_qc_png
 
-            writes.append((qc_path, lambda: write_qc_png(labels, image, metadata.labels, qc_path)))
+            disputed = None if prediction.agreement is None else prediction.agreement.disputed
+            writes.append((qc_path, lambda: write_qc_png(labels, image, metadata.labels, qc_path, disputed)))
         for path, write in writes:
             try:
                 write()
