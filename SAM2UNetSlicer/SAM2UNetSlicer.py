@@ -60,7 +60,7 @@ class SAM2UNetSlicer(ScriptedLoadableModule):
         self.parent.title = _("SAM2-UNet")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []  # PyTorchUtils is used when present, not required to load
-        self.parent.contributors = ["sam2unet_core developers"]
+        self.parent.contributors = ["sam2unet_core project"]
         self.parent.helpText = _(
             "Segment a volume slice by slice with a SAM2-UNet checkpoint (U-shaped decoder on the "
             "adapter-tuned Hiera encoder of Segment Anything 2), or with its ONNX export, which runs "
