@@ -38,7 +38,7 @@ from SAM2UNetSlicerLib.InstallLogic import (
     routeOf,
 )
 from SAM2UNetSlicerLib.LabelImport import volumeIjkToRas
-from SAM2UNetSlicerLib.ModelInfo import CheckpointDescriber, describeMetadata, readCheckpointMetadata
+from SAM2UNetSlicerLib.ModelInfo import CheckpointDescriber, describeMetadata, modelProblem, readCheckpointMetadata
 from SAM2UNetSlicerLib.Parameters import Device, RunParameters, SliceAxis, offeredDevices, sliceCountAlongAxis
 from SAM2UNetSlicerLib.ProcessRunner import SubprocessRunner, findPythonSlicer
 from SAM2UNetSlicerLib.SegmentationLogic import RunResult, RunStatus, SegmentationLogic
@@ -86,7 +86,9 @@ class SAM2UNetSlicerParameterNode:
     ONNX export (.onnx: runs with ONNX Runtime, without PyTorch).
     device, sliceAxis - see SAM2UNetSlicerLib.Parameters. useSliceRange, sliceStart, sliceEnd -
     0-based inclusive slice range along sliceAxis. show3D - build the 3D surface.
-    batchSize - slices per forward pass (lower it when the GPU runs out of memory).
+    tta - average over flipped slices. keepLargestComponent - keep each segment's largest
+    connected part. batchSize - slices per forward pass (lower it when the GPU runs out of
+    memory). allowUntrained - run a SAM 2 checkpoint (untrained decoder), for smoke tests.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -98,7 +100,10 @@ class SAM2UNetSlicerParameterNode:
     sliceStart: Annotated[int, Minimum(0)] = 0
     sliceEnd: Annotated[int, Minimum(0)] = 0
     show3D: bool = False
+    tta: bool = False
+    keepLargestComponent: bool = False
     batchSize: Annotated[int, WithinRange(1, 512)] = 8
+    allowUntrained: bool = False
 
 
 def _checkpointOf(parameterNode) -> Optional[Path]:
@@ -125,6 +130,7 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._shownCheckpoint = _UNSET  # what modelInfoLabel describes
         self._sliceLimitsFor = _UNSET  # (volume ID, axis) the slice spin boxes are limited for
         self._modelPlane: Optional[str] = None  # plane of the described model; None until it is read
+        self._modelMetadata = None  # ModelMetadata of the described model; None until it is read
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -153,6 +159,7 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.show3DButton.connect("clicked(bool)", self.onShow3DButton)
         self.ui.installButton.connect("clicked(bool)", self.onInstallButton)
         self.ui.refreshDevicesButton.connect("clicked(bool)", self.probeDevices)
         self.ui.coreSourceLineEdit.text = qt.QSettings().value(SETTINGS_CORE_SOURCE, DEFAULT_CORE_SOURCE)
@@ -249,8 +256,23 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._showDeviceChoices(offered)
         if parameterNode and parameterNode.device not in offered:
             reasons.append(_("{device} is not available here (see Device)").format(device=parameterNode.device.label()))
+        problem = None
+        if self._modelMetadata is not None and parameterNode:
+            problem = modelProblem(self._modelMetadata, parameterNode.allowUntrained)
+        self.ui.modelProblemLabel.text = problem or ""
+        if problem:
+            reasons.append(_("the model cannot segment this volume (the reason is shown under the model)"))
+        onnx = self._route() is ModelRoute.onnx
+        self.ui.keepLargestCheckBox.enabled = not onnx
+        if onnx and parameterNode and parameterNode.keepLargestComponent:
+            reasons.append(_("keeping the largest part needs a PyTorch model; untick it for an ONNX model"))
         self.ui.segmentButton.enabled = not reasons
         self.ui.segmentButton.toolTip = _("Segment the input volume") if not reasons else "; ".join(reasons)
+        self.ui.segmentReasonLabel.text = "" if not reasons else _("Segment is unavailable: {reasons}.").format(
+            reasons="; ".join(reasons))
+        output = parameterNode.outputSegmentation if parameterNode else None
+        self.ui.show3DButton.enabled = bool(output and output.GetSegmentation().GetNumberOfSegments()
+                                            and not self._busy())
         self.ui.cancelButton.enabled = self._busy()
         self.ui.installButton.enabled = not self._busy()
         self.ui.sliceStartSpinBox.enabled = bool(parameterNode and parameterNode.useSliceRange)
@@ -294,6 +316,7 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.probeDevices()  # another runtime: ask which devices it sees
         checkpoint = _checkpointOf(self._parameterNode) if self._parameterNode else None
         self._setModelPlane(None)
+        self._modelMetadata = None
         if checkpoint is None:
             self.ui.modelInfoLabel.text = _("No model chosen")
             return
@@ -318,7 +341,9 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelInfoLabel.text = error
             return
         self.ui.modelInfoLabel.text = describeMetadata(metadata)
+        self._modelMetadata = metadata
         self._setModelPlane(metadata.plane)
+        self._checkCanApply()
         qt.QSettings().setValue(SETTINGS_CHECKPOINT, str(checkpoint))
         self.ui.checkpointPathLineEdit.addCurrentPathToHistory()
 
@@ -388,7 +413,9 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         parameterNode = self._parameterNode
         sliceRange = (parameterNode.sliceStart, parameterNode.sliceEnd) if parameterNode.useSliceRange else None
         params = RunParameters(_checkpointOf(parameterNode) or Path(), parameterNode.device,
-                               parameterNode.sliceAxis, sliceRange, parameterNode.batchSize)
+                               parameterNode.sliceAxis, sliceRange, parameterNode.batchSize,
+                               tta=parameterNode.tta, keepLargestComponent=parameterNode.keepLargestComponent,
+                               allowUntrained=parameterNode.allowUntrained)
         self.ui.logTextEdit.clear()
         self.ui.timeLabel.text = ""
         with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
@@ -413,6 +440,15 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if result.status is RunStatus.failed:
             slicer.util.errorDisplay(result.message, detailedText=self.ui.logTextEdit.toPlainText())
         self._checkCanApply()
+
+    def onShow3DButton(self) -> None:
+        """Build the closed surfaces of the output segmentation so it shows in the 3D view."""
+        output = self._parameterNode.outputSegmentation if self._parameterNode else None
+        if output is None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to show the segments in 3D."), waitCursor=True):
+            output.CreateClosedSurfaceRepresentation()
+            self.ui.statusLabel.text = _("Segments shown in 3D")
 
     def onCancelButton(self) -> None:
         if self.installer.isRunning():

@@ -490,3 +490,85 @@ def test_onnx_first_use_installs_onnxruntime_and_never_pytorch(monkeypatch: pyte
     answerOnnxProbe(panel, ["CPUExecutionProvider"])
     assert panel.ui.deviceInfoLabel.text == "Found: onnxruntime 1.20.1: CPU"
     panel.closeMidRun()
+
+
+# ------------------------------------------------------------- models that cannot segment
+def _describeAs(panel: Panel, path: Path, metadata: ModelMetadata) -> None:
+    """Choose ``path`` and let the describe child answer with ``metadata``."""
+    path.write_bytes(b"weights")
+    panel.parameters.checkpointPath = path
+    panel.describeRunner.emit(metadata.to_json())
+    panel.describeRunner.finish(0)
+    panel.widget._poll()
+
+
+def test_sam2_checkpoint_is_refused_next_to_the_model_unless_allowed(panel: Panel, tmp_path: Path) -> None:
+    panel.parameters.inputVolume = panel.addVolume()
+    sam2 = ModelMetadata(architecture=Architecture(backbone="hiera_t"),
+                         provenance={"source": "sam2", "file": "sam2.1_hiera_tiny.pt", "note": "decoder not trained"})
+    _describeAs(panel, tmp_path / "sam2.1_hiera_tiny.pt", sam2)
+    problem = panel.ui.modelProblemLabel.text
+    assert "sam2.1_hiera_tiny.pt is a SAM 2 checkpoint" in problem and "Train or fine-tune" in problem
+    assert "Allow an untrained model" in problem
+    assert not panel.ui.segmentButton.enabled
+    assert panel.ui.segmentReasonLabel.text.startswith("Segment is unavailable: the model cannot segment")
+
+    panel.parameters.allowUntrained = True
+    assert panel.ui.modelProblemLabel.text == "" and panel.ui.segmentButton.enabled
+    assert panel.ui.segmentReasonLabel.text == ""
+    panel.ui.segmentButton.emit("clicked(bool)", False)
+    assert panel.logicRunner.args[2] == "sam2unet_core.cli.describe"  # a .pt is read again before the run
+    panel.logicRunner.emit(sam2.to_json())
+    panel.logicRunner.finish(0)
+    panel.widget._poll()
+    assert panel.logicRunner.args[2] == "sam2unet_core.cli.predict" and "--allow-untrained" in panel.logicRunner.args
+
+
+def test_rgb_picture_model_is_refused_for_a_volume_even_when_untrained_models_are_allowed(
+        panel: Panel, tmp_path: Path) -> None:
+    panel.parameters.inputVolume = panel.addVolume()
+    polyp = ModelMetadata(architecture=Architecture(backbone="hiera_t"), labels=default_labels(1, ["foreground"]),
+                          provenance={"source": "official_sam2unet", "file": "SAM2-UNet-20.pth"})
+    panel.parameters.allowUntrained = True
+    _describeAs(panel, tmp_path / "SAM2-UNet-20.pth", polyp)
+    assert "colour pictures" in panel.ui.modelProblemLabel.text
+    assert not panel.ui.segmentButton.enabled and "cannot segment" in panel.ui.segmentReasonLabel.text
+    assert "foreground" in panel.ui.modelInfoLabel.text  # the model is still described
+
+
+def test_tta_and_largest_component_reach_the_cli_and_show_3d_acts_after_the_run(panel: Panel, checkpoint: Path) -> None:
+    panel.parameters.inputVolume = panel.addVolume("Liver CT")
+    panel.parameters.checkpointPath = checkpoint
+    assert not panel.ui.show3DButton.enabled  # nothing segmented yet
+    panel.parameters.tta = True
+    panel.parameters.keepLargestComponent = True
+    panel.ui.segmentButton.emit("clicked(bool)", False)
+    args = panel.logicRunner.args
+    assert "--tta" in args and panel.logicRunner.argument("--postprocess") == "largest_component"
+    assert "--allow-untrained" not in args
+    inputPath = Path(panel.logicRunner.argument("-i"))
+    outputPath = Path(panel.logicRunner.argument("-o")) / "input.nii.gz"
+    outputPath.parent.mkdir()
+    labels = sitk.GetImageFromArray(np.ones(SHAPE_KJI, np.uint8))
+    labels.CopyInformation(sitk.ReadImage(str(inputPath)))
+    sitk.WriteImage(labels, str(outputPath))
+    panel.logicRunner.emit(json.dumps({"event": "case_done", "case": "input", "output": str(outputPath), "seconds": 1}))
+    panel.logicRunner.finish(0)
+    panel.widget._poll()
+
+    output = panel.parameters.outputSegmentation
+    assert not output.closedSurface and panel.ui.show3DButton.enabled
+    panel.ui.show3DButton.emit("clicked(bool)", False)
+    assert output.closedSurface and panel.ui.statusLabel.text == "Segments shown in 3D"
+
+
+def test_largest_component_is_offered_only_for_pytorch_models(panel: Panel, tmp_path: Path) -> None:
+    panel.parameters.inputVolume = panel.addVolume()
+    panel.parameters.keepLargestComponent = True
+    onnx = tmp_path / "organs.onnx"
+    _describeAs(panel, onnx, ModelMetadata(architecture=Architecture(backbone="hiera_t", num_classes=3),
+                                           labels=default_labels(3, ["liver", "spleen"]), input_size=64))
+    assert not panel.ui.keepLargestCheckBox.enabled and not panel.ui.segmentButton.enabled
+    assert "largest part needs a PyTorch model" in panel.ui.segmentReasonLabel.text
+    panel.parameters.keepLargestComponent = False
+    assert panel.ui.segmentButton.enabled and panel.ui.segmentReasonLabel.text == ""
