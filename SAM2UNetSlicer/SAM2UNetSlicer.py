@@ -29,12 +29,14 @@ from slicer.util import VTKObservationMixin
 
 from SAM2UNetSlicerLib.DeviceProbe import parseProbeOutput
 from SAM2UNetSlicerLib.InstallLogic import (
-    DEFAULT_CORE_SOURCE,
+    CORE_DISTRIBUTION,
     TORCH_REQUIREMENT,
     DependencyInstaller,
     EnsureOutcome,
     ModelRoute,
+    coreVersionProblem,
     installedVersions,
+    resolvePackageSource,
     routeOf,
 )
 from SAM2UNetSlicerLib.LabelImport import volumeIjkToRas
@@ -45,6 +47,8 @@ from SAM2UNetSlicerLib.SegmentationLogic import RunResult, RunStatus, Segmentati
 
 SETTINGS_CHECKPOINT = "SAM2UNetSlicer/CheckpointPath"
 SETTINGS_CORE_SOURCE = "SAM2UNetSlicer/CoreSource"
+LEGACY_CORE_SOURCE = "sam2unet-core"  # an index name earlier versions stored; no index has it
+MODULE_DIR = Path(__file__).resolve().parent  # the bundled sam2unet_core sits beside this file
 POLL_INTERVAL_MS = 100
 _UNSET = object()  # "not shown yet", unlike None ("nothing chosen")
 
@@ -162,12 +166,14 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.show3DButton.connect("clicked(bool)", self.onShow3DButton)
         self.ui.installButton.connect("clicked(bool)", self.onInstallButton)
         self.ui.refreshDevicesButton.connect("clicked(bool)", self.probeDevices)
-        self.ui.coreSourceLineEdit.text = qt.QSettings().value(SETTINGS_CORE_SOURCE, DEFAULT_CORE_SOURCE)
+        source = qt.QSettings().value(SETTINGS_CORE_SOURCE, "")
+        self.ui.coreSourceLineEdit.text = "" if source == LEGACY_CORE_SOURCE else source
         self.ui.coreSourceLineEdit.connect("editingFinished()", self._saveCoreSource)
         self.ui.progressBar.setValue(0)
 
         self.initializeParameterNode()
         self.probeDevices()
+        self._updatePackageStatus()
 
     def cleanup(self) -> None:
         self.logic.segmentation.cancel()
@@ -354,7 +360,32 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._updateSliceLimits()
 
     def _saveCoreSource(self) -> None:
-        qt.QSettings().setValue(SETTINGS_CORE_SOURCE, self.ui.coreSourceLineEdit.text.strip() or DEFAULT_CORE_SOURCE)
+        qt.QSettings().setValue(SETTINGS_CORE_SOURCE, self.ui.coreSourceLineEdit.text.strip())
+        self._updatePackageStatus()
+
+    def _updatePackageStatus(self) -> None:
+        """Say which sam2unet_core is installed against the one this extension carries; on a
+        mismatch, offer Upgrade / Reinstall (the Install button) and open Advanced."""
+        try:
+            core, wheelhouse = resolvePackageSource(self.ui.coreSourceLineEdit.text, MODULE_DIR)
+        except ValueError as err:
+            self.ui.packageStatusLabel.text = str(err)
+            return
+        installed = installedVersions().get(CORE_DISTRIBUTION)
+        problem = coreVersionProblem(installedVersions(), core)
+        offline = _(" Offline: every package comes from {folder}.").format(folder=wheelhouse) if wheelhouse else ""
+        if problem:
+            text = problem
+        elif installed:
+            text = _("sam2unet_core {version} is installed.").format(version=installed)
+        else:
+            text = _("sam2unet_core {version} comes with this extension; the first Segment installs it.").format(
+                version=core.version)
+        self.ui.packageStatusLabel.text = text + offline
+        self.ui.installButton.text = _("Upgrade / Reinstall sam2unet_core") if problem else _("Install dependencies")
+        if problem:
+            self.ui.advancedCollapsibleButton.collapsed = False
+            self.ui.statusLabel.text = problem
 
     def _log(self, text: str) -> None:
         self.ui.logTextEdit.appendPlainText(text)
@@ -468,13 +499,18 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _ensureDependencies(self, then) -> bool:
         """True when everything is installed; else asks, installs in the background and calls
         ``then`` afterwards (if given). Returns False whenever ``then`` is not called now."""
-        coreSource = self.ui.coreSourceLineEdit.text.strip() or DEFAULT_CORE_SOURCE
-        outcome = self.installer.ensure(coreSource, self._confirmInstall, self._installTorch, self._log,
-                                        lambda ok, message: self._onInstallDone(ok, message, then), self._route())
+        core, wheelhouse = resolvePackageSource(self.ui.coreSourceLineEdit.text, MODULE_DIR)  # ValueError: shown
+        keepLargest = bool(self._parameterNode and self._parameterNode.keepLargestComponent)
+        outcome = self.installer.ensure(core, self._confirmInstall, self._installTorch, self._log,
+                                        lambda ok, message: self._onInstallDone(ok, message, then), self._route(),
+                                        wheelhouse, keepLargest)
         if outcome is EnsureOutcome.needPyTorchExtension:
+            found = installedVersions().get("torch")
             slicer.util.errorDisplay(_(
-                "SAM2-UNet needs PyTorch. Install the 'PyTorch' extension with the Extensions Manager, "
-                "restart Slicer, then press Segment again."))
+                "SAM2-UNet needs PyTorch {requirement}{found}. Install the 'PyTorch' extension with the "
+                "Extensions Manager, restart Slicer, then press Segment again.").format(
+                    requirement=TORCH_REQUIREMENT,
+                    found=_(" (PyTorch {version} is installed)").format(version=found) if found else ""))
         elif outcome is EnsureOutcome.installing:
             self.ui.statusLabel.text = _("Installing Python packages...")
             self.ui.progressBar.setRange(0, 0)  # busy: pip gives no overall progress
@@ -485,8 +521,8 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _confirmInstall(self, planText: str) -> bool:
         self.ui.logTextEdit.clear()
         return slicer.util.confirmOkCancelDisplay(
-            _("SAM2-UNet needs these Python packages, which will be downloaded and installed into "
-              "Slicer's Python (Slicer's own numpy and SimpleITK are kept):\n{plan}\n\nThis may take "
+            _("SAM2-UNet needs these Python packages, which will be installed into Slicer's Python "
+              "(Slicer's own numpy, SimpleITK, pydicom and pillow are kept):\n{plan}\n\nThis may take "
               "several minutes.").format(plan=planText),
             windowTitle=_("Install SAM2-UNet dependencies"))
 
@@ -510,9 +546,10 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = message.splitlines()[0]
         self._log(message)
         self._checkCanApply()
+        self._updatePackageStatus()
         if not ok:
-            slicer.util.errorDisplay(_("Installing the dependencies failed. Check your internet "
-                                       "connection or the package source in Advanced, then try again."),
+            slicer.util.errorDisplay(_("Installing the dependencies failed: {reason}. pip's full output "
+                                       "is below and in the Log.").format(reason=message.splitlines()[-1]),
                                      detailedText=self.ui.logTextEdit.toPlainText())
             return
         self._shownCheckpoint = self._sliceLimitsFor = _UNSET  # now readable with sam2unet_core
