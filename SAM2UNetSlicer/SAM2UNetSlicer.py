@@ -7,9 +7,10 @@ this file only wires it to Slicer's GUI, scene and settings.
 import importlib.util
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import qt
 import vtk
@@ -584,36 +585,69 @@ class SAM2UNetSlicerLogic(ScriptedLoadableModuleLogic):
 #
 
 
-class SAM2UNetSlicerTest(ScriptedLoadableModuleTest):
-    """Self-test in a real Slicer: MRHead through a tiny random hiera_t model.
+def selfTestVariant(isImportable: Callable[[str], bool]) -> tuple[Optional[str], str]:
+    """Which self-test this Slicer's Python can run: ``("torch", "")`` with sam2unet_core,
+    torch and sam2; ``("onnx", "")`` with sam2unet_core and onnxruntime (an install without
+    PyTorch); else ``(None, what is missing)``."""
+    if not isImportable("sam2unet_core"):
+        return None, "sam2unet_core"
+    if isImportable("torch") and isImportable("sam2"):
+        return "torch", ""
+    if isImportable("onnxruntime"):
+        return "onnx", ""
+    return None, "torch and sam2 (PyTorch models) or onnxruntime (ONNX models)"
 
-    Needs torch and sam2unet_core in Slicer's Python (skipped otherwise) and downloads MRHead
-    through SampleData (cached afterwards).
+
+class SAM2UNetSlicerTest(ScriptedLoadableModuleTest):
+    """Self-test in a real Slicer (Reload & Test, or ctest py_SAM2UNetSlicer): MRHead through a
+    tiny model of the installed route.
+
+    With PyTorch: a tiny random hiera_t ``.safetensors``. Without PyTorch (ONNX route): the
+    threshold graph ``Resources/Testing/selftest_threshold.onnx`` (not a trained network; it
+    drives the module's ONNX route). Missing dependencies are reported, not failed: Slicer's
+    ``runTest`` does not honour ``skipTest``. MRHead comes through SampleData (downloaded once,
+    then cached); the temporary folder of the test model is removed at the end.
     """
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        self.setUp()
-        self.test_segments_MRHead_into_named_coloured_segments()
-        self.setUp()
-        self.test_cancel_leaves_the_scene_as_it_was()
-
-    def _tinyCheckpoint(self) -> Path:
+        variant, missing = selfTestVariant(lambda name: importlib.util.find_spec(name) is not None)
+        if variant is None:
+            message = _("SAM2-UNet self-test was not run: {missing} is not installed in Slicer's Python. "
+                        "Press Segment, or Advanced > Install dependencies, then Reload & Test again.").format(
+                            missing=missing)
+            logging.warning(message)
+            self.delayDisplay(message)
+            return
+        tempDir = Path(tempfile.mkdtemp(prefix="SAM2UNetSlicerTest-"))
         try:
-            import sam2unet_core
-            from sam2unet_core.metadata import Architecture, ModelMetadata, default_labels
-        except ImportError:
-            self.skipTest("sam2unet_core is not installed in Slicer's Python")
+            self._model, self._segmentNames = self._tinyModel(variant, tempDir)
+            self.setUp()
+            self.test_segments_MRHead_into_named_coloured_segments()
+            self.setUp()
+            self.test_cancel_leaves_the_scene_as_it_was()
+        finally:
+            shutil.rmtree(tempDir, ignore_errors=True)
+
+    def _tinyModel(self, variant: str, folder: Path) -> tuple[Path, list[str]]:
+        """The model file of ``variant`` and the segment names it gives."""
+        if variant == "onnx":
+            return Path(self._resources()) / "Testing" / "selftest_threshold.onnx", ["bright tissue"]
+        import sam2unet_core
+        from sam2unet_core.metadata import Architecture, ModelMetadata, default_labels
+
         architecture = Architecture(backbone="hiera_t", num_classes=3, in_channels=3, freeze_encoder=False)
         metadata = ModelMetadata(architecture=architecture, labels=default_labels(3, ["brain", "skin"]),
                                  input_size=64, intensity={"kind": "percentile", "lower": 0.5, "upper": 99.5},
                                  mean=[], std=[])
         model = sam2unet_core.SAM2UNet(backbone="hiera_t", num_classes=3, in_channels=3, freeze_encoder=False)
-        path = Path(tempfile.mkdtemp(prefix="SAM2UNetSlicerTest-")) / "tiny.safetensors"
-        sam2unet_core.save_model(model, path, metadata)
-        return path
+        return sam2unet_core.save_model(model, folder / "tiny.safetensors", metadata), ["brain", "skin"]
+
+    @staticmethod
+    def _resources() -> str:
+        return str(MODULE_DIR / "Resources")
 
     def _mrHead(self):
         import SampleData
@@ -621,30 +655,28 @@ class SAM2UNetSlicerTest(ScriptedLoadableModuleTest):
         return SampleData.SampleDataLogic().downloadMRHead()
 
     def test_segments_MRHead_into_named_coloured_segments(self):
-        checkpoint = self._tinyCheckpoint()
         volume = self._mrHead()
         logic = SAM2UNetSlicerLogic()
-        params = RunParameters(checkpoint, Device.cpu, SliceAxis.axial, (60, 63))
+        params = RunParameters(self._model, Device.cpu, SliceAxis.axial, (60, 63))
         result = logic.segmentation.runAndWait(volume, None, params, idle=slicer.app.processEvents, timeoutSeconds=300)
         self.assertEqual(result.status, RunStatus.succeeded, result.message)
         segmentationNode = result.segmentationNode
         self.assertEqual(segmentationNode.GetName(), "MRHead segmentation")
         segmentation = segmentationNode.GetSegmentation()
-        self.assertEqual([segmentation.GetSegment(i).GetName() for i in result.segmentIds], ["brain", "skin"])
+        self.assertEqual([segmentation.GetSegment(i).GetName() for i in result.segmentIds], self._segmentNames)
         self.assertEqual(len(result.segmentIds), segmentation.GetNumberOfSegments())
         for segmentId in result.segmentIds:
             mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volume)
             self.assertEqual(mask.shape, slicer.util.arrayFromVolume(volume).shape)  # KJI, on the input grid
-        self.delayDisplay(f"Segmented in {result.seconds:.1f} s")
+        self.delayDisplay(f"Segmented in {result.seconds:.1f} s with {self._model.name}")
 
     def test_cancel_leaves_the_scene_as_it_was(self):
-        checkpoint = self._tinyCheckpoint()
         volume = self._mrHead()
         nodeIdsBefore = {slicer.mrmlScene.GetNthNode(i).GetID() for i in range(slicer.mrmlScene.GetNumberOfNodes())}
         logic = SAM2UNetSlicerLogic()
-        params = RunParameters(checkpoint, Device.cpu, SliceAxis.axial, None)
+        params = RunParameters(self._model, Device.cpu, SliceAxis.axial, None)
         result = logic.segmentation.runAndWait(volume, None, params, idle=slicer.app.processEvents,
-                                                cancelAfterSeconds=1.0)
+                                                cancelAfterSeconds=0.5)
         self.assertEqual(result.status, RunStatus.cancelled)
         nodeIdsAfter = {slicer.mrmlScene.GetNthNode(i).GetID() for i in range(slicer.mrmlScene.GetNumberOfNodes())}
         self.assertEqual(nodeIdsAfter, nodeIdsBefore)
