@@ -392,3 +392,55 @@ def test_installer_on_the_onnx_route_needs_neither_torch_nor_the_pytorch_extensi
     harness.runner.finish(0)
     harness.runner.poll()
     assert harness.done == [(True, "Installation finished")]
+
+
+# ------------------------------------------------------------------- what the PyTorch route needs
+# A Slicer with only what the PyTorch route installs (no keep-largest-component): MONAI,
+# scikit-image, scipy, highdicom and slicerio cannot be imported in the child process.
+PYTORCH_ROUTE_SITECUSTOMIZE = r'''
+import importlib.abc
+import sys
+
+BLOCKED = {"monai", "skimage", "scipy", "highdicom", "slicerio"}
+
+
+class _Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r} (not on the PyTorch route)", name=name)
+        return None
+
+
+sys.meta_path.insert(0, _Blocker())
+'''
+
+
+def test_the_modules_pytorch_run_needs_nothing_the_route_leaves_out(grey_ct_checkpoint: Path, tmp_path: Path) -> None:
+    """The exact command the module starts, on a real NIfTI, succeeds without MONAI, scipy,
+    highdicom or scikit-image; keep-largest-component then says which package it needs."""
+    import os
+    import subprocess
+    import sys
+
+    import nibabel as nib
+
+    from SAM2UNetSlicerLib.Parameters import RunParameters, buildPredictArgs
+
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(PYTORCH_ROUTE_SITECUSTOMIZE, encoding="utf-8")
+    scan = tmp_path / "input.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(40, 200, (24, 20, 3)).astype(np.int16), np.eye(4)), scan)
+    env = dict(os.environ, PYTHONPATH=f"{blocker}:{MODULE_DIR.parent}", PYTHONUNBUFFERED="1")
+    args = buildPredictArgs(sys.executable, scan, tmp_path / "out", RunParameters(grey_ct_checkpoint))
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "out" / "input.nii.gz").is_file()
+    assert "No module named" not in done.stderr
+
+    largest = buildPredictArgs(sys.executable, scan, tmp_path / "largest", RunParameters(
+        grey_ct_checkpoint, keepLargestComponent=True))
+    done = subprocess.run(largest, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1 and "'monai' is not installed" in done.stdout + done.stderr
+    names = {Requirement(line).name for line in routeRequirements(ModelRoute.torch, RESOURCES, keepLargestComponent=True)}
+    assert {"monai", "scikit-image"} <= names
