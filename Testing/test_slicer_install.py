@@ -444,3 +444,12 @@ def test_the_modules_pytorch_run_needs_nothing_the_route_leaves_out(grey_ct_chec
     assert done.returncode == 1 and "'monai' is not installed" in done.stdout + done.stderr
     names = {Requirement(line).name for line in routeRequirements(ModelRoute.torch, RESOURCES, keepLargestComponent=True)}
     assert {"monai", "scikit-image"} <= names
+
+
+def test_torch_left_too_old_by_the_pytorch_extension_stops_before_pip() -> None:
+    harness = InstallerHarness(dict(FRESH_SLICER, torch="2.4.1"), {"PyTorchUtils"})
+    harness.installTorch = lambda: None  # PyTorchUtils kept the old build
+    with pytest.raises(RuntimeError, match=r"PyTorch 2\.4\.1 after the PyTorch extension's install; "
+                                           r"SAM2-UNet needs torch>=2\.5\.1"):
+        harness.ensure()
+    assert harness.runner.started == [] and not harness.installer.isRunning()
