@@ -10,6 +10,9 @@ pydicom and pillow at other versions than the newest, as Slicer's Python does. T
 the extension, and the four packages of Slicer must be left as they were. A second layout
 carrying another version is reported as a mismatch and reinstalled on request.
 
+Where cmake is installed, the module's real ``CMakeLists.txt`` is configured and installed
+(with a stand-in for Slicer's scripted-module macro) and must give that same layout.
+
 The wheelhouse is filled once per session with ``pip download`` (through pip's cache; the
 test is skipped, saying so, when pip cannot reach the package index). About a minute.
 """
@@ -160,3 +163,46 @@ def test_extension_installs_its_own_package_offline_and_reports_another_version(
     assert versions[CORE_DISTRIBUTION] == "99.0.0"
     assert {name: versions[name] for name in SLICER_PINS} == SLICER_PINS
     assert coreVersionProblem(versions, findBundledCore(newer)) is None
+
+
+# Slicer's own macro, reduced to what it installs: the module's scripts and resources keep their
+# relative paths under the scripted-modules folder. Everything else is the module's real
+# CMakeLists.txt, the bundle's install rules included.
+CMAKE_STAND_IN = """
+cmake_minimum_required(VERSION 3.20)
+project(LayoutCheck NONE)
+set(Slicer_QTSCRIPTEDMODULES_LIB_DIR lib/Slicer-5.10/qt-scripted-modules)
+set(Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR lib/Slicer-5.10/qt-scripted-modules)
+set(BUILD_TESTING OFF)
+macro(slicerMacroBuildScriptedModule)
+  cmake_parse_arguments(MY "WITH_GENERIC_TESTS" "NAME" "SCRIPTS;RESOURCES" ${ARGN})
+  foreach(item ${MY_SCRIPTS} ${MY_RESOURCES})
+    get_filename_component(folder ${item} DIRECTORY)
+    install(FILES ${CMAKE_CURRENT_SOURCE_DIR}/${item}
+            DESTINATION ${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}/${folder} COMPONENT RuntimeLibraries)
+  endforeach()
+endmacro()
+add_subdirectory(MODULE_DIR SAM2UNetSlicer)
+"""
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+def test_cmake_install_lays_the_extension_out_as_the_install_test_does(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "CMakeLists.txt").write_text(CMAKE_STAND_IN.replace("MODULE_DIR", MODULE_DIR.as_posix()),
+                                            encoding="utf-8")
+    for command in (["cmake", "-S", str(project), "-B", str(tmp_path / "build")],
+                    ["cmake", "--install", str(tmp_path / "build"), "--prefix", str(tmp_path / "installed")]):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    installed = tmp_path / "installed" / "lib" / "Slicer-5.10" / "qt-scripted-modules"
+    emulated = layOutInstalledExtension(tmp_path / "emulated")
+
+    def files(root: Path) -> set[str]:
+        return {str(path.relative_to(root)) for path in root.rglob("*") if path.is_file()}
+
+    assert files(installed) == files(emulated)
+    assert findBundledCore(installed).path == installed.resolve() / BUNDLE_FOLDER
+    built = tmp_path / "build" / "lib" / "Slicer-5.10" / "qt-scripted-modules" / BUNDLE_FOLDER
+    assert files(built) == files(installed / BUNDLE_FOLDER)  # the build tree carries it too
