@@ -53,6 +53,7 @@ __all__ = [
     "METADATA_KEY",
     "PLANES",
     "CheckpointError",
+    "UntrainedModelError",
     "read_safetensors_metadata",
     "PREPROCESSING_FIELDS",
 ]
@@ -82,6 +83,11 @@ DEFAULT_COLORS = [
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file and the cause."""
+
+
+class UntrainedModelError(ValueError):
+    """A model whose decoder was never trained (a SAM 2 checkpoint read as a model) was given
+    for segmentation without explicitly allowing it."""
 
 
 # checkpoint file ending -> kind (torch-free, so CLIs choose the backend without torch)
@@ -256,6 +262,31 @@ class ModelMetadata:
     @property
     def class_names(self) -> list[str]:
         return [label.name for label in self.labels]
+
+    @property
+    def decoder_trained(self) -> bool:
+        """False for an official SAM 2 / SAM 2.1 checkpoint read as a model: its Hiera trunk
+        is a base for training and its decoder holds random weights."""
+        return self.provenance.get("source") != "sam2"
+
+    def untrained_reason(self) -> str:
+        """Why a model with ``decoder_trained`` False cannot segment, and what to do."""
+        name = self.provenance.get("file") or "this checkpoint"
+        return (f"{name} is a SAM 2 checkpoint: its Hiera trunk is a base for training and its "
+                f"decoder is untrained, so it cannot segment. Train or fine-tune a SAM2-UNet on it "
+                f"first (sam2unet-train with model.sam2_checkpoint set to this file) and use the "
+                f"model that training writes")
+
+    @property
+    def trained_on_pictures(self) -> bool:
+        """True for a model of colour pictures (PNG/JPG frames such as endoscopy): the official
+        SAM2-UNet polyp weights, or a model trained with a picture (``polyp``) dataset. Its three
+        input channels are red, green and blue, which a grey CT or MR volume cannot supply."""
+        if self.provenance.get("source") == "official_sam2unet":
+            return True
+        config = self.provenance.get("config")
+        data = config.get("data") if isinstance(config, dict) else None
+        return isinstance(data, dict) and data.get("kind") == "polyp"
 
     # ------------------------------------------------------------ conversion
     def to_dict(self) -> dict[str, Any]:

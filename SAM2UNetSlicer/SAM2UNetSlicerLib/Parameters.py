@@ -85,6 +85,9 @@ class RunParameters:
     sliceAxis: SliceAxis = SliceAxis.model
     sliceRange: tuple[int, int] | None = None
     batchSize: int = 8  # slices per forward pass; lower it when the GPU runs out of memory
+    tta: bool = False  # average over flipped slices (sam2unet-predict --tta)
+    keepLargestComponent: bool = False  # keep each label's largest 3D connected component
+    allowUntrained: bool = False  # run a SAM 2 checkpoint (untrained decoder): smoke tests only
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first unusable value."""
@@ -99,6 +102,9 @@ class RunParameters:
         if routeOf(self.checkpointPath) is ModelRoute.onnx and self.device not in ONNX_DEVICES:
             raise ValueError(f"{self.device.label()} is not available for ONNX models "
                              f"({self.checkpointPath.name}); choose CPU, CUDA GPU or auto")
+        if routeOf(self.checkpointPath) is ModelRoute.onnx and self.keepLargestComponent:
+            raise ValueError(f"keeping the largest component runs on PyTorch and MONAI; an ONNX model "
+                             f"({self.checkpointPath.name}) runs without them: untick it")
 
 
 def buildPredictArgs(python: str, inputPath: Path, outputDir: Path, params: RunParameters) -> list[str]:
@@ -118,6 +124,12 @@ def buildPredictArgs(python: str, inputPath: Path, outputDir: Path, params: RunP
     if params.sliceRange is not None:
         first, last = params.sliceRange
         args += ["--slice-range", f"{first}:{last + 1}"]  # the CLI takes half-open START:STOP
+    if params.tta:
+        args.append("--tta")
+    if params.keepLargestComponent:
+        args += ["--postprocess", "largest_component"]
+    if params.allowUntrained:
+        args.append("--allow-untrained")
     return args
 
 

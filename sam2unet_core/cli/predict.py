@@ -36,7 +36,7 @@ from ..inference.postprocess import POSTPROCESS_STEPS
 from ..io.dicom import list_dicom_series
 from ..io.orientation import PLANES
 from ..io.writers import LABEL_FORMATS
-from ..metadata import file_kind
+from ..metadata import UntrainedModelError, file_kind
 from .progress import Progress, flag_words
 
 __all__ = ["main", "build_parser"]
@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--qc-png", action="store_true",
                         help="also write CASE.qc.png: axial, coronal, sagittal slices through the "
                              "labels' centre of mass with the labels overlaid")
+    parser.add_argument("--allow-untrained", action="store_true",
+                        help="run a SAM 2 checkpoint, whose decoder is untrained (smoke tests only; "
+                             "default: refused, train or fine-tune a model on it first)")
     parser.add_argument("--no-mixed-precision", action="store_true",
                         help="run fp32 on CUDA too (default: fp16 autocast on CUDA)")
     parser.add_argument("--progress", choices=("bar", "jsonl", "none"), default="bar",
@@ -159,13 +162,14 @@ def _build_predictor(args: argparse.Namespace) -> Predictor:
     if file_kind(args.model) == "onnx":
         from ..inference.onnx_runner import OnnxRunner
 
-        return Predictor(OnnxRunner(args.model, device=args.device), batch_size=args.batch_size)
+        return Predictor(OnnxRunner(args.model, device=args.device), batch_size=args.batch_size,
+                         allow_untrained=args.allow_untrained)
     from ..checkpoint import load_model  # torch from here on
     from ..device import resolve_device
 
     device = resolve_device(args.device)
     return Predictor(load_model(args.model), batch_size=args.batch_size, device=device,
-                     mixed_precision=not args.no_mixed_precision)
+                     mixed_precision=not args.no_mixed_precision, allow_untrained=args.allow_untrained)
 
 
 def _below_error(record: logging.LogRecord) -> bool:
@@ -216,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         predictor = _build_predictor(args)
+    except UntrainedModelError as err:
+        print(f"error: {err}; or pass --allow-untrained to run it anyway (smoke tests only)", file=sys.stderr)
+        return 2
     except (ValueError, OSError) as err:
         print(f"error: cannot load model {args.model}: {err}", file=sys.stderr)
         return 2

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..io.orientation import PLANES, PlaneView, plane_view
 from ..io.volume import Volume, check_fits_in_memory, model_label_dtype
-from ..metadata import ModelMetadata
+from ..metadata import ModelMetadata, UntrainedModelError
 from ..preprocessing import IntensityMapping, fit_intensity, stack_slices
 from .agreement import PlaneAgreement, plane_agreement
 from .postprocess import check_steps, postprocess_labels
@@ -105,12 +105,19 @@ class Predictor:
             ``TorchRunner(model, device=device, mixed_precision=mixed_precision)``).
         batch_size: slices per runner call.
         device, mixed_precision: for the ``TorchRunner`` built around a torch model.
+        allow_untrained: run a model whose decoder was never trained (a SAM 2 checkpoint read
+            as a model; smoke tests only). Without it such a model raises
+            :class:`~sam2unet_core.metadata.UntrainedModelError`.
     """
 
     def __init__(self, runner_or_model: ModelRunner | Any, batch_size: int = 8, *,
-                 device: str | torch.device = "auto", mixed_precision: bool = True) -> None:
+                 device: str | torch.device = "auto", mixed_precision: bool = True,
+                 allow_untrained: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        metadata = getattr(runner_or_model, "metadata", None)
+        if isinstance(metadata, ModelMetadata) and not metadata.decoder_trained and not allow_untrained:
+            raise UntrainedModelError(metadata.untrained_reason())
         if not callable(getattr(runner_or_model, "submit", None)):
             from .torch_runner import TorchRunner  # torch only for torch models
 
