@@ -179,10 +179,9 @@ def test_segment_then_cancel_through_the_buttons_leaves_the_scene_as_it_was(pane
     assert panel.slicer.dialogs == []
 
 
-def test_successful_run_shows_segments_time_and_log(panel: Panel, checkpoint: Path) -> None:
-    panel.parameters.inputVolume = panel.addVolume("Liver CT")
-    panel.parameters.checkpointPath = checkpoint
-    panel.ui.segmentButton.emit("clicked(bool)", False)
+def finish_run_with_labels(panel: Panel) -> None:
+    """Play the CLI's part of a run: a label map of ones on the exported input's grid, its
+    case_done event, a clean exit; then let the panel poll."""
     inputPath = Path(panel.logicRunner.argument("-i"))
     outputPath = Path(panel.logicRunner.argument("-o")) / "input.nii.gz"
     outputPath.parent.mkdir()
@@ -192,6 +191,13 @@ def test_successful_run_shows_segments_time_and_log(panel: Panel, checkpoint: Pa
     panel.logicRunner.emit(json.dumps({"event": "case_done", "case": "input", "output": str(outputPath), "seconds": 1}))
     panel.logicRunner.finish(0)
     panel.widget._poll()
+
+
+def test_successful_run_shows_segments_time_and_log(panel: Panel, checkpoint: Path) -> None:
+    panel.parameters.inputVolume = panel.addVolume("Liver CT")
+    panel.parameters.checkpointPath = checkpoint
+    panel.ui.segmentButton.emit("clicked(bool)", False)
+    finish_run_with_labels(panel)
 
     output = panel.parameters.outputSegmentation
     assert output.GetName() == "Liver CT segmentation"
@@ -550,15 +556,7 @@ def test_tta_and_largest_component_reach_the_cli_and_show_3d_acts_after_the_run(
     args = panel.logicRunner.args
     assert "--tta" in args and panel.logicRunner.argument("--postprocess") == "largest_component"
     assert "--allow-untrained" not in args
-    inputPath = Path(panel.logicRunner.argument("-i"))
-    outputPath = Path(panel.logicRunner.argument("-o")) / "input.nii.gz"
-    outputPath.parent.mkdir()
-    labels = sitk.GetImageFromArray(np.ones(SHAPE_KJI, np.uint8))
-    labels.CopyInformation(sitk.ReadImage(str(inputPath)))
-    sitk.WriteImage(labels, str(outputPath))
-    panel.logicRunner.emit(json.dumps({"event": "case_done", "case": "input", "output": str(outputPath), "seconds": 1}))
-    panel.logicRunner.finish(0)
-    panel.widget._poll()
+    finish_run_with_labels(panel)
 
     output = panel.parameters.outputSegmentation
     assert not output.closedSurface and panel.ui.show3DButton.enabled
