@@ -10,6 +10,7 @@ statistics. Extras:
     * ``dev`` (requirements-dev.txt): the test suite and the demo.
 """
 
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -21,9 +22,16 @@ def read_requirements(name: str) -> list[str]:
     return [line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()]
 
 
+def read_version() -> str:
+    """``__version__`` of ``sam2unet_core/__init__.py``: the one place the version is written
+    (the 3D Slicer module reads it there too, from the copy the extension carries)."""
+    text = Path(__file__).with_name("sam2unet_core").joinpath("__init__.py").read_text(encoding="utf-8")
+    return re.search(r"""^__version__\s*=\s*["']([^"']+)["']""", text, re.MULTILINE).group(1)
+
+
 setup(
     name="sam2unet_core",
-    version="0.1.0",
+    version=read_version(),
     description="SAM2-UNet segmentation for medical images and volumes, with a 3D Slicer module",
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",

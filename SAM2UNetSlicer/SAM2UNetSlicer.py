@@ -7,9 +7,10 @@ this file only wires it to Slicer's GUI, scene and settings.
 import importlib.util
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import qt
 import vtk
@@ -29,22 +30,26 @@ from slicer.util import VTKObservationMixin
 
 from SAM2UNetSlicerLib.DeviceProbe import parseProbeOutput
 from SAM2UNetSlicerLib.InstallLogic import (
-    DEFAULT_CORE_SOURCE,
+    CORE_DISTRIBUTION,
     TORCH_REQUIREMENT,
     DependencyInstaller,
     EnsureOutcome,
     ModelRoute,
+    coreVersionProblem,
     installedVersions,
+    resolvePackageSource,
     routeOf,
 )
 from SAM2UNetSlicerLib.LabelImport import volumeIjkToRas
-from SAM2UNetSlicerLib.ModelInfo import CheckpointDescriber, describeMetadata, readCheckpointMetadata
+from SAM2UNetSlicerLib.ModelInfo import CheckpointDescriber, describeMetadata, modelProblem, readCheckpointMetadata
 from SAM2UNetSlicerLib.Parameters import Device, RunParameters, SliceAxis, offeredDevices, sliceCountAlongAxis
 from SAM2UNetSlicerLib.ProcessRunner import SubprocessRunner, findPythonSlicer
 from SAM2UNetSlicerLib.SegmentationLogic import RunResult, RunStatus, SegmentationLogic
 
 SETTINGS_CHECKPOINT = "SAM2UNetSlicer/CheckpointPath"
 SETTINGS_CORE_SOURCE = "SAM2UNetSlicer/CoreSource"
+LEGACY_CORE_SOURCE = "sam2unet-core"  # an index name earlier versions stored; no index has it
+MODULE_DIR = Path(__file__).resolve().parent  # the bundled sam2unet_core sits beside this file
 POLL_INTERVAL_MS = 100
 _UNSET = object()  # "not shown yet", unlike None ("nothing chosen")
 
@@ -60,7 +65,7 @@ class SAM2UNetSlicer(ScriptedLoadableModule):
         self.parent.title = _("SAM2-UNet")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []  # PyTorchUtils is used when present, not required to load
-        self.parent.contributors = ["sam2unet_core developers"]
+        self.parent.contributors = ["sam2unet_core project"]
         self.parent.helpText = _(
             "Segment a volume slice by slice with a SAM2-UNet checkpoint (U-shaped decoder on the "
             "adapter-tuned Hiera encoder of Segment Anything 2), or with its ONNX export, which runs "
@@ -86,7 +91,9 @@ class SAM2UNetSlicerParameterNode:
     ONNX export (.onnx: runs with ONNX Runtime, without PyTorch).
     device, sliceAxis - see SAM2UNetSlicerLib.Parameters. useSliceRange, sliceStart, sliceEnd -
     0-based inclusive slice range along sliceAxis. show3D - build the 3D surface.
-    batchSize - slices per forward pass (lower it when the GPU runs out of memory).
+    tta - average over flipped slices. keepLargestComponent - keep each segment's largest
+    connected part. batchSize - slices per forward pass (lower it when the GPU runs out of
+    memory). allowUntrained - run a SAM 2 checkpoint (untrained decoder), for smoke tests.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -98,7 +105,10 @@ class SAM2UNetSlicerParameterNode:
     sliceStart: Annotated[int, Minimum(0)] = 0
     sliceEnd: Annotated[int, Minimum(0)] = 0
     show3D: bool = False
+    tta: bool = False
+    keepLargestComponent: bool = False
     batchSize: Annotated[int, WithinRange(1, 512)] = 8
+    allowUntrained: bool = False
 
 
 def _checkpointOf(parameterNode) -> Optional[Path]:
@@ -125,6 +135,7 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._shownCheckpoint = _UNSET  # what modelInfoLabel describes
         self._sliceLimitsFor = _UNSET  # (volume ID, axis) the slice spin boxes are limited for
         self._modelPlane: Optional[str] = None  # plane of the described model; None until it is read
+        self._modelMetadata = None  # ModelMetadata of the described model; None until it is read
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -153,14 +164,17 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.show3DButton.connect("clicked(bool)", self.onShow3DButton)
         self.ui.installButton.connect("clicked(bool)", self.onInstallButton)
         self.ui.refreshDevicesButton.connect("clicked(bool)", self.probeDevices)
-        self.ui.coreSourceLineEdit.text = qt.QSettings().value(SETTINGS_CORE_SOURCE, DEFAULT_CORE_SOURCE)
+        source = qt.QSettings().value(SETTINGS_CORE_SOURCE, "")
+        self.ui.coreSourceLineEdit.text = "" if source == LEGACY_CORE_SOURCE else source
         self.ui.coreSourceLineEdit.connect("editingFinished()", self._saveCoreSource)
         self.ui.progressBar.setValue(0)
 
         self.initializeParameterNode()
         self.probeDevices()
+        self._updatePackageStatus()
 
     def cleanup(self) -> None:
         self.logic.segmentation.cancel()
@@ -249,8 +263,23 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._showDeviceChoices(offered)
         if parameterNode and parameterNode.device not in offered:
             reasons.append(_("{device} is not available here (see Device)").format(device=parameterNode.device.label()))
+        problem = None
+        if self._modelMetadata is not None and parameterNode:
+            problem = modelProblem(self._modelMetadata, parameterNode.allowUntrained)
+        self.ui.modelProblemLabel.text = problem or ""
+        if problem:
+            reasons.append(_("the model cannot segment this volume (the reason is shown under the model)"))
+        onnx = self._route() is ModelRoute.onnx
+        self.ui.keepLargestCheckBox.enabled = not onnx
+        if onnx and parameterNode and parameterNode.keepLargestComponent:
+            reasons.append(_("keeping the largest part needs a PyTorch model; untick it for an ONNX model"))
         self.ui.segmentButton.enabled = not reasons
         self.ui.segmentButton.toolTip = _("Segment the input volume") if not reasons else "; ".join(reasons)
+        self.ui.segmentReasonLabel.text = "" if not reasons else _("Segment is unavailable: {reasons}.").format(
+            reasons="; ".join(reasons))
+        output = parameterNode.outputSegmentation if parameterNode else None
+        self.ui.show3DButton.enabled = bool(output and output.GetSegmentation().GetNumberOfSegments()
+                                            and not self._busy())
         self.ui.cancelButton.enabled = self._busy()
         self.ui.installButton.enabled = not self._busy()
         self.ui.sliceStartSpinBox.enabled = bool(parameterNode and parameterNode.useSliceRange)
@@ -294,6 +323,7 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.probeDevices()  # another runtime: ask which devices it sees
         checkpoint = _checkpointOf(self._parameterNode) if self._parameterNode else None
         self._setModelPlane(None)
+        self._modelMetadata = None
         if checkpoint is None:
             self.ui.modelInfoLabel.text = _("No model chosen")
             return
@@ -318,7 +348,9 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelInfoLabel.text = error
             return
         self.ui.modelInfoLabel.text = describeMetadata(metadata)
+        self._modelMetadata = metadata
         self._setModelPlane(metadata.plane)
+        self._checkCanApply()
         qt.QSettings().setValue(SETTINGS_CHECKPOINT, str(checkpoint))
         self.ui.checkpointPathLineEdit.addCurrentPathToHistory()
 
@@ -329,7 +361,32 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._updateSliceLimits()
 
     def _saveCoreSource(self) -> None:
-        qt.QSettings().setValue(SETTINGS_CORE_SOURCE, self.ui.coreSourceLineEdit.text.strip() or DEFAULT_CORE_SOURCE)
+        qt.QSettings().setValue(SETTINGS_CORE_SOURCE, self.ui.coreSourceLineEdit.text.strip())
+        self._updatePackageStatus()
+
+    def _updatePackageStatus(self) -> None:
+        """Say which sam2unet_core is installed against the one this extension carries; on a
+        mismatch, offer Upgrade / Reinstall (the Install button) and open Advanced."""
+        try:
+            core, wheelhouse = resolvePackageSource(self.ui.coreSourceLineEdit.text, MODULE_DIR)
+        except ValueError as err:
+            self.ui.packageStatusLabel.text = str(err)
+            return
+        installed = installedVersions().get(CORE_DISTRIBUTION)
+        problem = coreVersionProblem(installedVersions(), core)
+        offline = _(" Offline: every package comes from {folder}.").format(folder=wheelhouse) if wheelhouse else ""
+        if problem:
+            text = problem
+        elif installed:
+            text = _("sam2unet_core {version} is installed.").format(version=installed)
+        else:
+            text = _("sam2unet_core {version} comes with this extension; the first Segment installs it.").format(
+                version=core.version)
+        self.ui.packageStatusLabel.text = text + offline
+        self.ui.installButton.text = _("Upgrade / Reinstall sam2unet_core") if problem else _("Install dependencies")
+        if problem:
+            self.ui.advancedCollapsibleButton.collapsed = False
+            self.ui.statusLabel.text = problem
 
     def _log(self, text: str) -> None:
         self.ui.logTextEdit.appendPlainText(text)
@@ -388,7 +445,9 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         parameterNode = self._parameterNode
         sliceRange = (parameterNode.sliceStart, parameterNode.sliceEnd) if parameterNode.useSliceRange else None
         params = RunParameters(_checkpointOf(parameterNode) or Path(), parameterNode.device,
-                               parameterNode.sliceAxis, sliceRange, parameterNode.batchSize)
+                               parameterNode.sliceAxis, sliceRange, parameterNode.batchSize,
+                               tta=parameterNode.tta, keepLargestComponent=parameterNode.keepLargestComponent,
+                               allowUntrained=parameterNode.allowUntrained)
         self.ui.logTextEdit.clear()
         self.ui.timeLabel.text = ""
         with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
@@ -414,6 +473,15 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(result.message, detailedText=self.ui.logTextEdit.toPlainText())
         self._checkCanApply()
 
+    def onShow3DButton(self) -> None:
+        """Build the closed surfaces of the output segmentation so it shows in the 3D view."""
+        output = self._parameterNode.outputSegmentation if self._parameterNode else None
+        if output is None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to show the segments in 3D."), waitCursor=True):
+            output.CreateClosedSurfaceRepresentation()
+            self.ui.statusLabel.text = _("Segments shown in 3D")
+
     def onCancelButton(self) -> None:
         if self.installer.isRunning():
             self.installer.cancel()
@@ -432,13 +500,18 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _ensureDependencies(self, then) -> bool:
         """True when everything is installed; else asks, installs in the background and calls
         ``then`` afterwards (if given). Returns False whenever ``then`` is not called now."""
-        coreSource = self.ui.coreSourceLineEdit.text.strip() or DEFAULT_CORE_SOURCE
-        outcome = self.installer.ensure(coreSource, self._confirmInstall, self._installTorch, self._log,
-                                        lambda ok, message: self._onInstallDone(ok, message, then), self._route())
+        core, wheelhouse = resolvePackageSource(self.ui.coreSourceLineEdit.text, MODULE_DIR)  # ValueError: shown
+        keepLargest = bool(self._parameterNode and self._parameterNode.keepLargestComponent)
+        outcome = self.installer.ensure(core, self._confirmInstall, self._installTorch, self._log,
+                                        lambda ok, message: self._onInstallDone(ok, message, then), self._route(),
+                                        wheelhouse, keepLargest)
         if outcome is EnsureOutcome.needPyTorchExtension:
+            found = installedVersions().get("torch")
             slicer.util.errorDisplay(_(
-                "SAM2-UNet needs PyTorch. Install the 'PyTorch' extension with the Extensions Manager, "
-                "restart Slicer, then press Segment again."))
+                "SAM2-UNet needs PyTorch {requirement}{found}. Install the 'PyTorch' extension with the "
+                "Extensions Manager, restart Slicer, then press Segment again.").format(
+                    requirement=TORCH_REQUIREMENT,
+                    found=_(" (PyTorch {version} is installed)").format(version=found) if found else ""))
         elif outcome is EnsureOutcome.installing:
             self.ui.statusLabel.text = _("Installing Python packages...")
             self.ui.progressBar.setRange(0, 0)  # busy: pip gives no overall progress
@@ -449,8 +522,8 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _confirmInstall(self, planText: str) -> bool:
         self.ui.logTextEdit.clear()
         return slicer.util.confirmOkCancelDisplay(
-            _("SAM2-UNet needs these Python packages, which will be downloaded and installed into "
-              "Slicer's Python (Slicer's own numpy and SimpleITK are kept):\n{plan}\n\nThis may take "
+            _("SAM2-UNet needs these Python packages, which will be installed into Slicer's Python "
+              "(Slicer's own numpy, SimpleITK, pydicom and pillow are kept):\n{plan}\n\nThis may take "
               "several minutes.").format(plan=planText),
             windowTitle=_("Install SAM2-UNet dependencies"))
 
@@ -474,9 +547,10 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = message.splitlines()[0]
         self._log(message)
         self._checkCanApply()
+        self._updatePackageStatus()
         if not ok:
-            slicer.util.errorDisplay(_("Installing the dependencies failed. Check your internet "
-                                       "connection or the package source in Advanced, then try again."),
+            slicer.util.errorDisplay(_("Installing the dependencies failed: {reason}. pip's full output "
+                                       "is below and in the Log.").format(reason=message.splitlines()[-1]),
                                      detailedText=self.ui.logTextEdit.toPlainText())
             return
         self._shownCheckpoint = self._sliceLimitsFor = _UNSET  # now readable with sam2unet_core
@@ -511,36 +585,69 @@ class SAM2UNetSlicerLogic(ScriptedLoadableModuleLogic):
 #
 
 
-class SAM2UNetSlicerTest(ScriptedLoadableModuleTest):
-    """Self-test in a real Slicer: MRHead through a tiny random hiera_t model.
+def selfTestVariant(isImportable: Callable[[str], bool]) -> tuple[Optional[str], str]:
+    """Which self-test this Slicer's Python can run: ``("torch", "")`` with sam2unet_core,
+    torch and sam2; ``("onnx", "")`` with sam2unet_core and onnxruntime (an install without
+    PyTorch); else ``(None, what is missing)``."""
+    if not isImportable("sam2unet_core"):
+        return None, "sam2unet_core"
+    if isImportable("torch") and isImportable("sam2"):
+        return "torch", ""
+    if isImportable("onnxruntime"):
+        return "onnx", ""
+    return None, "torch and sam2 (PyTorch models) or onnxruntime (ONNX models)"
 
-    Needs torch and sam2unet_core in Slicer's Python (skipped otherwise) and downloads MRHead
-    through SampleData (cached afterwards).
+
+class SAM2UNetSlicerTest(ScriptedLoadableModuleTest):
+    """Self-test in a real Slicer (Reload & Test, or ctest py_SAM2UNetSlicer): MRHead through a
+    tiny model of the installed route.
+
+    With PyTorch: a tiny random hiera_t ``.safetensors``. Without PyTorch (ONNX route): the
+    threshold graph ``Resources/Testing/selftest_threshold.onnx`` (not a trained network; it
+    drives the module's ONNX route). Missing dependencies are reported, not failed: Slicer's
+    ``runTest`` does not honour ``skipTest``. MRHead comes through SampleData (downloaded once,
+    then cached); the temporary folder of the test model is removed at the end.
     """
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        self.setUp()
-        self.test_segments_MRHead_into_named_coloured_segments()
-        self.setUp()
-        self.test_cancel_leaves_the_scene_as_it_was()
-
-    def _tinyCheckpoint(self) -> Path:
+        variant, missing = selfTestVariant(lambda name: importlib.util.find_spec(name) is not None)
+        if variant is None:
+            message = _("SAM2-UNet self-test was not run: {missing} is not installed in Slicer's Python. "
+                        "Press Segment, or Advanced > Install dependencies, then Reload & Test again.").format(
+                            missing=missing)
+            logging.warning(message)
+            self.delayDisplay(message)
+            return
+        tempDir = Path(tempfile.mkdtemp(prefix="SAM2UNetSlicerTest-"))
         try:
-            import sam2unet_core
-            from sam2unet_core.metadata import Architecture, ModelMetadata, default_labels
-        except ImportError:
-            self.skipTest("sam2unet_core is not installed in Slicer's Python")
+            self._model, self._segmentNames = self._tinyModel(variant, tempDir)
+            self.setUp()
+            self.test_segments_MRHead_into_named_coloured_segments()
+            self.setUp()
+            self.test_cancel_leaves_the_scene_as_it_was()
+        finally:
+            shutil.rmtree(tempDir, ignore_errors=True)
+
+    def _tinyModel(self, variant: str, folder: Path) -> tuple[Path, list[str]]:
+        """The model file of ``variant`` and the segment names it gives."""
+        if variant == "onnx":
+            return Path(self._resources()) / "Testing" / "selftest_threshold.onnx", ["bright tissue"]
+        import sam2unet_core
+        from sam2unet_core.metadata import Architecture, ModelMetadata, default_labels
+
         architecture = Architecture(backbone="hiera_t", num_classes=3, in_channels=3, freeze_encoder=False)
         metadata = ModelMetadata(architecture=architecture, labels=default_labels(3, ["brain", "skin"]),
                                  input_size=64, intensity={"kind": "percentile", "lower": 0.5, "upper": 99.5},
                                  mean=[], std=[])
         model = sam2unet_core.SAM2UNet(backbone="hiera_t", num_classes=3, in_channels=3, freeze_encoder=False)
-        path = Path(tempfile.mkdtemp(prefix="SAM2UNetSlicerTest-")) / "tiny.safetensors"
-        sam2unet_core.save_model(model, path, metadata)
-        return path
+        return sam2unet_core.save_model(model, folder / "tiny.safetensors", metadata), ["brain", "skin"]
+
+    @staticmethod
+    def _resources() -> str:
+        return str(MODULE_DIR / "Resources")
 
     def _mrHead(self):
         import SampleData
@@ -548,30 +655,28 @@ class SAM2UNetSlicerTest(ScriptedLoadableModuleTest):
         return SampleData.SampleDataLogic().downloadMRHead()
 
     def test_segments_MRHead_into_named_coloured_segments(self):
-        checkpoint = self._tinyCheckpoint()
         volume = self._mrHead()
         logic = SAM2UNetSlicerLogic()
-        params = RunParameters(checkpoint, Device.cpu, SliceAxis.axial, (60, 63))
+        params = RunParameters(self._model, Device.cpu, SliceAxis.axial, (60, 63))
         result = logic.segmentation.runAndWait(volume, None, params, idle=slicer.app.processEvents, timeoutSeconds=300)
         self.assertEqual(result.status, RunStatus.succeeded, result.message)
         segmentationNode = result.segmentationNode
         self.assertEqual(segmentationNode.GetName(), "MRHead segmentation")
         segmentation = segmentationNode.GetSegmentation()
-        self.assertEqual([segmentation.GetSegment(i).GetName() for i in result.segmentIds], ["brain", "skin"])
+        self.assertEqual([segmentation.GetSegment(i).GetName() for i in result.segmentIds], self._segmentNames)
         self.assertEqual(len(result.segmentIds), segmentation.GetNumberOfSegments())
         for segmentId in result.segmentIds:
             mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volume)
             self.assertEqual(mask.shape, slicer.util.arrayFromVolume(volume).shape)  # KJI, on the input grid
-        self.delayDisplay(f"Segmented in {result.seconds:.1f} s")
+        self.delayDisplay(f"Segmented in {result.seconds:.1f} s with {self._model.name}")
 
     def test_cancel_leaves_the_scene_as_it_was(self):
-        checkpoint = self._tinyCheckpoint()
         volume = self._mrHead()
         nodeIdsBefore = {slicer.mrmlScene.GetNthNode(i).GetID() for i in range(slicer.mrmlScene.GetNumberOfNodes())}
         logic = SAM2UNetSlicerLogic()
-        params = RunParameters(checkpoint, Device.cpu, SliceAxis.axial, None)
+        params = RunParameters(self._model, Device.cpu, SliceAxis.axial, None)
         result = logic.segmentation.runAndWait(volume, None, params, idle=slicer.app.processEvents,
-                                                cancelAfterSeconds=1.0)
+                                                cancelAfterSeconds=0.5)
         self.assertEqual(result.status, RunStatus.cancelled)
         nodeIdsAfter = {slicer.mrmlScene.GetNthNode(i).GetID() for i in range(slicer.mrmlScene.GetNumberOfNodes())}
         self.assertEqual(nodeIdsAfter, nodeIdsBefore)

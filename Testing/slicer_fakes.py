@@ -150,6 +150,9 @@ class FakeSegmentation:
     def GetSegment(self, segmentId: str) -> FakeSegment | None:
         return self.segments.get(segmentId)
 
+    def GetNumberOfSegments(self) -> int:
+        return len(self.segments)
+
 
 class FakeSegmentationNode(FakeNode):
     className = "vtkMRMLSegmentationNode"

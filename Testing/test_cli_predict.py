@@ -23,11 +23,12 @@ from pydicom.data import get_testdata_file
 from scipy.spatial.transform import Rotation
 
 from sam2unet_core.cli.predict import main
+from sam2unet_core.io.atomic import HOST_TAG
 from sam2unet_core.io.cases import find_cases, select_part
 
 REPO = Path(__file__).resolve().parents[1]
 CT_SERIES = Path(get_testdata_file("CT_small.dcm")).parent / "dicomdirtests" / "98892001" / "CT5N"
-EVENTS = {"start", "case_start", "slices", "case_done", "case_error", "done"}
+EVENTS = {"start", "case_start", "slices", "case_done", "case_skipped", "case_error", "done"}
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,13 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Image.fromarray(np.random.default_rng(3).integers(0, 255, (24, 20), dtype=np.uint8)).save(
         folder / "frame.png")
     return folder
+
+
+def pid_of_a_finished_process() -> int:
+    """The PID of a process that has ended: what a killed run's temporary files carry."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, list[dict]]:
@@ -145,8 +153,9 @@ def test_killed_run_resumes_and_skips_finished_cases(
         process.wait(timeout=60)
     assert (out / "caseA.nii.gz").exists() and not (out / "caseC.nii.gz").exists()
     finished = {p.name: p.stat().st_mtime_ns for p in out.glob("case*.nii.gz")}
-    stale = [out / ".partial-99999-caseB.nii.gz", out / ".partial-99998-caseA.nii.gz",
-             out / ".partial-99997-predict_summary.json"]
+    dead = pid_of_a_finished_process()
+    stale = [out / f".partial-{dead}-caseB.nii.gz", out / f".partial-{dead}-{HOST_TAG}-caseA.nii.gz",
+             out / f".partial-{dead}-predict_summary.json"]
     for path in stale:  # what a kill during a write leaves
         path.write_bytes(b"half a file from the killed run")
     unrelated = out / ".partial-99996-notes.txt"
@@ -158,6 +167,8 @@ def test_killed_run_resumes_and_skips_finished_cases(
                           "skipped": len(finished)}
     done = [e["case"] for e in events if e["event"] == "case_done"]
     assert sorted(done + [name.split(".")[0] for name in finished]) == ["caseA", "caseB", "caseC"]
+    skipped = [e["case"] for e in events if e["event"] == "case_skipped"]
+    assert sorted(skipped) == sorted(name.split(".")[0] for name in finished)
     for name, mtime in finished.items():  # nothing finished was redone
         assert (out / name).stat().st_mtime_ns == mtime
     assert not any(path.exists() for path in stale) and unrelated.exists()

@@ -32,7 +32,7 @@ from sam2unet_core.io import read_volume
 from sam2unet_core.io.orientation import plane_view
 from sam2unet_core.preprocessing import apply_intensity, fit_intensity, normalize_channels, stack_slices
 
-# Bounds stated in the README ("ONNX export and torch-free inference"): fp32 ORT vs torch.
+# Bounds stated in benchmarks/RESULTS.md ("ONNX Runtime: agreement, speed and int8"): fp32 ORT vs torch.
 MAX_LOGIT_DIFF = 1e-4
 MAX_PROBABILITY_DIFF = 1e-5
 MIN_BF16_DICE = 0.999  # per label, bf16 Hiera stages 3-4 against fp32 (measured 0.99993 or more)

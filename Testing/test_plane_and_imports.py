@@ -73,7 +73,9 @@ def test_version_1_metadata_reads_as_axial_and_the_plane_is_checked() -> None:
     del old["plane"]
     old["format_version"] = 1
     assert ModelMetadata.from_dict(old).plane == "axial"
-    assert ModelMetadata().to_dict()["format_version"] == FORMAT_VERSION == 2
+    assert ModelMetadata().to_dict()["format_version"] == 2  # one plane: a version-2 file
+    assert ModelMetadata(plane="coronal", planes=["coronal", "axial"]).to_dict()["format_version"] \
+        == FORMAT_VERSION == 3
     with pytest.raises(ValueError, match="plane 'oblique'"):
         ModelMetadata(plane="oblique").validate()
 

@@ -93,6 +93,19 @@ def test_ui_is_qt_designer_xml_with_a_qmrmlwidget_root() -> None:
     assert len(names) == len(set(names)), "widget names must be unique"
 
 
+def test_log_and_advanced_start_collapsed_and_every_form_row_is_unique() -> None:
+    root = uiTree()
+    collapsed = {widget.get("name"): any(prop.get("name") == "collapsed" and prop.findtext("bool") == "true"
+                                          for prop in widget.findall("property"))
+                 for widget in root.iter("widget") if widget.get("class") == "ctkCollapsibleButton"}
+    assert collapsed == {"inputsCollapsibleButton": False, "modelCollapsibleButton": False,
+                         "logCollapsibleButton": True, "advancedCollapsibleButton": True}
+    for layout in root.iter("layout"):
+        if layout.get("class") == "QFormLayout":
+            cells = [(item.get("row"), item.get("column")) for item in layout.findall("item")]
+            assert len(cells) == len(set(cells)), f"{layout.get('name')}: two widgets in one cell"
+
+
 def test_every_widget_the_code_uses_is_in_the_ui() -> None:
     used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text(encoding="utf-8")))
     assert {"segmentButton", "cancelButton", "progressBar", "logTextEdit", "timeLabel"} <= used

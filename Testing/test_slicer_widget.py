@@ -21,6 +21,7 @@ from sam2unet_core import SAM2UNet, save_model
 from sam2unet_core.metadata import Architecture, ModelMetadata, default_labels
 
 SHAPE_KJI = (6, 16, 20)
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -178,10 +179,9 @@ def test_segment_then_cancel_through_the_buttons_leaves_the_scene_as_it_was(pane
     assert panel.slicer.dialogs == []
 
 
-def test_successful_run_shows_segments_time_and_log(panel: Panel, checkpoint: Path) -> None:
-    panel.parameters.inputVolume = panel.addVolume("Liver CT")
-    panel.parameters.checkpointPath = checkpoint
-    panel.ui.segmentButton.emit("clicked(bool)", False)
+def finish_run_with_labels(panel: Panel) -> None:
+    """Play the CLI's part of a run: a label map of ones on the exported input's grid, its
+    case_done event, a clean exit; then let the panel poll."""
     inputPath = Path(panel.logicRunner.argument("-i"))
     outputPath = Path(panel.logicRunner.argument("-o")) / "input.nii.gz"
     outputPath.parent.mkdir()
@@ -191,6 +191,13 @@ def test_successful_run_shows_segments_time_and_log(panel: Panel, checkpoint: Pa
     panel.logicRunner.emit(json.dumps({"event": "case_done", "case": "input", "output": str(outputPath), "seconds": 1}))
     panel.logicRunner.finish(0)
     panel.widget._poll()
+
+
+def test_successful_run_shows_segments_time_and_log(panel: Panel, checkpoint: Path) -> None:
+    panel.parameters.inputVolume = panel.addVolume("Liver CT")
+    panel.parameters.checkpointPath = checkpoint
+    panel.ui.segmentButton.emit("clicked(bool)", False)
+    finish_run_with_labels(panel)
 
     output = panel.parameters.outputSegmentation
     assert output.GetName() == "Liver CT segmentation"
@@ -256,10 +263,12 @@ def test_first_use_installs_after_confirmation_then_segments(monkeypatch, checkp
     panel.ui.segmentButton.emit("clicked(bool)", False)
 
     [(kind, text)] = panel.slicer.dialogs
-    assert kind == "confirm" and "PyTorch extension" in text and "numpy and SimpleITK are kept" in text
+    assert kind == "confirm" and "PyTorch extension" in text and "numpy, SimpleITK, pydicom and pillow are kept" in text
+    assert "sam2unet_core 0.1.0" in text and "Download: about 15 MB plus PyTorch" in text
     assert torchCalls == [{"askConfirmation": False, "torchVersionRequirement": ">=2.5.1"}]
     args, env = panel.logicRunner.started[0]
-    assert args[1:7] == ["-m", "pip", "install", "--no-deps", "--no-build-isolation", "sam2unet-core"]
+    # sam2unet_core from the extension (here the clone the module runs from), never an index name
+    assert args[1:7] == ["-m", "pip", "install", "--no-deps", "--no-build-isolation", str(REPO)]
     assert env["SAM2_BUILD_CUDA"] == "0"
     constraintsPath = Path(args[args.index("-c") + 1])
     constraints = constraintsPath.read_text(encoding="utf-8").split()
@@ -292,11 +301,12 @@ def test_declined_or_failed_installation_changes_nothing(monkeypatch: pytest.Mon
     failing.parameters.inputVolume = failing.addVolume()
     failing.parameters.checkpointPath = checkpoint
     failing.ui.segmentButton.emit("clicked(bool)", False)
-    failing.logicRunner.emit("ERROR: Could not find a version that satisfies the requirement sam2unet-core")
+    failing.logicRunner.emit("ERROR: No matching distribution found for sam2>=1.1.0")
     failing.logicRunner.finish(1)
     failing.widget._poll()
     kind, text = failing.slicer.dialogs[-1]
-    assert kind == "error" and "Installing the dependencies failed" in text
+    assert kind == "error" and "Installing the dependencies failed: ERROR: No matching distribution found for sam2" in text
+    assert "internet" not in text
     assert len(failing.logicRunner.started) == 1 and failing.nodeNames() == ["CT"]
     assert failing.ui.segmentButton.enabled
 
@@ -466,7 +476,7 @@ def test_onnx_first_use_installs_onnxruntime_and_never_pytorch(monkeypatch: pyte
     assert "PyTorch extension" not in text and "sam2" not in text.replace("sam2unet", "")
     assert torchCalls == []
     args, env = panel.logicRunner.started[0]
-    assert args[3:7] == ["install", "--no-deps", "--no-build-isolation", "sam2unet-core"]
+    assert args[3:7] == ["install", "--no-deps", "--no-build-isolation", str(REPO)]
     assert "SAM2_BUILD_CUDA" not in env
     constraintsPath = Path(args[args.index("-c") + 1])
     assert constraintsPath.read_text(encoding="utf-8").split() == ["numpy==1.26.4", "SimpleITK==2.4.0"]
@@ -490,3 +500,123 @@ def test_onnx_first_use_installs_onnxruntime_and_never_pytorch(monkeypatch: pyte
     answerOnnxProbe(panel, ["CPUExecutionProvider"])
     assert panel.ui.deviceInfoLabel.text == "Found: onnxruntime 1.20.1: CPU"
     panel.closeMidRun()
+
+
+# ------------------------------------------------------------- models that cannot segment
+def _describeAs(panel: Panel, path: Path, metadata: ModelMetadata) -> None:
+    """Choose ``path`` and let the describe child answer with ``metadata``."""
+    path.write_bytes(b"weights")
+    panel.parameters.checkpointPath = path
+    panel.describeRunner.emit(metadata.to_json())
+    panel.describeRunner.finish(0)
+    panel.widget._poll()
+
+
+def test_sam2_checkpoint_is_refused_next_to_the_model_unless_allowed(panel: Panel, tmp_path: Path) -> None:
+    panel.parameters.inputVolume = panel.addVolume()
+    sam2 = ModelMetadata(architecture=Architecture(backbone="hiera_t"),
+                         provenance={"source": "sam2", "file": "sam2.1_hiera_tiny.pt", "note": "decoder not trained"})
+    _describeAs(panel, tmp_path / "sam2.1_hiera_tiny.pt", sam2)
+    problem = panel.ui.modelProblemLabel.text
+    assert "sam2.1_hiera_tiny.pt is a SAM 2 checkpoint" in problem and "Train or fine-tune" in problem
+    assert "Allow an untrained model" in problem
+    assert not panel.ui.segmentButton.enabled
+    assert panel.ui.segmentReasonLabel.text.startswith("Segment is unavailable: the model cannot segment")
+
+    panel.parameters.allowUntrained = True
+    assert panel.ui.modelProblemLabel.text == "" and panel.ui.segmentButton.enabled
+    assert panel.ui.segmentReasonLabel.text == ""
+    panel.ui.segmentButton.emit("clicked(bool)", False)
+    assert panel.logicRunner.args[2] == "sam2unet_core.cli.describe"  # a .pt is read again before the run
+    panel.logicRunner.emit(sam2.to_json())
+    panel.logicRunner.finish(0)
+    panel.widget._poll()
+    assert panel.logicRunner.args[2] == "sam2unet_core.cli.predict" and "--allow-untrained" in panel.logicRunner.args
+
+
+def test_rgb_picture_model_is_refused_for_a_volume_even_when_untrained_models_are_allowed(
+        panel: Panel, tmp_path: Path) -> None:
+    panel.parameters.inputVolume = panel.addVolume()
+    polyp = ModelMetadata(architecture=Architecture(backbone="hiera_t"), labels=default_labels(1, ["foreground"]),
+                          provenance={"source": "official_sam2unet", "file": "SAM2-UNet-20.pth"})
+    panel.parameters.allowUntrained = True
+    _describeAs(panel, tmp_path / "SAM2-UNet-20.pth", polyp)
+    assert "colour pictures" in panel.ui.modelProblemLabel.text
+    assert not panel.ui.segmentButton.enabled and "cannot segment" in panel.ui.segmentReasonLabel.text
+    assert "foreground" in panel.ui.modelInfoLabel.text  # the model is still described
+
+
+def test_tta_and_largest_component_reach_the_cli_and_show_3d_acts_after_the_run(panel: Panel, checkpoint: Path) -> None:
+    panel.parameters.inputVolume = panel.addVolume("Liver CT")
+    panel.parameters.checkpointPath = checkpoint
+    assert not panel.ui.show3DButton.enabled  # nothing segmented yet
+    panel.parameters.tta = True
+    panel.parameters.keepLargestComponent = True
+    panel.ui.segmentButton.emit("clicked(bool)", False)
+    args = panel.logicRunner.args
+    assert "--tta" in args and panel.logicRunner.argument("--postprocess") == "largest_component"
+    assert "--allow-untrained" not in args
+    finish_run_with_labels(panel)
+
+    output = panel.parameters.outputSegmentation
+    assert not output.closedSurface and panel.ui.show3DButton.enabled
+    panel.ui.show3DButton.emit("clicked(bool)", False)
+    assert output.closedSurface and panel.ui.statusLabel.text == "Segments shown in 3D"
+
+
+def test_largest_component_is_offered_only_for_pytorch_models(panel: Panel, tmp_path: Path) -> None:
+    panel.parameters.inputVolume = panel.addVolume()
+    panel.parameters.keepLargestComponent = True
+    onnx = tmp_path / "organs.onnx"
+    _describeAs(panel, onnx, ModelMetadata(architecture=Architecture(backbone="hiera_t", num_classes=3),
+                                           labels=default_labels(3, ["liver", "spleen"]), input_size=64))
+    assert not panel.ui.keepLargestCheckBox.enabled and not panel.ui.segmentButton.enabled
+    assert "largest part needs a PyTorch model" in panel.ui.segmentReasonLabel.text
+    panel.parameters.keepLargestComponent = False
+    assert panel.ui.segmentButton.enabled and panel.ui.segmentReasonLabel.text == ""
+
+
+# ------------------------------------------------------------- the package the extension carries
+def test_another_installed_sam2unet_core_is_reported_with_an_upgrade_path(monkeypatch, checkpoint) -> None:
+    installed = {"numpy": "1.26.4", "simpleitk": "2.4.0", "torch": "2.5.1", "sam2unet-core": "0.0.9"}
+    beforeSetup, _ = fakeEnvironment(monkeypatch, installed, pyTorchUtils=True, coreInstalled=True)
+    panel = Panel(monkeypatch, beforeSetup=beforeSetup)
+    message = "sam2unet_core 0.0.9 is installed, but this extension carries 0.1.0"
+    assert panel.ui.packageStatusLabel.text.startswith(message) and panel.ui.statusLabel.text.startswith(message)
+    assert panel.ui.installButton.text == "Upgrade / Reinstall sam2unet_core"
+    assert panel.ui.advancedCollapsibleButton.collapsed is False
+
+    panel.ui.installButton.emit("clicked(bool)", False)
+    [(kind, text)] = panel.slicer.dialogs
+    assert kind == "confirm" and "sam2unet_core 0.1.0 from this extension, replacing 0.0.9" in text
+    args, _ = panel.logicRunner.started[0]
+    assert args[3:8] == ["install", "--no-deps", "--no-build-isolation", "--force-reinstall", str(REPO)]
+
+
+def test_same_version_installed_is_stated_and_a_legacy_index_name_setting_is_ignored(monkeypatch) -> None:
+    installed = {"numpy": "1.26.4", "simpleitk": "2.4.0", "sam2unet-core": "0.1.0"}
+    beforeSetup, _ = fakeEnvironment(monkeypatch, installed, pyTorchUtils=True, coreInstalled=True)
+    slicerModules = {}
+
+    def remember(module) -> None:
+        beforeSetup(module)
+        module.qt.QSettings().setValue(module.SETTINGS_CORE_SOURCE, "sam2unet-core")
+        slicerModules["module"] = module
+
+    panel = Panel(monkeypatch, beforeSetup=remember)
+    assert panel.ui.coreSourceLineEdit.text == ""
+    assert panel.ui.packageStatusLabel.text == "sam2unet_core 0.1.0 is installed."
+    assert panel.ui.installButton.text == "Install dependencies"
+
+
+def test_a_folder_of_wheels_makes_every_pip_call_offline(monkeypatch, checkpoint, tmp_path: Path) -> None:
+    installed = {"numpy": "1.26.4", "simpleitk": "2.4.0", "torch": "2.5.1"}
+    beforeSetup, _ = fakeEnvironment(monkeypatch, installed, pyTorchUtils=True, coreInstalled=False)
+    panel = Panel(monkeypatch, beforeSetup=beforeSetup)
+    panel.ui.coreSourceLineEdit.text = str(tmp_path)
+    panel.ui.coreSourceLineEdit.emit("editingFinished()")
+    assert f"Offline: every package comes from {tmp_path}." in panel.ui.packageStatusLabel.text
+    panel.ui.installButton.emit("clicked(bool)", False)
+    args, _ = panel.logicRunner.started[0]
+    assert args[args.index("--find-links") + 1] == str(tmp_path) and "--no-index" in args
+    assert str(REPO) in args  # no sam2unet_core wheel in the folder: the extension's copy

@@ -3,8 +3,8 @@ virtualenv (no system site-packages, no torch), then that venv's ``sam2unet-pred
 model.onnx`` segments a real NIfTI (nibabel's bundled ``anatomical.nii``) like this venv's.
 
 The install reaches the package index (through pip's cache); when pip cannot reach it the
-test is skipped and says so. 2 to 4 minutes on 2 shared cores with a warm pip cache (see README,
-"Torch-free inference (ONNX Runtime)").
+test is skipped and says so. 2 to 4 minutes on 2 shared cores with a warm pip cache (see
+benchmarks/RESULTS.md, "Install routes").
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             out = args.work.resolve() / f"model{index}_{size}"
             row = {"model": str(path), "checkpoint_input_size": checkpoint_size, "input_size": size, "tta": args.tta}
             row.update(predict_cases(Predictor(model, device="cpu", batch_size=8), images, out / "predictions",
-                                     model.metadata.plane, tta=args.tta))
+                                     model.metadata.trained_planes, tta=args.tta))
             row.update(evaluate_predictions(out / "predictions", args.data / "labelsTs", out / "evaluation"))
             rows.append(row)
             scores = (f"Dice GM {row['Dice_1']:.4f} WM {row['Dice_2']:.4f}  "

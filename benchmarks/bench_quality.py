@@ -9,11 +9,20 @@ data preparation and the per-epoch validation), not wall time: on a shared machi
 wall clock measures the neighbours. ``--cpu-minutes 8`` is 4 minutes on 2 free cores.
 Wall-clock figures are printed too, labelled as such.
 
-Prints a table (Dice per class, HD95, steps done, inference CPU and wall seconds per slice,
-parameters) and writes it as JSON under ``benchmarks/results/``::
+A model trained on several planes (``data.planes``, as the demo recipe is) is scored twice:
+predicting along its first plane alone (``/axial``) and fusing its planes (``/fused``, the
+mean of their class probabilities). ``sam2unet-1plane`` and ``sam2unet-3planes`` are the
+recipe forced to the axial plane and to all three planes.
+
+Prints a table (Dice per class, HD95, the between-slice consistency, steps done, inference
+CPU and wall seconds per axial slice, parameters) and writes it as JSON under
+``benchmarks/results/``. The consistency is the mean absolute change of each class's area
+(voxels) from one axial slice to the next, as a ratio to the ground truth's (1.0: as smooth
+as the truth; above: masks that jump between slices)::
 
     python benchmarks/bench_quality.py                       # the demo's recipe, 2 mm, 8 CPU-min
     python benchmarks/bench_quality.py --models sam2unet optim.warmup_steps=0   # one trial
+    python benchmarks/bench_quality.py --models sam2unet-1plane sam2unet-3planes   # planes
 
 ``key=value`` arguments override the SAM2-UNet config; ``--cnn-set key=value`` the CNNs'
 (by default the same config: same input size, 2.5D context, batch, optimiser, schedule).
@@ -48,7 +57,11 @@ CNN_WIDTHS = {  # MONAI BasicUNet ``features``: 5 encoder levels + the last deco
     "basicunet-small": (16, 16, 32, 64, 128, 16),
     "basicunet": (32, 32, 64, 128, 256, 32),  # MONAI's default
 }
-MODELS = ("sam2unet", *CNN_WIDTHS)
+PLANE_VARIANTS = {  # the recipe with its planes forced
+    "sam2unet-1plane": "data.planes=[]",
+    "sam2unet-3planes": "data.planes=[axial,coronal,sagittal]",
+}
+MODELS = ("sam2unet", *PLANE_VARIANTS, *CNN_WIDTHS)
 
 
 def _parameters(model: torch.nn.Module) -> int:
@@ -114,9 +127,11 @@ def train_cnn(config: Any, features: tuple[int, ...]) -> dict[str, Any]:
             "num_classes": data.num_classes}
 
 
-def predict_cases(predictor: Any, images: list[Path], out: Path, plane: str, tta: bool) -> dict[str, float]:
-    """Segment every held-out case into ``out`` (``tta``: averaged over flips, as
-    ``sam2unet-predict --tta``); CPU and wall seconds per slice."""
+def predict_cases(predictor: Any, images: list[Path], out: Path, planes: tuple[str, ...],
+                  tta: bool) -> dict[str, float]:
+    """Segment every held-out case into ``out`` along ``planes`` (several: fused; ``tta``:
+    averaged over flips, as ``sam2unet-predict --tta``); CPU and wall seconds per slice of
+    the first plane (a case's whole cost divided by those slices)."""
     from sam2unet_core.io.orientation import plane_view
     from sam2unet_core.io.readers import read_volume, split_suffix
     from sam2unet_core.io.writers import write_labels
@@ -127,26 +142,45 @@ def predict_cases(predictor: Any, images: list[Path], out: Path, plane: str, tta
     for path in images:
         volume = read_volume(path)
         cpu_start, wall_start = time.process_time(), time.perf_counter()
-        labels = predictor.predict(volume, axis=plane, tta=tta).labels
+        labels = predictor.predict(volume, planes=planes, tta=tta).labels
         cpu += time.process_time() - cpu_start
         wall += time.perf_counter() - wall_start
-        slices += plane_view(volume.direction_lps, plane).to_plane(volume.array_kji).shape[0]
+        slices += plane_view(volume.direction_lps, planes[0]).to_plane(volume.array_kji).shape[0]
         case = split_suffix(path)[0].removesuffix("_0000")
         write_labels(labels, out / f"{case}.nii.gz")
     return {"infer_cpu_s_per_slice": cpu / slices, "infer_wall_s_per_slice": wall / slices}
 
 
+def slice_area_change(labels: Any, value: int, plane: str = "axial") -> float:
+    """Mean absolute change of the area (voxels) of ``value`` from one ``plane`` slice to the
+    next, for a label :class:`Volume`."""
+    from sam2unet_core.io.orientation import plane_view
+
+    stack = plane_view(labels.direction_lps, plane).to_plane(labels.array_kji) == value
+    areas = stack.reshape(stack.shape[0], -1).sum(axis=1)
+    return float(np.abs(np.diff(areas)).mean())
+
+
 def evaluate_predictions(pred: Path, truth: Path, out: Path) -> dict[str, float]:
     """Score the label maps in ``pred`` against ``truth`` (grey and white matter) into ``out``;
-    mean Dice and HD95 per class."""
+    mean Dice and HD95 per class, and the between-slice consistency per class
+    (``slice_change_<c>``: :func:`slice_area_change` of the prediction over the truth's,
+    averaged over the cases)."""
     from sam2unet_core.evaluation import evaluate_folders, write_evaluation
+    from sam2unet_core.io.readers import read_volume
 
     summary = evaluate_folders(pred, truth, labels=[1, 2])
     write_evaluation(summary, out)
-    return {key: float(summary["mean"][key]) for key in ("Dice_1", "Dice_2", "HD95_1", "HD95_2")}
+    scores = {key: float(summary["mean"][key]) for key in ("Dice_1", "Dice_2", "HD95_1", "HD95_2")}
+    for value in (1, 2):
+        ratios = [slice_area_change(read_volume(p), value) / slice_area_change(read_volume(truth / p.name), value)
+                  for p in sorted(pred.glob("*.nii.gz"))]
+        scores[f"slice_change_{value}"] = float(np.mean(ratios))
+    return scores
 
 
-def _run_model(name: str, args: argparse.Namespace, data_root: Path, work: Path) -> dict[str, Any]:
+def _run_model(name: str, args: argparse.Namespace, data_root: Path, work: Path) -> dict[str, dict[str, Any]]:
+    """Train ``name`` and score it: one table row, or one per way of predicting."""
     from sam2unet_core.inference.engine import Predictor
     from sam2unet_core.inference.torch_runner import TorchRunner
     from sam2unet_core.train.config import load_config
@@ -155,11 +189,12 @@ def _run_model(name: str, args: argparse.Namespace, data_root: Path, work: Path)
               "run.max_minutes=0", "data.num_workers=0", f"run.output={work / name / 'model'}"]
     images = sorted((data_root / "imagesTs").glob("*_0000.nii.gz"))
     LOGGER.info("training %s for %.1f CPU minutes", name, args.cpu_minutes)
-    if name == "sam2unet":
+    if name.startswith("sam2unet"):
         from sam2unet_core import load_model
         from sam2unet_core.train.trainer import train
 
-        config = load_config(args.config, args.overrides + budget)
+        planes = [PLANE_VARIANTS[name]] if name in PLANE_VARIANTS else []
+        config = load_config(args.config, args.overrides + planes + budget)
         cpu_start, wall_start = time.process_time(), time.monotonic()
         result = train(config, resume=False)
         model = load_model(result.output / "best.safetensors", device="cpu")
@@ -180,18 +215,27 @@ def _run_model(name: str, args: argparse.Namespace, data_root: Path, work: Path)
         row = {**run, "parameters": _parameters(model)}
         predictor = Predictor(TorchRunner(model, metadata=meta, device="cpu"), batch_size=8)
     row["config"] = config.to_dict()
-    row.update(predict_cases(predictor, images, work / name / "predictions", config.data.plane, args.tta))
-    row.update(evaluate_predictions(work / name / "predictions", data_root / "labelsTs", work / name / "evaluation"))
-    LOGGER.info("%s: %s", name, {k: v for k, v in row.items() if k not in ("history", "config")})
-    return row
+    trained = predictor.metadata.trained_planes
+    ways = {name: trained} if len(trained) == 1 else {f"{name}/axial": ("axial",), f"{name}/fused": trained}
+    rows = {}
+    for label, planes in ways.items():
+        scored = dict(row, planes=list(planes))
+        folder = work / label.replace("/", "-")
+        scored.update(predict_cases(predictor, images, folder / "predictions", planes, args.tta))
+        scored.update(evaluate_predictions(folder / "predictions", data_root / "labelsTs", folder / "evaluation"))
+        LOGGER.info("%s: %s", label, {k: v for k, v in scored.items() if k not in ("history", "config")})
+        rows[label] = scored
+    return rows
 
 
 def _table(rows: dict[str, dict[str, Any]]) -> str:
-    head = (f"{'model':<16} {'Dice GM':>8} {'Dice WM':>8} {'HD95 GM':>8} {'HD95 WM':>8} {'steps':>6} "
-            f"{'train CPU s':>11} {'wall s*':>8} {'infer CPU s/slice':>17} {'wall s/slice*':>13} {'params':>10}")
+    head = (f"{'model':<24} {'Dice GM':>8} {'Dice WM':>8} {'HD95 GM':>8} {'HD95 WM':>8} {'jump GM':>8} "
+            f"{'jump WM':>8} {'steps':>6} {'train CPU s':>11} {'wall s*':>8} {'infer CPU s/slice':>17} "
+            f"{'wall s/slice*':>13} {'params':>10}")
     lines = [head, "-" * len(head)]
     for name, r in rows.items():
-        lines.append(f"{name:<16} {r['Dice_1']:>8.4f} {r['Dice_2']:>8.4f} {r['HD95_1']:>8.2f} {r['HD95_2']:>8.2f} "
+        lines.append(f"{name:<24} {r['Dice_1']:>8.4f} {r['Dice_2']:>8.4f} {r['HD95_1']:>8.2f} {r['HD95_2']:>8.2f} "
+                     f"{r['slice_change_1']:>8.2f} {r['slice_change_2']:>8.2f} "
                      f"{r['steps']:>6d} {r['cpu_s']:>11.0f} {r['wall_s']:>8.0f} {r['infer_cpu_s_per_slice']:>17.4f} "
                      f"{r['infer_wall_s_per_slice']:>13.4f} {r['parameters'] / 1e6:>9.2f}M")
     return "\n".join(lines)
@@ -201,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="SAM2-UNet training config")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--models", nargs="+", default=["sam2unet", *CNN_WIDTHS], choices=MODELS)
     parser.add_argument("--cpu-minutes", type=float, default=8.0,
                         help="training budget per model in process CPU minutes (8 = 4 minutes on 2 free cores)")
     parser.add_argument("--threads", type=int, default=1,
@@ -229,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     data_root = work / f"Dataset001_MNIBrain_{args.resolution_mm}mm_{args.train_cases}_{args.test_cases}"
     if not (data_root / "dataset.json").exists():
         build_brain_dataset(data_root, args.train_cases, args.test_cases, resolution_mm=args.resolution_mm)
-    rows = {name: _run_model(name, args, data_root, work) for name in args.models}
+    rows = {label: row for name in args.models for label, row in _run_model(name, args, data_root, work).items()}
     machine = (f"CPU {platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads; "
                f"load average {os.getloadavg()[0]:.1f} at the end")
     print(f"\nMNI152 demo data at {args.resolution_mm} mm, {args.train_cases} training (one validates) and "
@@ -237,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(process CPU time); {'prediction averaged over flips (--tta); ' if args.tta else ''}{machine}")
     print(_table(rows))
     print("* wall-clock seconds on a shared machine: other processes' load is in them; compare CPU seconds")
+    print("jump: mean change of a class's area from one axial slice to the next, over the ground truth's")
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": "python benchmarks/bench_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": machine, "budget_cpu_minutes": args.cpu_minutes, "tta": args.tta,

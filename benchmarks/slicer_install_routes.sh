@@ -4,8 +4,9 @@
 #     torch==$TORCH_VERSION) and what pip adds: sam2 (sdist, --no-deps), requirements.txt and
 #     requirements-torchfree.txt of SAM2UNetSlicer/Resources;
 #   ONNX route (an .onnx model): onnxruntime and requirements-torchfree.txt;
-# both plus sam2unet_core itself (--no-deps). numpy and SimpleITK are left out of the sizes
-# and pre-installed in the scratch virtualenvs: every Slicer has them.
+# both plus sam2unet_core itself (--no-deps; the extension carries it). numpy, SimpleITK,
+# pydicom and pillow are left out of the sizes and pre-installed in the scratch virtualenvs:
+# every Slicer has them, and the module pins them.
 # Installs run from the downloaded files (no network), as the module's pip steps do, into a
 # fresh virtualenv per run; the script prints wall and pip's CPU time of each run.
 #
@@ -34,7 +35,7 @@ $PY -m pip download -q --dest torch --prefer-binary -c torchpin.txt \
     -r "$RES/requirements.txt" -r "$RES/requirements-torchfree.txt" 2>&1 | quiet
 $PY -m pip download -q --dest torch --no-deps "sam2==1.1.0" 2>&1 | quiet
 
-size() { ls "$@" | grep -v -i -E "/(numpy|simpleitk)-" | xargs du -cb | tail -1 | cut -f1; }
+size() { ls "$@" | grep -v -i -E "/(numpy|simpleitk|pydicom|pillow)-" | xargs du -cb | tail -1 | cut -f1; }
 MB() { awk -v b="$1" 'BEGIN {printf "%.1f MB", b / 1e6}'; }
 ONNX_BYTES=$(size core/* onnx/*)
 TORCH_BYTES=$(size core/* torch/*)
@@ -42,7 +43,7 @@ TORCH_BYTES=$(size core/* torch/*)
 BASE=$($PY -c "import sys; print(sys.executable)")
 fresh() {  # a virtualenv holding what Slicer already has
   rm -rf "venv_$1" && $BASE -m venv "venv_$1"
-  "venv_$1/bin/pip" install -q "numpy<2.5" SimpleITK "setuptools>=70.1" wheel 2>&1 | quiet
+  "venv_$1/bin/pip" install -q "numpy<2.5" SimpleITK pydicom pillow "setuptools>=70.1" wheel 2>&1 | quiet
   du -sb "venv_$1"/lib/python3*/site-packages | cut -f1 > "before_$1"
 }
 timed() { /usr/bin/time -a -o "times_$1" -f "%e %U %S" "${@:2}" 2>&1 | quiet; }
@@ -65,4 +66,4 @@ for run in $(seq "$RUNS_TORCH"); do
       -r "$RES/requirements.txt" -r "$RES/requirements-torchfree.txt"
   report $r
 done
-echo "download  ONNX route $(MB "$ONNX_BYTES")   PyTorch route (CPU torch) $(MB "$TORCH_BYTES")   (numpy, SimpleITK excluded)"
+echo "download  ONNX route $(MB "$ONNX_BYTES")   PyTorch route (CPU torch) $(MB "$TORCH_BYTES")   (numpy, SimpleITK, pydicom, pillow excluded)"

@@ -8,7 +8,9 @@ and the meaning of its outputs (``labels``). :func:`read_safetensors_metadata` r
 from the file's JSON header with the standard library only (no torch).
 
 Format versions: 1 had no ``plane`` (such files read as ``axial``, the plane every model
-was then run on); 2 adds it.
+was then run on); 2 adds it; 3 adds ``planes``, the planes of a model trained on several
+(multi-planar). A file is written with the lowest version that holds its fields, so
+one-plane models stay readable by version-2 readers.
 
 Label convention:
     * ``num_classes == 1``: one sigmoid channel; voxels with p > 0.5 get label value 1.
@@ -52,15 +54,16 @@ __all__ = [
     "PLANES",
     "CheckpointError",
     "read_metadata",
+    "UntrainedModelError",
     "read_safetensors_metadata",
     "PREPROCESSING_FIELDS",
 ]
 
-FORMAT_VERSION = 2  # 2: adds ``plane``
+FORMAT_VERSION = 3  # 2: adds ``plane``; 3: adds ``planes``
 METADATA_KEY = "sam2unet"  # the safetensors header entry holding the metadata JSON
 PLANES = ("axial", "coronal", "sagittal")  # see sam2unet_core.io.orientation
 # the fields that say how a slice is prepared; the training config holds these same fields
-PREPROCESSING_FIELDS = ("input_size", "intensity", "mean", "std", "context_slices", "plane")
+PREPROCESSING_FIELDS = ("input_size", "intensity", "mean", "std", "context_slices", "plane", "planes")
 MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit on its JSON header
 BACKBONES = ("hiera_t", "hiera_s", "hiera_b+", "hiera_l")
 INTENSITY_KINDS = {
@@ -81,6 +84,11 @@ DEFAULT_COLORS = [
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file and the cause."""
+
+
+class UntrainedModelError(ValueError):
+    """A model whose decoder was never trained (a SAM 2 checkpoint read as a model) was given
+    for segmentation without explicitly allowing it."""
 
 
 # checkpoint file ending -> kind (torch-free, so CLIs choose the backend without torch)
@@ -196,6 +204,8 @@ class ModelMetadata:
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     context_slices: int = 0
     plane: str = "axial"  # anatomical plane of the 2D slices the model was trained on
+    # Several planes when trained on all of them (first == plane); [] = plane alone.
+    planes: list[str] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -245,10 +255,44 @@ class ModelMetadata:
             raise ValueError(f"mean and std must have as many entries, got {len(self.mean)} and {len(self.std)}")
         if self.plane not in PLANES:
             raise ValueError(f"plane {self.plane!r} is not one of {PLANES}")
+        if self.planes and (len(self.planes) < 2 or len(set(self.planes)) != len(self.planes)
+                            or any(p not in PLANES for p in self.planes) or self.planes[0] != self.plane):
+            raise ValueError(f"planes {self.planes} must be two or three distinct planes of "
+                             f"{PLANES}, the first being plane {self.plane!r}")
+
+    @property
+    def trained_planes(self) -> tuple[str, ...]:
+        """Every plane the model was trained on, its main ``plane`` first."""
+        return tuple(self.planes) or (self.plane,)
 
     @property
     def class_names(self) -> list[str]:
         return [label.name for label in self.labels]
+
+    @property
+    def decoder_trained(self) -> bool:
+        """False for an official SAM 2 / SAM 2.1 checkpoint read as a model: its Hiera trunk
+        is a base for training and its decoder holds random weights."""
+        return self.provenance.get("source") != "sam2"
+
+    def untrained_reason(self) -> str:
+        """Why a model with ``decoder_trained`` False cannot segment, and what to do."""
+        name = self.provenance.get("file") or "this checkpoint"
+        return (f"{name} is a SAM 2 checkpoint: its Hiera trunk is a base for training and its "
+                f"decoder is untrained, so it cannot segment. Train or fine-tune a SAM2-UNet on it "
+                f"first (sam2unet-train with model.sam2_checkpoint set to this file) and use the "
+                f"model that training writes")
+
+    @property
+    def trained_on_pictures(self) -> bool:
+        """True for a model of colour pictures (PNG/JPG frames such as endoscopy): the official
+        SAM2-UNet polyp weights, or a model trained with a picture (``polyp``) dataset. Its three
+        input channels are red, green and blue, which a grey CT or MR volume cannot supply."""
+        if self.provenance.get("source") == "official_sam2unet":
+            return True
+        config = self.provenance.get("config")
+        data = config.get("data") if isinstance(config, dict) else None
+        return isinstance(data, dict) and data.get("kind") == "polyp"
 
     # ------------------------------------------------------------ conversion
     def to_dict(self) -> dict[str, Any]:
@@ -258,6 +302,9 @@ class ModelMetadata:
         for option in ("window_spec", "full_res_channels"):
             if not data["architecture"][option]:
                 del data["architecture"][option]
+        if not data["planes"]:  # one plane: a version-2 file
+            del data["planes"]
+            data["format_version"] = min(data["format_version"], 2)
         return data
 
     def to_json(self) -> str:

@@ -151,6 +151,12 @@ def stack_slices(
         ``(B, in_channels, H, W)`` array of the slices' dtype.
     """
     if slices.ndim == 4:  # colour: channels come from the pixels
+        if slices.shape[3] != 3:
+            raise ValueError(
+                f"the voxels have {slices.shape[3]} components (a complex-valued image, such as "
+                "MR real/imaginary data, or a multi-channel image), not one grey value or RGB "
+                "colour; save one channel or the magnitude as a grey image"
+            )
         if context != 0 or slices.shape[3] != in_channels:
             raise ValueError(
                 f"colour images have {slices.shape[3]} channels; the model takes "

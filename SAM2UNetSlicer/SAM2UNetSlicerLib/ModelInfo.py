@@ -25,6 +25,8 @@ __all__ = [
     "parseDescribeOutput",
     "CheckpointDescriber",
     "describeMetadata",
+    "PICTURE_MODEL_REASON",
+    "modelProblem",
 ]
 
 MetadataReader = Callable[[Path], Any]  # path -> ModelMetadata, or None: "ask the child process"
@@ -123,3 +125,25 @@ def describeMetadata(metadata: Any) -> str:
         f"{arch.in_channels} channel(s){context}\n"
         f"Backbone: {arch.backbone}"
     )
+
+
+PICTURE_MODEL_REASON = (
+    "This model cannot segment a CT or MR volume: it was trained on colour pictures (red, green "
+    "and blue channels, such as endoscopy frames), and a volume has one grey channel. Choose a "
+    "model trained on volumes."
+)
+
+
+def modelProblem(metadata: Any, allowUntrained: bool = False) -> str | None:
+    """Why the model of ``metadata`` cannot segment a scalar volume, or None when it can.
+
+    A model of colour pictures (official SAM2-UNet polyp weights) never fits a scalar volume;
+    a SAM 2 checkpoint (untrained decoder) is refused unless ``allowUntrained``. Metadata of
+    an older ``sam2unet_core`` without these properties counts as usable.
+    """
+    if getattr(metadata, "trained_on_pictures", False):
+        return PICTURE_MODEL_REASON
+    if not getattr(metadata, "decoder_trained", True) and not allowUntrained:
+        return (metadata.untrained_reason() + ". To run it anyway for a smoke test, tick "
+                "Advanced > Allow an untrained model.")
+    return None

@@ -61,7 +61,8 @@ def offeredDevices(route: ModelRoute, report: Any) -> list[Device]:
 
 class SliceAxis(enum.Enum):
     """Anatomical plane the 2D model slices along (whatever the array order of the volume);
-    ``model``: the plane the model was trained on (its metadata's ``plane``)."""
+    ``model``: the plane the model was trained on, or every plane of a model trained on
+    several, their predictions fused (its main plane alone with a slice range)."""
 
     model = "model"
     axial = "axial"
@@ -98,6 +99,9 @@ class RunParameters:
     sliceAxis: SliceAxis = SliceAxis.model
     sliceRange: tuple[int, int] | None = None
     batchSize: int = 8  # slices per forward pass; lower it when the GPU runs out of memory
+    tta: bool = False  # average over flipped slices (sam2unet-predict --tta)
+    keepLargestComponent: bool = False  # keep each label's largest 3D connected component
+    allowUntrained: bool = False  # run a SAM 2 checkpoint (untrained decoder): smoke tests only
     precision: Precision = Precision.auto
 
     def validate(self) -> None:
@@ -113,6 +117,9 @@ class RunParameters:
         if routeOf(self.checkpointPath) is ModelRoute.onnx and self.device not in ONNX_DEVICES:
             raise ValueError(f"{self.device.label()} is not available for ONNX models "
                              f"({self.checkpointPath.name}); choose CPU, CUDA GPU or auto")
+        if routeOf(self.checkpointPath) is ModelRoute.onnx and self.keepLargestComponent:
+            raise ValueError(f"keeping the largest component runs on PyTorch and MONAI; an ONNX model "
+                             f"({self.checkpointPath.name}) runs without them: untick it")
         if routeOf(self.checkpointPath) is ModelRoute.onnx and self.precision is not Precision.auto:
             raise ValueError(f"{self.checkpointPath.name} is an ONNX model, which runs at the precision it "
                              f"was written with; choose precision auto")
@@ -137,6 +144,12 @@ def buildPredictArgs(python: str, inputPath: Path, outputDir: Path, params: RunP
     if params.sliceRange is not None:
         first, last = params.sliceRange
         args += ["--slice-range", f"{first}:{last + 1}"]  # the CLI takes half-open START:STOP
+    if params.tta:
+        args.append("--tta")
+    if params.keepLargestComponent:
+        args += ["--postprocess", "largest_component"]
+    if params.allowUntrained:
+        args.append("--allow-untrained")
     return args
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .LabelImport import importLabels
-from .ModelInfo import MetadataReader, describeCommand, parseDescribeOutput, readCheckpointMetadata
+from .ModelInfo import MetadataReader, describeCommand, modelProblem, parseDescribeOutput, readCheckpointMetadata
 from .Parameters import RunParameters, buildPredictArgs, processEnvironment
 from .ProcessRunner import ProcessRunnerProtocol, findPythonSlicer, parseProgressLine
 
@@ -106,6 +106,9 @@ class SegmentationLogic:
             raise ValueError("no input volume selected")
         params.validate()
         metadata = readCheckpointMetadata(params.checkpointPath, self._metadataReader)
+        problem = modelProblem(metadata, params.allowUntrained) if metadata is not None else None
+        if problem:
+            raise ValueError(problem)
         python = self._python or findPythonSlicer()
 
         tempDir = Path(tempfile.mkdtemp(prefix="SAM2UNetSlicer-"))
@@ -211,6 +214,9 @@ class SegmentationLogic:
             return
         try:
             run.metadata = parseDescribeOutput(lines, checkpoint, returnCode)
+            problem = modelProblem(run.metadata, "--allow-untrained" in run.predictArgs)
+            if problem:
+                raise ValueError(problem)
             self._runner.start(run.predictArgs, run.environment, self._onLine, self._onProcessFinished)
         except (ValueError, OSError) as err:
             self._finish(RunStatus.failed, str(err))

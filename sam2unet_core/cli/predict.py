@@ -3,23 +3,28 @@
 nnU-Net style: ``CASE_0000.nii.gz`` inputs give ``CASE.nii.gz`` outputs; ``--num-parts N
 --part-id K`` splits a folder over N independent processes; finished cases are skipped on
 a rerun; a case that fails is reported (file and cause) and the run goes on, then exits 1.
+Ctrl-C (exit 130) and SIGTERM (exit 143) stop the run after writing the summary of what
+finished.
 Every output is written atomically. ``predict_summary.json`` (per part:
 ``predict_summary_partK_of_N.json``) lists each case with its status and timings.
 
-Volumes are sliced along the model's plane (``--axis`` overrides it, with a warning when
-it differs) and batched slice-wise; PNG/JPG frames (polyp benchmarks) are batched across
-files. The work is done by the library call
+Volumes are sliced along the model's plane, or along each of its planes with their
+probabilities fused when it was trained on several (``--planes`` chooses planes to fuse,
+``--axis`` one plane, with a warning when the model was not trained on it), and batched
+slice-wise; PNG/JPG frames (polyp benchmarks) are batched across files. The work is done by the library call
 :func:`sam2unet_core.inference.batch.predict_from_files`; this module parses, builds,
 calls and prints.
 
 ``--progress jsonl`` prints one JSON event per line on stdout (start, case_start, slices,
-case_done, case_error, done) for the 3D Slicer module; ``bar`` shows tqdm bars on stderr.
+case_done, case_skipped, case_error, done) for the 3D Slicer module; ``bar`` shows tqdm
+bars on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,14 +36,15 @@ from ..inference.postprocess import POSTPROCESS_STEPS
 from ..io.dicom import list_dicom_series
 from ..io.orientation import PLANES
 from ..io.writers import LABEL_FORMATS
-from ..metadata import file_kind
+from ..metadata import UntrainedModelError, file_kind
 from .progress import Progress, flag_words
 
 __all__ = ["main", "build_parser"]
 
 logger = logging.getLogger(__name__)
 # library option -> the flag that sets it, for error messages
-FLAGS = {"axis": "--axis", "output format": "--format", "part_id": "--part-id/--num-parts",
+FLAGS = {"axis": "--axis", "planes": "--planes", "output format": "--format",
+         "part_id": "--part-id/--num-parts",
          "slice range": "--slice-range", "unknown post-processing": "--postprocess"}
 
 
@@ -60,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-i", "--input", required=True, type=Path,
                         help="image file, DICOM folder, or folder of cases")
-    parser.add_argument("-o", "--output", required=True, type=Path, help="output folder")
+    parser.add_argument("-o", "--output", type=Path, help="output folder; required unless --list-series")
     parser.add_argument("-m", "--model", type=Path,
                         help="checkpoint (.safetensors, official SAM2-UNet .pth) or an ONNX file from "
                              "sam2unet-export (run by ONNX Runtime, without torch); required unless "
@@ -70,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--axis", default=None, choices=sorted(PLANES),
                         help="anatomical plane of the 2D slices (default: the plane the model "
                              "was trained on, axial for older models)")
+    parser.add_argument("--planes", nargs="+", default=None, choices=sorted(PLANES),
+                        help="segment along each of these planes and fuse them (mean of the "
+                             "class probabilities); default: every plane the model was trained "
+                             "on, fused when several (python -m sam2unet_core.cli.describe MODEL "
+                             "lists them)")
     parser.add_argument("--format", choices=LABEL_FORMATS, default=None,
                         help="output format (default: nii.gz for volumes, png for PNG/JPG)")
     parser.add_argument("--overwrite", action="store_true",
@@ -97,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--qc-png", action="store_true",
                         help="also write CASE.qc.png: axial, coronal, sagittal slices through the "
                              "labels' centre of mass with the labels overlaid")
+    parser.add_argument("--allow-untrained", action="store_true",
+                        help="run a SAM 2 checkpoint, whose decoder is untrained (smoke tests only; "
+                             "default: refused, train or fine-tune a model on it first)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="torch models: auto = fp16 autocast on CUDA, bf16 Hiera stages 3-4 on "
                              "CPUs with native bf16 (AVX512_BF16/AMX), else fp32; fp32 = full "
@@ -137,7 +151,8 @@ def _list_series(input_path: Path) -> int:
 
 def _options(args: argparse.Namespace) -> PredictOptions:
     return PredictOptions(
-        axis=args.axis, output_format=args.format, overwrite=args.overwrite,
+        axis=args.axis, planes=None if args.planes is None else tuple(args.planes),
+        output_format=args.format, overwrite=args.overwrite,
         num_parts=args.num_parts, part_id=args.part_id,
         slice_range=_parse_slice_range(args.slice_range), series_uid=args.series_uid,
         volume_index=args.volume_index, tta=args.tta, postprocess=tuple(args.postprocess),
@@ -154,22 +169,52 @@ def _build_predictor(args: argparse.Namespace) -> Predictor:
         if args.precision != "auto":
             raise ValueError(f"--precision {args.precision}: an ONNX file runs at the precision "
                              f"it was written with (fp32, or int8 from sam2unet-export --int8)")
-        return Predictor(OnnxRunner(args.model, device=args.device), batch_size=args.batch_size)
+        return Predictor(OnnxRunner(args.model, device=args.device), batch_size=args.batch_size,
+                         allow_untrained=args.allow_untrained)
     from ..checkpoint import load_model  # torch from here on
     from ..device import resolve_device
 
     device = resolve_device(args.device)
     return Predictor(load_model(args.model), batch_size=args.batch_size, device=device,
-                     precision=args.precision)
+                     precision=args.precision, allow_untrained=args.allow_untrained)
+
+
+def _below_error(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
+
+
+def _set_up_output() -> None:
+    """Log lines on stderr. nibabel reports a bad NIfTI header on its own handler, at error
+    level, and then raises it, which the batch reports as that case's error: the report is
+    dropped so that the cause is said once, in the case's line. File names that are not
+    UTF-8 (Linux names are bytes) are printed escaped on stdout, not refused."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    reports = logging.getLogger("nibabel.global")
+    for handler in list(reports.handlers):
+        reports.removeHandler(handler)
+    reports.addFilter(_below_error)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, so that the run stops as on Ctrl-C: the
+    summary of what finished is written, then the process exits with 143."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    _set_up_output()
     if args.list_series:
         return _list_series(args.input)
+    if args.output is None:
+        parser.error("-o/--output is required")
     if args.model is None:
         parser.error("-m/--model is required")
     try:
@@ -182,13 +227,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         predictor = _build_predictor(args)
+    except UntrainedModelError as err:
+        print(f"error: {err}; or pass --allow-untrained to run it anyway (smoke tests only)", file=sys.stderr)
+        return 2
     except (ValueError, OSError) as err:
         print(f"error: cannot load model {args.model}: {err}", file=sys.stderr)
         return 2
     record = {"model": str(args.model),
               "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-    summary = predict_from_files(predictor, args.input, args.output, options, Progress(args.progress),
-                                 record)
+    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        summary = predict_from_files(predictor, args.input, args.output, options,
+                                     Progress(args.progress), record)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     counts = summary.counts
     if args.progress != "jsonl":
         print(f"{counts['ok']} done, {counts['skipped']} skipped (already done), "
@@ -197,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         if case["status"] == "failed":
             print(f"FAILED {case['case']}: {flag_words(case['error'])}", file=sys.stderr)
     if summary.interrupted:
-        return 130
+        return 143 if isinstance(summary.interruption, _Terminated) else 130
     return 1 if counts["failed"] else 0
 
 

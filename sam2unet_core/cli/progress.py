@@ -7,9 +7,8 @@ import json
 import sys
 from typing import Any
 
-__all__ = ["Progress", "JSONL_EVENTS", "flag_words"]
+__all__ = ["Progress", "flag_words"]
 
-JSONL_EVENTS = ("start", "case_start", "slices", "case_done", "case_error", "done")  # on stdout
 # library wording of a value that works -> the flag that gives it, in case errors
 OPTION_FLAGS = {"(probabilities=False)": "(without --save-probabilities)", "batch_size=": "--batch-size "}
 
@@ -33,9 +32,8 @@ class Progress:
         name = event["event"]
         if "error" in event:
             event = {**event, "error": flag_words(event["error"])}
-        if self.mode == "jsonl":
-            if name in JSONL_EVENTS:
-                print(json.dumps(event), flush=True)
+        if self.mode == "jsonl":  # every event of inference.batch.EVENTS
+            print(json.dumps(event), flush=True)
             return
         if self.mode == "bar":
             self._bars(event)

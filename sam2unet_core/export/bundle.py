@@ -47,7 +47,7 @@ from monai.utils import ImageMetaKey, MetaKeys
 from ..device import PRECISIONS
 from ..inference.engine import Predictor
 from ..inference.torch_runner import TorchRunner
-from ..io.atomic import PARTIAL_PREFIX
+from ..io.atomic import partial_path
 from ..io.volume import LPS_TO_RAS, Volume, geometry_from_affine_ras, model_label_dtype
 from ..metadata import ModelMetadata
 from ..model.sam2unet import SAM2UNet
@@ -418,7 +418,7 @@ def export_bundle(model: SAM2UNet, path: str | os.PathLike, source_name: str = "
                   authors: str = "not stated", copyright: str = "not stated", batch_size: int = 8) -> Path:
     """Write ``model`` (its ``metadata`` included) as a MONAI Bundle folder at ``path``.
 
-    The bundle is written into a temporary sibling folder (``.partial-<pid>-<name>``),
+    The bundle is written into a temporary sibling folder (``io.atomic.partial_path``),
     its metadata verified against MONAI's schema, then renamed to ``path``: a failure
     leaves no folder behind. An existing non-empty ``path`` is refused (``FileExistsError``).
     ``source_name`` goes into the changelog; ``authors``/``copyright`` into the metadata.
@@ -433,7 +433,7 @@ def export_bundle(model: SAM2UNet, path: str | os.PathLike, source_name: str = "
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(f"{path}: exists and is not an empty folder; choose a new bundle folder")
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{PARTIAL_PREFIX}{os.getpid()}-{path.name}")
+    temporary = partial_path(path)
     shutil.rmtree(temporary, ignore_errors=True)
     try:
         for folder in ("configs", "models", "docs"):

@@ -2,9 +2,9 @@
 
 :func:`predict_from_files` finds the cases (nnU-Net style: ``CASE_0000.nii.gz`` gives
 ``CASE.nii.gz``), keeps this run's part of them (``num_parts``/``part_id``), removes the
-half-written files killed runs left, skips finished cases (unless ``overwrite``), reads the
-next case in a background thread while the current one runs, writes every output
-atomically and ``predict_summary.json`` (per part: ``predict_summary_partK_of_N.json``).
+half-written files killed runs left, skips finished cases (outputs that exist and read
+back; unless ``overwrite``), reads the next case in a background thread while the current
+one runs, writes every output atomically and ``predict_summary.json`` (per part: ``predict_summary_partK_of_N.json``).
 A case that fails is recorded (file and cause) and the run goes on.
 
 Progress is reported through ``on_event(event: dict)``, one dict per event with its name
@@ -29,7 +29,8 @@ from ..io.cases import Case, find_cases, select_part
 from ..io.orientation import PLANES
 from ..io.readers import PICTURE_SUFFIXES, read_volume
 from ..io.volume import Volume
-from ..io.writers import LABEL_FORMATS, dicom_seg_sources, output_suffix, write_labels, write_probabilities
+from ..io.writers import (LABEL_FORMATS, dicom_seg_sources, output_suffix, unreadable_output, write_labels,
+                          write_probabilities)
 from .engine import Prediction, Predictor
 from .postprocess import check_steps
 
@@ -49,7 +50,8 @@ EventFn = Callable[[dict[str, Any]], None]
 class PredictOptions:
     """How :func:`predict_from_files` runs; every field has the CLI's default.
 
-    ``axis``: plane of the 2D slices, None for the model's plane. ``output_format``: one
+    ``axis``: the one plane of the 2D slices; ``planes``: several planes, fused; both None:
+    the model's planes (fused when it was trained on several). ``output_format``: one
     of ``LABEL_FORMATS``, None for nii.gz (volumes) / png (PNG/JPG frames).
     ``slice_range``: half-open ``(start, stop)`` along the slicing axis.
     ``series_uid``/``volume_index``: which DICOM series / 4D volume to read.
@@ -60,6 +62,7 @@ class PredictOptions:
     """
 
     axis: str | None = None
+    planes: tuple[str, ...] | None = None
     output_format: str | None = None
     overwrite: bool = False
     num_parts: int = 1
@@ -78,6 +81,14 @@ class PredictOptions:
         if self.axis is not None and self.axis not in PLANES:
             raise ValueError(f"axis {self.axis!r} is not one of {sorted(PLANES)} (or None for "
                              "the model's plane)")
+        if self.planes is not None and (self.axis is not None or not self.planes
+                                        or any(plane not in PLANES for plane in self.planes)
+                                        or len(set(self.planes)) != len(self.planes)):
+            raise ValueError(f"planes {list(self.planes)} must be distinct planes of "
+                             f"{sorted(PLANES)}, without an axis")
+        if self.planes is not None and len(self.planes) > 1 and self.slice_range is not None:
+            raise ValueError("slice range applies to one plane; it cannot be combined with "
+                             "several fused planes")  # without planes: the model's main plane
         if self.output_format is not None and self.output_format not in LABEL_FORMATS:
             raise ValueError(f"output format {self.output_format!r} is not one of {LABEL_FORMATS}")
         if self.num_parts < 1 or not 0 <= self.part_id < self.num_parts:
@@ -96,9 +107,13 @@ class RunSummary:
     timings)."""
 
     cases: list[dict[str, Any]] = field(default_factory=list)
-    interrupted: bool = False
+    interruption: KeyboardInterrupt | None = None  # what stopped the run (Ctrl-C, a signal)
     seconds: float = 0.0
     summary_path: Path | None = None
+
+    @property
+    def interrupted(self) -> bool:
+        return self.interruption is not None
 
     def count(self, status: str) -> int:
         return sum(case["status"] == status for case in self.cases)
@@ -124,13 +139,18 @@ def select_cases(inputs: Path, output_dir: Path, options: PredictOptions) -> lis
         raise ValueError("the output folder must differ from the input folder (outputs would "
                          "be read as inputs on the next run)")
     cases = select_part(find_cases(inputs), options.num_parts, options.part_id)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OSError(f"cannot write to the output folder {output_dir}: it is a file, not a "
+                      "folder; name a folder (new or existing)")
+    probe = output_dir / f"{WRITE_PROBE_PREFIX}{os.getpid()}"
     try:  # an unwritable output folder stops the run before any work
         output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / f"{WRITE_PROBE_PREFIX}{os.getpid()}"
         probe.write_bytes(b"ok")
-        probe.unlink()
     except OSError as err:
         raise OSError(f"cannot write to the output folder {output_dir}: {err.strerror or err}") from err
+    finally:
+        if probe.exists():  # also when writing it failed (a full disk)
+            probe.unlink()
     return cases
 
 
@@ -140,7 +160,8 @@ def predict_from_files(predictor: Predictor, inputs: str | os.PathLike, output_d
     """Segment the file, DICOM folder or folder of cases ``inputs`` into ``output_dir``.
 
     ``record``: extra top-level fields for the summary file (the CLI stores the model path
-    and its arguments). A Ctrl-C stops after recording what was done (``interrupted``).
+    and its arguments). A ``KeyboardInterrupt`` (Ctrl-C, or what a caller's signal handler
+    raises) stops the run after recording what was done (``interrupted``, ``interruption``).
     Raises ``ValueError``/``OSError`` as :func:`select_cases` before any case runs.
     """
     inputs, output_dir = Path(inputs), Path(output_dir)
@@ -150,14 +171,15 @@ def predict_from_files(predictor: Predictor, inputs: str | os.PathLike, output_d
     started = time.perf_counter()
     try:
         run.run(cases)
-    except KeyboardInterrupt:
-        run.summary.interrupted = True
+    except KeyboardInterrupt as stop:
+        run.summary.interruption = stop
     run.summary.seconds = round(time.perf_counter() - started, 3)
     path = summary_path(output_dir, options)
     content = {
         **(record or {}),
         "device": predictor.description,
         "plane": predictor.metadata.plane,
+        "planes": list(predictor.metadata.trained_planes),
         "labels": {label.value: label.name for label in predictor.metadata.labels},
         "options": asdict(options),
         "cases": run.summary.cases,
@@ -221,7 +243,7 @@ class _CaseRunner:
                          *(path for paths in outputs for path in paths)])
         jobs = []
         for case, paths in zip(cases, outputs):
-            if not self.options.overwrite and all(p.exists() for p in paths):
+            if not self.options.overwrite and self._finished(case, paths):
                 logger.info("%s: already done (%s), skipped", case.name, paths[0])
                 self.summary.cases.append({"case": case.name, "input": str(case.path),
                                            "status": "skipped", "output": str(paths[0])})
@@ -238,6 +260,20 @@ class _CaseRunner:
                     self._run_frames(unit, loaded)
                 else:
                     self._run_volume(unit[0], loaded[0])
+
+    @staticmethod
+    def _finished(case: Case, paths: list[Path]) -> bool:
+        """Whether every output of ``case`` exists and reads back; an output that exists
+        but cannot be read (a 0-byte file of a full disk...) is redone, with a warning."""
+        if not all(path.exists() for path in paths):
+            return False
+        for path in paths:
+            problem = unreadable_output(path)
+            if problem is not None:
+                logger.warning("%s: the existing output %s cannot be read (%s); redoing the case",
+                               case.name, path, problem)
+                return False
+        return True
 
     def _work_units(self, jobs: list[Job]) -> list[list[Job]]:
         """Volumes one by one; runs of consecutive PNG/JPG frames in groups of the
@@ -272,10 +308,12 @@ class _CaseRunner:
             self._check_format(case, volume, paths)
             started = time.perf_counter()
             options = self.options
-            total = self.predictor.count_slices(volume, options.axis, options.slice_range)
+            total = self.predictor.count_slices(volume, options.axis, options.slice_range,
+                                                options.planes)
             self.emit("case_start", case=case.name, slices=total)
             prediction = self.predictor.predict(
-                volume, axis=options.axis, slice_range=options.slice_range, tta=options.tta,
+                volume, axis=options.axis, planes=options.planes,
+                slice_range=options.slice_range, tta=options.tta,
                 postprocess=options.postprocess, probabilities=options.save_probabilities,
                 progress=lambda done, all_: self.emit("slices", case=case.name, done=done, total=all_),
             )
@@ -348,11 +386,13 @@ class _CaseRunner:
             from ..statistics import label_statistics, write_statistics
 
             writes.append((stats_json, lambda: write_statistics(
-                label_statistics(labels, image, metadata.labels), stats_json, stats_json.with_suffix(".csv"))))
+                label_statistics(labels, image, metadata.labels, prediction.agreement),
+                stats_json, stats_json.with_suffix(".csv"))))
         if image is not None and qc_path is not None:
             from ..qc import write_qc_png
 
-            writes.append((qc_path, lambda: write_qc_png(labels, image, metadata.labels, qc_path)))
+            disputed = None if prediction.agreement is None else prediction.agreement.disputed
+            writes.append((qc_path, lambda: write_qc_png(labels, image, metadata.labels, qc_path, disputed)))
         for path, write in writes:
             try:
                 write()

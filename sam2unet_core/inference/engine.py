@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from ..io.orientation import PlaneView, plane_view
+from ..io.orientation import PLANES, PlaneView, plane_view
 from ..io.volume import Volume, check_fits_in_memory, model_label_dtype
-from ..metadata import ModelMetadata
+from ..metadata import ModelMetadata, UntrainedModelError
 from ..preprocessing import IntensityMapping, fit_intensity, stack_slices
+from .agreement import PlaneAgreement, plane_agreement
 from .postprocess import check_steps, postprocess_labels
 
 if TYPE_CHECKING:
@@ -79,14 +80,21 @@ class Prediction:
     ``labels``: ``(K, J, I)`` uint8/uint16 label volume on the input's exact grid (its
     ``meta["plane"]`` says which plane was segmented). ``probabilities``: float32 on the
     same grid, ``(K, J, I)`` foreground for binary models or ``(K, J, I, N)``, or None when
-    not asked for. ``plane``: the plane the slices were cut along. ``times``: stage seconds
-    (for :meth:`Predictor.predict_images`, this image's share of the shared batches).
+    not asked for. ``planes``: the planes the slices were cut along (several when fused);
+    ``plane`` names them (``"axial+coronal+sagittal"``). ``times``: stage seconds (for
+    :meth:`Predictor.predict_images`, this image's share of the shared batches).
+    ``agreement``: how the planes' own labels agree, for a fused prediction; else None.
     """
 
     labels: Volume
     probabilities: Volume | None
-    plane: str
+    planes: tuple[str, ...]
     times: StageTimes
+    agreement: PlaneAgreement | None = None
+
+    @property
+    def plane(self) -> str:
+        return "+".join(self.planes)
 
 
 class Predictor:
@@ -99,12 +107,19 @@ class Predictor:
         batch_size: slices per runner call.
         device, precision: for the ``TorchRunner`` built around a torch model (precision
             ``auto``, ``fp32``, ``bf16`` or ``fp16``; see ``inference.acceleration``).
+        allow_untrained: run a model whose decoder was never trained (a SAM 2 checkpoint read
+            as a model; smoke tests only). Without it such a model raises
+            :class:`~sam2unet_core.metadata.UntrainedModelError`.
     """
 
     def __init__(self, runner_or_model: ModelRunner | Any, batch_size: int = 8, *,
-                 device: str | torch.device = "auto", precision: str = "auto") -> None:
+                 device: str | torch.device = "auto", precision: str = "auto",
+                 allow_untrained: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        metadata = getattr(runner_or_model, "metadata", None)
+        if isinstance(metadata, ModelMetadata) and not metadata.decoder_trained and not allow_untrained:
+            raise UntrainedModelError(metadata.untrained_reason())
         if not callable(getattr(runner_or_model, "submit", None)):
             from .torch_runner import TorchRunner  # torch only for torch models
 
@@ -138,15 +153,40 @@ class Predictor:
             return "axial"
         if axis is None:
             return self.metadata.plane
-        if axis != self.metadata.plane:
+        if axis not in self.metadata.trained_planes:
             logger.warning("slicing along the %s plane, but the model was trained on %s slices",
-                           axis, self.metadata.plane)
+                           axis, "/".join(self.metadata.trained_planes))
         return axis
 
     def _stack(self, image: np.ndarray, start: int, end: int) -> np.ndarray:
         """View slices ``start:end`` of ``(S, H, W[, C])`` -> raw ``(B, C, H, W)``."""
         meta = self.metadata
         return stack_slices(image, range(start, end), meta.context_slices, meta.architecture.in_channels)
+
+    def resolve_planes(self, volume: Volume, axis: str | None = None,
+                       planes: Sequence[str] | None = None,
+                       slice_range: tuple[int, int] | None = None) -> tuple[str, ...]:
+        """The planes ``predict`` segments along: ``axis`` alone, else ``planes``, else every
+        plane the model was trained on (``metadata.trained_planes``; its main plane alone
+        with a ``slice_range``, which applies to one plane); a single slice is its own axial
+        plane. ``ValueError`` for both ``axis`` and ``planes``, an unknown plane, or a
+        ``slice_range`` with several ``planes``."""
+        if axis is not None and planes:
+            raise ValueError(f"axis {axis!r} and planes {list(planes)} both given; give one")
+        if volume.shape_kji[0] == 1 or axis is not None:
+            return (self.resolve_plane(volume, axis),)
+        if slice_range is not None and planes and len(planes) > 1:
+            raise ValueError(f"a slice range applies to one plane, not to the fused planes "
+                             f"{list(planes)}; choose one plane")
+        chosen = tuple(planes) if planes else self.metadata.trained_planes[:1 if slice_range else None]
+        unknown = [plane for plane in chosen if plane not in PLANES]
+        if unknown or len(set(chosen)) != len(chosen):
+            raise ValueError(f"planes {list(chosen)} must be distinct planes of {sorted(PLANES)}")
+        untrained = [plane for plane in chosen if plane not in self.metadata.trained_planes]
+        if untrained:
+            logger.warning("slicing along %s, but the model was trained on %s slices",
+                           "/".join(untrained), "/".join(self.metadata.trained_planes))
+        return chosen
 
     # -------------------------------------------------------------------- volumes
     def predict(
@@ -158,47 +198,69 @@ class Predictor:
         postprocess: Sequence[str] = (),
         probabilities: bool = False,
         progress: ProgressFn | None = None,
+        planes: Sequence[str] | None = None,
     ) -> Prediction:
         """Segment ``volume``; returns labels (and probabilities) on the input's exact grid.
 
         Args:
             volume: ``(K, J, I)`` grey volume or ``(K, J, I, C)`` colour image.
-            axis: ``axial``, ``coronal`` or ``sagittal``: the plane of the 2D slices, found
-                from the direction matrix whatever the array order; None: the model's
-                ``metadata.plane``. 2D images (K == 1) are always processed as one slice.
+            axis: ``axial``, ``coronal`` or ``sagittal``: segment along this one plane, found
+                from the direction matrix whatever the array order.
+            planes: segment along each of these planes and fuse them (the mean of the
+                per-class probabilities in the volume's grid, then the label rule).
+                With neither ``axis`` nor ``planes``: every plane the model was trained on
+                (``metadata.trained_planes``), fused when there are several. 2D images
+                (K == 1) are always processed as one slice.
             slice_range: ``(start, stop)``, half-open, indices along the voxel axis that
                 runs across the chosen plane (as stored in the file); other slices get
-                label 0. None: all slices.
-            tta: average over horizontal and vertical flips (3 passes).
+                label 0. None: all slices. One plane only: without ``axis``/``planes`` the
+                model's main plane.
+            tta: average over horizontal and vertical flips (3 passes per plane).
             postprocess: steps from ``POSTPROCESS_STEPS`` applied in order on the 3D
                 labels (``largest_component``, ``fill_holes``), each label separately.
             probabilities: also return float32 probabilities on the grid:
                 ``(K, J, I)`` foreground for binary models, ``(K, J, I, N)`` otherwise.
-            progress: called as ``progress(done, total)`` after each batch.
+            progress: called as ``progress(done, total)`` after each batch (slices of all
+                planes).
 
-        Labels are uint8, or uint16 for models with more than 255 labels.
+        Labels are uint8, or uint16 for models with more than 255 labels. A fused
+        prediction carries the planes' agreement (:class:`PlaneAgreement`).
         """
         times = StageTimes()
         check_steps(postprocess)  # before the model runs
-        plane = self.resolve_plane(volume, axis)
+        chosen = self.resolve_planes(volume, axis, planes, slice_range)
+        if len(chosen) > 1:
+            return self._predict_fused(volume, chosen, tta, postprocess, probabilities, progress, times)
+        plane = chosen[0]
+        labels = np.zeros(volume.shape_kji, dtype=self.label_dtype)
+        probability_array = self._probability_volume(volume) if probabilities else None
+        self._run_plane(volume, plane, slice_range, tta, labels, probability_array, progress, times)
+        return self._finish(volume, labels, probability_array, postprocess, times, (plane,))
+
+    def _probability_volume(self, volume: Volume, extra_bytes: int = 0) -> np.ndarray:
+        """Zeros for the float32 probabilities of ``volume``: ``(K, J, I)`` foreground for
+        binary models, ``(K, J, I, N)`` otherwise (memory checked, with ``extra_bytes`` more
+        per voxel for the caller's other arrays)."""
+        out_channels = 1 if self.num_classes == 1 else self.num_classes
+        check_fits_in_memory(
+            volume.source or "volume", volume.shape_kji, 4 * out_channels + extra_bytes,
+            what=f"the labels and {out_channels}-channel float32 probabilities",
+            advice="segment without probabilities, along one plane",
+        )
+        shape = volume.shape_kji if out_channels == 1 else volume.shape_kji + (out_channels,)
+        return np.zeros(shape, dtype=np.float32)
+
+    def _run_plane(self, volume: Volume, plane: str, slice_range: tuple[int, int] | None,
+                   tta: bool, labels: np.ndarray, probabilities: np.ndarray | None,
+                   progress: ProgressFn | None, times: StageTimes, add: bool = False) -> None:
+        """Segment ``volume`` along ``plane`` into ``labels`` ``(K, J, I)`` and, when given,
+        ``probabilities`` (written, or added to when ``add``), batch by batch."""
         view = _plane_view(volume, plane)
         image = view.to_plane(volume.array_kji)  # (S, H, W[, C]), no copy
         num_slices, height, width = image.shape[:3]
         first, stop = _view_range(slice_range, num_slices, view)
-
-        labels = np.zeros(volume.shape_kji, dtype=self.label_dtype)
         labels_view = view.to_plane(labels)  # writes land in `labels`
-        out_channels = 1 if self.num_classes == 1 else self.num_classes
-        probability_array = None
-        if probabilities:
-            check_fits_in_memory(
-                volume.source or "volume", volume.shape_kji, 4 * out_channels,
-                what=f"the labels and {out_channels}-channel float32 probabilities",
-                advice="segment without probabilities (probabilities=False)",
-            )
-            shape = volume.shape_kji if out_channels == 1 else volume.shape_kji + (out_channels,)
-            probability_array = np.zeros(shape, dtype=np.float32)
-        probabilities_view = None if probability_array is None else view.to_plane(probability_array)
+        probabilities_view = None if probabilities is None else view.to_plane(probabilities)
 
         started = time.perf_counter()
         mapping = fit_intensity(volume.array_kji, self.metadata.intensity)
@@ -210,20 +272,50 @@ class Predictor:
             # One-deep pipeline: the runner may queue the batch asynchronously (CUDA); the
             # next batch is stacked on the CPU meanwhile, then we wait for the result.
             tick = time.perf_counter()
-            pending = self.runner.submit(stacked, mapping, (height, width), tta, probabilities)
+            pending = self.runner.submit(stacked, mapping, (height, width), tta,
+                                         probabilities is not None)
             queued = time.perf_counter()
             if number + 1 < len(batches):
                 stacked = self._stack(image, *batches[number + 1])
             prepared = time.perf_counter()
             batch_labels, batch_probabilities = pending.result()
             labels_view[start:end] = batch_labels
-            if probabilities_view is not None:
+            if probabilities_view is not None and add:
+                probabilities_view[start:end] += batch_probabilities
+            elif probabilities_view is not None:
                 probabilities_view[start:end] = batch_probabilities
             times.preprocess += prepared - queued
             times.model += (queued - tick) + (time.perf_counter() - prepared)
             if progress is not None:
                 progress(end - first, stop - first)
-        return self._finish(volume, labels, probability_array, postprocess, times, plane)
+
+    def _predict_fused(self, volume: Volume, planes: tuple[str, ...], tta: bool,
+                       postprocess: Sequence[str], probabilities: bool,
+                       progress: ProgressFn | None, times: StageTimes) -> Prediction:
+        """Segment along each plane and fuse: the per-class probabilities of the planes are
+        summed in the volume's grid (one float32 volume, not one per plane), averaged, and
+        labelled with the runner's rule (foreground > 0.5, or the most probable class).
+        Each plane's own labels are kept (1 or 2 bytes a voxel) for :func:`plane_agreement`."""
+        votes = np.zeros((len(planes),) + volume.shape_kji, dtype=self.label_dtype)
+        total = self._probability_volume(volume, extra_bytes=votes.itemsize * len(planes))
+        counts = [volume.shape_kji[_plane_view(volume, plane).slice_array_axis] for plane in planes]
+        for index, plane in enumerate(planes):
+            done_before = sum(counts[:index])
+            step = None if progress is None else (
+                lambda done, _, before=done_before: progress(before + done, sum(counts)))
+            self._run_plane(volume, plane, None, tta, votes[index], total, step, times, add=True)
+        tick = time.perf_counter()
+        total /= len(planes)
+        if self.num_classes == 1:
+            labels = (total > 0.5).astype(self.label_dtype)
+        else:
+            labels = total.argmax(axis=-1).astype(self.label_dtype)
+        agreement = plane_agreement(votes, planes, volume, [label.value for label in self.metadata.labels])
+        times.extra["fuse"] = time.perf_counter() - tick
+        prediction = self._finish(volume, labels, total if probabilities else None, postprocess,
+                                  times, planes)
+        prediction.agreement = agreement
+        return prediction
 
     def predict_images(
         self,
@@ -255,11 +347,11 @@ class Predictor:
                 kept = None if batch_probabilities is None else batch_probabilities[index:index + 1]
                 results.append(self._finish(volume, batch_labels[index:index + 1], kept,
                                             postprocess, StageTimes(times.preprocess, times.model),
-                                            "axial"))
+                                            ("axial",)))
         return results
 
     def _finish(self, volume: Volume, labels: np.ndarray, probabilities: np.ndarray | None,
-                postprocess: Sequence[str], times: StageTimes, plane: str) -> Prediction:
+                postprocess: Sequence[str], times: StageTimes, planes: tuple[str, ...]) -> Prediction:
         """Post-process ``(K, J, I)`` labels and wrap labels (and probabilities) as volumes
         on the input's grid."""
         if postprocess:
@@ -268,19 +360,24 @@ class Predictor:
             labels = postprocess_labels(labels, postprocess, values)
             times.postprocess += time.perf_counter() - tick
         return Prediction(
-            labels=volume.with_array(labels, meta={**volume.meta, "plane": plane}),
+            labels=volume.with_array(labels, meta={**volume.meta, "plane": "+".join(planes)}),
             probabilities=None if probabilities is None else volume.with_array(probabilities),
-            plane=plane,
+            planes=planes,
             times=times,
         )
 
     def count_slices(self, volume: Volume, axis: str | None = None,
-                     slice_range: tuple[int, int] | None = None) -> int:
-        """How many slices ``predict`` will run for these arguments (checks the range)."""
-        view = _plane_view(volume, self.resolve_plane(volume, axis))
-        num_slices = volume.shape_kji[view.slice_array_axis]
-        first, stop = _view_range(slice_range, num_slices, view)
-        return stop - first
+                     slice_range: tuple[int, int] | None = None,
+                     planes: Sequence[str] | None = None) -> int:
+        """How many slices ``predict`` will run for these arguments (all planes; checks
+        the range)."""
+        total = 0
+        for plane in self.resolve_planes(volume, axis, planes, slice_range):
+            view = _plane_view(volume, plane)
+            num_slices = volume.shape_kji[view.slice_array_axis]
+            first, stop = _view_range(slice_range, num_slices, view)
+            total += stop - first
+        return total
 
 
 def _image_groups(images: Sequence[Volume], batch_size: int, intensity: dict[str, Any]

@@ -44,6 +44,7 @@ from PIL import Image, UnidentifiedImageError
 from .convert import sitk_error_cause, volume_from_nifti, volume_from_sitk
 from .dicom import looks_like_dicom, read_dicom_file, read_dicom_series
 from .errors import error_text
+from .sitk_paths import sitk_read_paths
 from .volume import GIB, Volume, available_memory, check_fits_in_memory
 
 __all__ = ["read_volume", "VolumeReader", "READERS", "IMAGE_SUFFIXES", "PICTURE_SUFFIXES",
@@ -140,16 +141,22 @@ def _read_nifti(path: Path, options: ReadOptions) -> Volume:
 
 def _read_sitk(path: Path, options: ReadOptions = ReadOptions()) -> Volume:
     reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-        pixel = sitk.GetPixelIDValueAsString(reader.GetPixelIDValue())  # "16-bit signed..."
-        bits = re.search(r"(\d+)-bit", pixel)
-        itemsize = (int(bits.group(1)) // 8 if bits else 8) * reader.GetNumberOfComponents()
-        check_fits_in_memory(path, reader.GetSize(), itemsize)
-        image = reader.Execute()
-    except RuntimeError as err:
-        raise ValueError(f"{path}: SimpleITK cannot read it ({sitk_error_cause(err)})") from err
+    with sitk_read_paths([path]) as (readable,):
+        reader.SetFileName(readable)
+        try:
+            reader.ReadImageInformation()
+            pixel = sitk.GetPixelIDValueAsString(reader.GetPixelIDValue())  # "16-bit signed..."
+            if "complex" in pixel:
+                raise ValueError(
+                    f"{path}: complex-valued voxels ({pixel}, e.g. raw MR k-space or phase data); "
+                    "expected real values: save the magnitude image instead"
+                )
+            bits = re.search(r"(\d+)-bit", pixel)
+            itemsize = (int(bits.group(1)) // 8 if bits else 8) * reader.GetNumberOfComponents()
+            check_fits_in_memory(path, reader.GetSize(), itemsize)
+            image = reader.Execute()
+        except RuntimeError as err:
+            raise ValueError(f"{path}: SimpleITK cannot read it ({sitk_error_cause(err)})") from err
     return volume_from_sitk(image, source=path)
 
 

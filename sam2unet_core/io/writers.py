@@ -10,12 +10,16 @@ Formats, chosen by file ending:
     * ``.png``: 2D label images; a binary mask is stored as 0/255 (the polyp benchmarks'
       convention), multi-class maps as their label values.
 
-Every file is first written under a temporary name in the target folder, then renamed, so
-an interrupted run never leaves a half-written output under the final name.
+Every file is first written under a temporary name in the target folder, checked (not empty;
+SimpleITK's files are read back, since ITK does not always report a failed write), then
+renamed, so an interrupted run or a full disk never leaves a half-written output under the
+final name. Python writers (nibabel, slicerio, highdicom, Pillow) raise on a failed write.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import re
 from pathlib import Path
@@ -25,8 +29,9 @@ import numpy as np
 
 from ..metadata import LabelInfo
 from .atomic import PARTIAL_PREFIX, atomic_write, remove_partials
-from .convert import volume_to_nifti, volume_to_sitk
+from .convert import sitk_error_cause, volume_to_nifti, volume_to_sitk
 from .errors import error_text
+from .sitk_paths import sitk_read_paths, sitk_write_path
 from .volume import Volume
 
 __all__ = [
@@ -38,11 +43,13 @@ __all__ = [
     "LABEL_FORMATS",
     "output_suffix",
     "dicom_seg_sources",
+    "unreadable_output",
 ]
 
 logger = logging.getLogger(__name__)
 
 LABEL_FORMATS = ("nii.gz", "nii", "seg.nrrd", "nrrd", "mha", "dcm", "png")
+SITK_SUFFIXES = (".nrrd", ".mha")  # written by SimpleITK, which may not report a failed write
 MANUFACTURER = "sam2unet_core"
 _TYPE2_PATIENT_STUDY = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
@@ -74,7 +81,23 @@ def _write_sitk(volume: Volume, path: Path) -> None:
     import SimpleITK as sitk
 
     image = volume_to_sitk(volume)
-    sitk.WriteImage(image, str(path), useCompression=True)
+    with sitk_write_path(path) as writable:
+        sitk.WriteImage(image, writable, useCompression=True)
+
+
+def _read_back_sitk(volume: Volume, path: Path) -> None:
+    """Read a file SimpleITK wrote and compare its voxels with ``volume``'s: ITK does not
+    always report a failed write (a full disk can leave a 0-byte or truncated file)."""
+    import SimpleITK as sitk
+
+    try:
+        with sitk_read_paths([path]) as (readable,):
+            written = sitk.ReadImage(readable)
+    except RuntimeError as err:
+        raise OSError(errno.EIO, f"the written file does not read back (disk full?): "
+                                 f"{sitk_error_cause(err)}") from err
+    if not np.array_equal(sitk.GetArrayViewFromImage(written), volume.array_kji):
+        raise OSError(errno.EIO, "the written file reads back with other voxels (disk full?)")
 
 
 def _segment_extents(array_kji: np.ndarray, values: Sequence[int]) -> dict[int, str]:
@@ -332,12 +355,14 @@ def _write_dicom_seg(volume: Volume, path: Path, labels: Sequence[LabelInfo]) ->
     seg.save_as(path)
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
-    """:func:`atomic_write`, with whatever a format library raises (highdicom's
-    ``KeyError('')``...) turned into a ``ValueError`` that names ``path`` and is never empty;
-    ``OSError`` (disk full, permissions) passes unchanged for the caller to report."""
+def _write_atomically(path: Path, write: Callable[[Path], None],
+                      verify: Callable[[Path], None] | None = None) -> Path:
+    """:func:`atomic_write` (``verify``: a read-back check), with whatever a format library
+    raises (highdicom's ``KeyError('')``...) turned into a ``ValueError`` that names ``path``
+    and is never empty; ``OSError`` (disk full, permissions) passes unchanged for the caller
+    to report."""
     try:
-        return atomic_write(path, write)
+        return atomic_write(path, write, verify)
     except OSError:
         raise
     except Exception as err:  # noqa: BLE001 - the one boundary of the format libraries
@@ -364,16 +389,52 @@ def write_labels(
             f"{volume.array_kji.dtype} {volume.array_kji.shape}"
         )
     suffix = _suffix_of(path)
+    if suffix in SITK_SUFFIXES:
+        return _write_atomically(path, lambda tmp: _write_sitk(volume, tmp),
+                                 lambda tmp: _read_back_sitk(volume, tmp))
     writers: dict[str, Callable[[Path], None]] = {
         ".nii.gz": lambda tmp: _write_nifti(volume, tmp),
         ".nii": lambda tmp: _write_nifti(volume, tmp),
         ".seg.nrrd": lambda tmp: _write_seg_nrrd(volume, tmp, labels),
-        ".nrrd": lambda tmp: _write_sitk(volume, tmp),
-        ".mha": lambda tmp: _write_sitk(volume, tmp),
         ".dcm": lambda tmp: _write_dicom_seg(volume, tmp, labels),
         ".png": lambda tmp: _write_png(volume, tmp, labels),
     }
     return _write_atomically(path, writers[suffix])
+
+
+def unreadable_output(path: Path) -> str | None:
+    """Why an existing output file cannot be trusted as finished (empty, or its header does
+    not parse: what a full disk or an older version's failed write leaves); None when it
+    reads. Cheap: headers only, so that resuming a large folder stays fast."""
+    try:
+        if path.stat().st_size == 0:
+            return "the file is empty"
+        name = path.name.lower()
+        if name.endswith((".nii.gz", ".nii")):
+            import nibabel as nib
+
+            nib.load(path).header.get_data_shape()
+        elif name.endswith(SITK_SUFFIXES):  # .seg.nrrd too
+            import SimpleITK as sitk
+
+            reader = sitk.ImageFileReader()
+            with sitk_read_paths([path]) as (readable,):
+                reader.SetFileName(readable)
+                reader.ReadImageInformation()
+        elif name.endswith(".dcm"):
+            import pydicom
+
+            pydicom.dcmread(path, stop_before_pixels=True)
+        elif name.endswith(".png"):
+            from PIL import Image
+
+            with Image.open(path) as picture:
+                picture.verify()
+        elif name.endswith(".json"):
+            json.loads(path.read_text(encoding="utf-8"))
+    except Exception as err:  # noqa: BLE001 - any failure to parse means "not finished"
+        return error_text(err)
+    return None
 
 
 def write_probabilities(volume: Volume, path: str | Path) -> Path:
@@ -386,6 +447,7 @@ def write_probabilities(volume: Volume, path: str | Path) -> Path:
     suffix = _suffix_of(path)
     if suffix in (".nii.gz", ".nii"):
         return _write_atomically(path, lambda tmp: _write_nifti(volume, tmp))
-    if suffix in (".nrrd", ".mha"):
-        return _write_atomically(path, lambda tmp: _write_sitk(volume, tmp))
+    if suffix in SITK_SUFFIXES:
+        return _write_atomically(path, lambda tmp: _write_sitk(volume, tmp),
+                                 lambda tmp: _read_back_sitk(volume, tmp))
     raise ValueError(f"{path}: probability maps are written as .nii.gz, .nii, .nrrd or .mha")

@@ -47,6 +47,12 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: ModelMetadata().std)
     context_slices: int = ModelMetadata.context_slices
     plane: str = ModelMetadata.plane
+    # Volume: train on slices of several planes, e.g. [axial, coronal, sagittal] (the first is
+    # the model's main plane and replaces `plane`); predictions then fuse them. [] = plane alone.
+    # Every slice, of any plane, is resized to the square input as at inference, without
+    # resampling: on an anisotropic volume (e.g. 0.7 x 0.7 x 2.5 mm) the coronal and sagittal
+    # slices are stretched along the coarse axis alike in training and in prediction.
+    planes: list[str] = field(default_factory=list)
     foreground_fraction: float = 0.5  # volume: share of samples drawn from foreground slices
     samples_per_epoch: int = 0  # volume: 0 = number of slices in the training cases
     cache: str = "memory"  # volume: "memory" (CacheDataset), "disk" (PersistentDataset), "none"
@@ -58,7 +64,11 @@ class DataConfig:
         no context and are their own axial plane)."""
         values = {name: copy.deepcopy(getattr(self, name)) for name in PREPROCESSING_FIELDS}
         if self.kind != "volume":
-            values.update(context_slices=0, plane="axial")
+            values.update(context_slices=0, plane="axial", planes=[])
+        elif values["planes"]:
+            values["plane"] = values["planes"][0]
+            if len(values["planes"]) == 1:
+                values["planes"] = []
         return values
 
 

@@ -18,6 +18,8 @@ from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai.data.utils import pickle_hashing
 from monai.transforms import Compose
 
+from sam2unet_core.io.orientation import plane_view
+
 from .config import TrainConfig
 from .datasets import TrainingCase, SeededSamples, find_polyp_cases, read_volume_dataset, slice_plan, split_cases
 from .transforms import (
@@ -88,6 +90,36 @@ class _PickSlice:
         return {**self.base[case], "slice": chosen}
 
 
+class _PickPlaneSlice:
+    """Multi-planar training: a random case, a random plane of ``planes``, then a slice of
+    that plane as :class:`_PickSlice` chooses it. The cases are cached in array order
+    ``(K, J, I)`` with their direction; each sample views its case in the chosen plane
+    (``io.orientation.plane_view``, as the engine does, no copy) before its slice is cut."""
+
+    def __init__(self, base: torch.utils.data.Dataset, planes: tuple[str, ...],
+                 foreground_fraction: float) -> None:
+        self.base, self.planes, self.foreground_fraction = base, planes, foreground_fraction
+        self.plan = {}  # (case, plane) -> (slices, slices with foreground)
+        for case in range(len(base)):
+            item = base[case]
+            for plane in planes:
+                label = plane_view(item["direction"], plane).to_plane(item["label"])
+                self.plan[case, plane] = slice_plan([label])[0]
+
+    def __call__(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
+        case = int(rng.integers(len(self.base)))
+        plane = self.planes[int(rng.integers(len(self.planes)))]
+        num_slices, foreground = self.plan[case, plane]
+        if len(foreground) and rng.random() < self.foreground_fraction:
+            chosen = int(foreground[rng.integers(len(foreground))])
+        else:
+            chosen = int(rng.integers(num_slices))
+        item = self.base[case]
+        view = plane_view(item["direction"], plane)
+        return {"image": view.to_plane(item["image"]), "label": view.to_plane(item["label"]),
+                "slice": chosen}
+
+
 class _AllSlices(torch.utils.data.Dataset):
     """Every slice of every validation case, prepared without augmentation."""
 
@@ -132,14 +164,18 @@ def build_training_data(config: TrainConfig) -> TrainingData:
         context = data.context_slices
         in_channels = 3 if context == 0 else 2 * context + 1
         label_names = dataset.label_names[1:]
+    preprocessing = data.preprocessing()
+    planes = tuple(preprocessing["planes"]) or (preprocessing["plane"],)
     load = [LoadCased(picture), IntensityNormalized(data.intensity)]
     if picture:  # cache pictures at network size
         load += [StackSlicesd(0, in_channels), ResizeToNetworkd(data.input_size)]
-    else:
-        load.append(ToPlaned(data.plane))
+    # Volumes: cached in their main plane; with several planes the training cases stay in
+    # array order and each sample views its case in a random plane (_PickPlaneSlice).
+    # Validation (model choice) uses the main plane.
+    in_plane = [] if picture else [ToPlaned(planes[0])]
     logger.info("loading %d training and %d validation cases", len(train_cases), len(val_cases))
-    train_base = _cached(train_cases, Compose(load), config, "train")
-    val_base = _cached(val_cases, Compose(load), config, "val")
+    train_base = _cached(train_cases, Compose(load + (in_plane if len(planes) == 1 else [])), config, "train")
+    val_base = _cached(val_cases, Compose(load + in_plane), config, "val")
     normalize = NormalizeChannelsd(data.mean, data.std)
     augment = augmentation_transforms(config.augment)
     train_side = config.augment.train_size or data.input_size
@@ -152,15 +188,21 @@ def build_training_data(config: TrainConfig) -> TrainingData:
         train_labels = [train_base[i]["label"] for i in range(len(train_base))]
         _check_labels(train_labels, train_cases, num_values)
         _check_labels([val_base[i]["label"] for i in range(len(val_base))], val_cases, num_values)
-        plan = slice_plan(train_labels)
+        if len(planes) == 1:
+            plan = slice_plan(train_labels)
+            pick: Any = _PickSlice(train_base, plan, data.foreground_fraction)
+        else:
+            pick = _PickPlaneSlice(train_base, planes, data.foreground_fraction)
+            plan = [pick.plan[case, planes[0]] for case in range(len(train_base))]
         length = data.samples_per_epoch or sum(n for n, _ in plan)
         stack = StackSlicesd(context, in_channels)
-        train = SeededSamples(length, _PickSlice(train_base, plan, data.foreground_fraction),
+        train = SeededSamples(length, pick,
                               Compose([stack, ResizeToNetworkd(train_side), *augment, normalize]), seed)
         val = _AllSlices(val_base, Compose([stack, ResizeToNetworkd(data.input_size), normalize]))
     facts = {
         "dataset": str(Path(data.root).resolve()),
-        "plane": data.plane if not picture else None,
+        "plane": None if picture else planes[0],
+        "planes": None if picture else list(planes),
         "train_cases": [c.name for c in train_cases],
         "val_cases": [c.name for c in val_cases],
     }
