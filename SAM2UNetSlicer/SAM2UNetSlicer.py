@@ -42,7 +42,8 @@ from SAM2UNetSlicerLib.InstallLogic import (
 )
 from SAM2UNetSlicerLib.LabelImport import volumeIjkToRas
 from SAM2UNetSlicerLib.ModelInfo import CheckpointDescriber, describeMetadata, modelProblem, readCheckpointMetadata
-from SAM2UNetSlicerLib.Parameters import Device, RunParameters, SliceAxis, offeredDevices, sliceCountAlongAxis
+from SAM2UNetSlicerLib.Parameters import (Device, Precision, RunParameters, SliceAxis, offeredDevices,
+                                          sliceCountAlongAxis)
 from SAM2UNetSlicerLib.ProcessRunner import SubprocessRunner, findPythonSlicer
 from SAM2UNetSlicerLib.SegmentationLogic import RunResult, RunStatus, SegmentationLogic
 
@@ -94,6 +95,7 @@ class SAM2UNetSlicerParameterNode:
     tta - average over flipped slices. keepLargestComponent - keep each segment's largest
     connected part. batchSize - slices per forward pass (lower it when the GPU runs out of
     memory). allowUntrained - run a SAM 2 checkpoint (untrained decoder), for smoke tests.
+    precision - numeric precision of a PyTorch model (see SAM2UNetSlicerLib.Parameters).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -109,6 +111,7 @@ class SAM2UNetSlicerParameterNode:
     keepLargestComponent: bool = False
     batchSize: Annotated[int, WithinRange(1, 512)] = 8
     allowUntrained: bool = False
+    precision: Precision = Precision.auto
 
 
 def _checkpointOf(parameterNode) -> Optional[Path]:
@@ -273,6 +276,8 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.keepLargestCheckBox.enabled = not onnx
         if onnx and parameterNode and parameterNode.keepLargestComponent:
             reasons.append(_("keeping the largest part needs a PyTorch model; untick it for an ONNX model"))
+        if onnx and parameterNode and parameterNode.precision is not Precision.auto:
+            reasons.append(_("an ONNX model runs at the precision it was exported with; choose precision auto"))
         self.ui.segmentButton.enabled = not reasons
         self.ui.segmentButton.toolTip = _("Segment the input volume") if not reasons else "; ".join(reasons)
         self.ui.segmentReasonLabel.text = "" if not reasons else _("Segment is unavailable: {reasons}.").format(
@@ -447,7 +452,7 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         params = RunParameters(_checkpointOf(parameterNode) or Path(), parameterNode.device,
                                parameterNode.sliceAxis, sliceRange, parameterNode.batchSize,
                                tta=parameterNode.tta, keepLargestComponent=parameterNode.keepLargestComponent,
-                               allowUntrained=parameterNode.allowUntrained)
+                               allowUntrained=parameterNode.allowUntrained, precision=parameterNode.precision)
         self.ui.logTextEdit.clear()
         self.ui.timeLabel.text = ""
         with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):

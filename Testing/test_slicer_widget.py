@@ -196,7 +196,9 @@ def finish_run_with_labels(panel: Panel) -> None:
 def test_successful_run_shows_segments_time_and_log(panel: Panel, checkpoint: Path) -> None:
     panel.parameters.inputVolume = panel.addVolume("Liver CT")
     panel.parameters.checkpointPath = checkpoint
+    panel.parameters.precision = panel.module.Precision.fp32  # Advanced > Precision
     panel.ui.segmentButton.emit("clicked(bool)", False)
+    assert panel.logicRunner.argument("--precision") == "fp32"
     finish_run_with_labels(panel)
 
     output = panel.parameters.outputSegmentation
@@ -441,6 +443,11 @@ def test_onnx_model_shows_its_classes_and_devices_follow_the_onnx_runtime_provid
     assert not panel.ui.segmentButton.enabled and "CUDA GPU is not available" in panel.ui.segmentButton.toolTip
     panel.parameters.device = panel.module.Device.mps
     assert not panel.ui.segmentButton.enabled and "Apple MPS is not available" in panel.ui.segmentButton.toolTip
+    panel.parameters.device = panel.module.Device.cpu
+    panel.parameters.precision = panel.module.Precision.fp32  # an ONNX file has its own precision
+    assert not panel.ui.segmentButton.enabled and "precision auto" in panel.ui.segmentReasonLabel.text
+    panel.parameters.precision = panel.module.Precision.auto
+    assert panel.ui.segmentButton.enabled
 
     # onnxruntime-gpu: CUDA offered too, and the run gets --device cuda.
     panel.ui.refreshDevicesButton.emit("clicked(bool)", False)
