@@ -145,7 +145,9 @@ def volume_to_nifti(volume: Volume) -> nib.Nifti1Image:
     array = volume.array_kji
     axes = (2, 1, 0) if array.ndim == 3 else (2, 1, 0, 3)
     affine = affine_ras(volume)
-    image = nib.Nifti1Image(np.ascontiguousarray(array.transpose(axes)), affine)
+    # the (I, J, K) view of a C-ordered array is Fortran-ordered, NIfTI's own order: nibabel
+    # writes it as it is (a C-ordered copy would cost two transposing passes over the voxels)
+    image = nib.Nifti1Image(array.transpose(axes), affine)
     source = volume.meta.get(NIFTI_TRANSFORMS)
     if source is not None and np.allclose(source["affine"], affine, atol=1e-5):
         image.set_qform(source["qform"], code=source["qform_code"])
