@@ -26,7 +26,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..device import DEVICE_CHOICES
 from ..inference.batch import PROBABILITY_FOLDER, PredictOptions, predict_from_files, select_cases
@@ -188,7 +188,11 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise _Terminated()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None,
+         build_predictor: Callable[[argparse.Namespace], Predictor] = _build_predictor) -> int:
+    """Run ``sam2unet-predict`` with ``argv``; returns the exit code. ``build_predictor``
+    makes the Predictor from the parsed arguments (``sam2unet_core.cli.worker`` passes one
+    that keeps the model loaded between runs)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     _set_up_output()
@@ -207,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        predictor = _build_predictor(args)
+        predictor = build_predictor(args)
     except (ValueError, OSError) as err:
         print(f"error: cannot load model {args.model}: {err}", file=sys.stderr)
         return 2
