@@ -5,7 +5,7 @@ checkout (``new``) or an older checkout of the project (``old``, a folder given 
 ``--old``, e.g. ``git worktree add --detach /tmp/old 8a1e55e``), alternating old and new on
 every repeat, so both see the same load of a shared machine. Measured:
 
-* ``ct``: one 512x512x300 int16 CT phantom (``.nii.gz``) through ``predict_from_files``, split
+* ``ct``: one 512x512x300 (``--ct-shape``) int16 CT phantom (``.nii.gz``) through ``predict_from_files``, split
   into import, model load, read, preprocess, model, postprocess and write, with the peak
   resident memory of the process and its growth from reading on (in multiples of the CT's
   decoded size);
@@ -13,7 +13,9 @@ every repeat, so both see the same load of a shared machine. Measured:
   wall and CPU seconds; the label files of old and new must hold the same voxels and geometry;
 * ``folder``: a folder of ``--cases`` smaller CTs: wall time against the sum of the stages
   (reading, model and writing overlap in the new code);
-* ``load``: ``import sam2unet_core`` and ``load_model`` of a Hiera-L ``.safetensors``.
+* ``load``: ``import sam2unet_core`` and ``load_model`` of a Hiera-L ``.safetensors``;
+* ``labels``: the runner's label rule (``TorchRunner._labels``) on one batch of probabilities
+  ``(8, N, 512, 512)`` for N = 2, 4 and 14 classes, CPU seconds on one thread (medians of 5 calls).
 
 The model of ``ct`` and ``folder`` is a two-class Hiera-T at a 32 px input (random weights, a
 CT window), so that the network is not what is measured (its ``model`` stage still holds the
@@ -38,7 +40,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MEASUREMENTS = ("ct", "io", "folder", "load")
+MEASUREMENTS = ("ct", "io", "folder", "load", "labels")
 
 
 # --------------------------------------------------------------------------- children
@@ -124,17 +126,44 @@ def child_load(model: Path) -> dict:
             "peak_rss_mb": _peak_rss() / 2**20}
 
 
+def child_labels() -> dict:
+    """``labels``: CPU seconds of the label rule on random probabilities (with ties), on one
+    torch thread (process CPU time of several threads counts their waiting too)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+    from sam2unet_core.inference.torch_runner import TorchRunner
+    from sam2unet_core.metadata import Architecture, ModelMetadata
+
+    result = {}
+    for classes in (2, 4, 14):
+        metadata = ModelMetadata(architecture=Architecture("hiera_t", num_classes=classes), input_size=32)
+        runner = TorchRunner(lambda batch: batch, metadata, device="cpu")
+        probs = torch.randint(0, 50, (8, classes, 512, 512), generator=torch.Generator().manual_seed(0)) / 50.0
+        seconds = []
+        for _ in range(6):
+            started = time.process_time()
+            runner._labels(probs)
+            seconds.append(time.process_time() - started)
+        result[f"classes{classes}_cpu_s"] = statistics.median(seconds[1:])
+    return result
+
+
 def child_main(argv: list[str]) -> int:
     kind, *paths = argv
     paths = [Path(p) for p in paths]
-    result = {"ct": child_run, "folder": child_run, "io": child_io, "load": child_load}[kind](*paths)
+    result = {"ct": child_run, "folder": child_run, "io": child_io, "load": child_load,
+              "labels": child_labels}[kind](*paths)
     print("RESULT " + json.dumps(result), flush=True)
     return 0
 
 
 # --------------------------------------------------------------------------- parent
-def make_inputs(folder: Path, cases: int, case_shape: tuple[int, int, int]) -> dict[str, Path]:
-    """The CT, the folder of cases, the small model and the Hiera-L checkpoint (built once)."""
+def make_inputs(folder: Path, cases: int, case_shape: tuple[int, int, int], ct_shape: tuple[int, int, int],
+                large_backbone: str, measures: list[str]) -> dict[str, Path]:
+    """The CT, the folder of cases, the small model and the Hiera-L checkpoint (each built
+    once in ``folder``, the models only for the measurements that use them)."""
     sys.path.insert(0, str(REPO))
     import torch
 
@@ -142,19 +171,20 @@ def make_inputs(folder: Path, cases: int, case_shape: tuple[int, int, int]) -> d
     from sam2unet_core import ModelMetadata, SAM2UNet, save_model
 
     paths = {"ct": folder / "ct" / "ct_0000.nii.gz", "cases": folder / "cases",
-             "small": folder / "hiera_t_32_2classes.safetensors", "large": folder / "hiera_l.safetensors"}
+             "small": folder / "hiera_t_32_2classes.safetensors", "large": folder / f"{large_backbone}.safetensors"}
     paths["ct"].parent.mkdir(parents=True, exist_ok=True)
     paths["cases"].mkdir(parents=True, exist_ok=True)
     if not paths["ct"].exists():
-        write_ct_phantom(paths["ct"], (512, 512, 300))
+        write_ct_phantom(paths["ct"], ct_shape)
     for index in range(cases):
         case = paths["cases"] / f"case{index:02d}_0000.nii.gz"
         if not case.exists():
             write_ct_phantom(case, case_shape, seed=index + 1)
     torch.manual_seed(0)
     window = {"kind": "ct_window", "center": 40, "width": 400}
-    for key, backbone, classes, size in (("small", "hiera_t", 2, 32), ("large", "hiera_l", 1, 352)):
-        if not paths[key].exists():
+    for key, backbone, classes, size in (("small", "hiera_t", 2, 32), ("large", large_backbone, 1, 352)):
+        used = {"small": ("ct", "folder"), "large": ("load",)}[key]
+        if not paths[key].exists() and set(used) & set(measures):
             model = SAM2UNet(backbone, num_classes=classes)
             save_model(model, paths[key], ModelMetadata(architecture=model.architecture, input_size=size,
                                                         intensity=window))
@@ -220,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each measurement per tree")
     parser.add_argument("--cases", type=int, default=20, help="cases in the folder")
     parser.add_argument("--case-shape", type=int, nargs=3, default=[192, 192, 24], metavar=("I", "J", "K"))
+    parser.add_argument("--ct-shape", type=int, nargs=3, default=[512, 512, 300], metavar=("I", "J", "K"))
+    parser.add_argument("--load-backbone", default="hiera_l", help="the checkpoint that `load` loads")
     parser.add_argument("--measure", nargs="+", choices=MEASUREMENTS, default=list(MEASUREMENTS))
     parser.add_argument("--workdir", type=Path, default=None, help="inputs are kept here (default: temporary)")
     parser.add_argument("--json", type=Path, default=None, help="also write all results here")
@@ -241,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     checks: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="sam2unet_bench_io_") as tmp:
         workdir = args.workdir or Path(tmp)
-        paths = make_inputs(workdir, args.cases, tuple(args.case_shape))
+        paths = make_inputs(workdir, args.cases, tuple(args.case_shape), tuple(args.ct_shape), args.load_backbone,
+                            args.measure)
         for repeat in range(args.repeats):
             order = ("old", "new") if repeat % 2 == 0 else ("new", "old")
             for kind in args.measure:
@@ -251,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                     argv_child = {"ct": ["ct", str(paths["ct"]), str(paths["small"]), str(out)],
                                   "folder": ["folder", str(paths["cases"]), str(paths["small"]), str(out)],
                                   "io": ["io", str(paths["ct"]), str(out / "labels.nii.gz")],
-                                  "load": ["load", str(paths["large"])]}[kind]
+                                  "load": ["load", str(paths["large"])], "labels": ["labels"]}[kind]
                     out.mkdir(parents=True, exist_ok=True)
                     result = run_child(trees[tree], argv_child)
                     runs.append({"kind": kind, "tree": tree, "repeat": repeat, "result": result})
