@@ -46,6 +46,7 @@ from SAM2UNetSlicerLib.Parameters import (Device, Precision, RunParameters, Slic
                                           sliceCountAlongAxis)
 from SAM2UNetSlicerLib.ProcessRunner import SubprocessRunner, findPythonSlicer
 from SAM2UNetSlicerLib.SegmentationLogic import RunResult, RunStatus, SegmentationLogic
+from SAM2UNetSlicerLib.WarmWorker import WarmPredictRunner
 
 SETTINGS_CHECKPOINT = "SAM2UNetSlicer/CheckpointPath"
 SETTINGS_CORE_SOURCE = "SAM2UNetSlicer/CoreSource"
@@ -181,6 +182,7 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         self.logic.segmentation.cancel()
+        self.logic.worker.stop()
         self._probeRunner.cancel()
         self._describer.cancel()
         self._timer.stop()
@@ -232,6 +234,7 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         parameterNode = self._parameterNode
         if parameterNode:
             checkpoint = _checkpointOf(parameterNode)
+            self.logic.worker.keepOnly(checkpoint, parameterNode.device.value)  # frees another model's worker
             if checkpoint != self._shownCheckpoint:
                 self._shownCheckpoint = checkpoint
                 self.onCheckpointChanged()
@@ -409,7 +412,8 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._describer.runner.poll()
         # Ask again after polling: a callback may have started the next process on a runner
         # whose poll() just reported its previous process finished (next pip step, then Segment).
-        if not (self.logic.runner.isRunning() or self._probeRunner.isRunning() or self._describer.runner.isRunning()):
+        if not (self.logic.runner.isRunning() or self.logic.segmentation.isRunning() or self._probeRunner.isRunning()
+                or self._describer.runner.isRunning()):
             self._timer.stop()
 
     # ------------------------------------------------------------------ devices
@@ -574,12 +578,14 @@ class SAM2UNetSlicerLogic(ScriptedLoadableModuleLogic):
     """Holds the parameter node and a ``SegmentationLogic`` bound to Slicer's modules.
 
     Scripting: ``SAM2UNetSlicerLogic().segmentation.runAndWait(volume, None, RunParameters(path))``.
+    ``worker`` keeps the model loaded between runs (``SAM2UNetSlicerLib.WarmWorker``).
     """
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.runner = SubprocessRunner()
-        self.segmentation = SegmentationLogic(slicer, vtk, self.runner)
+        self.worker = WarmPredictRunner()
+        self.segmentation = SegmentationLogic(slicer, vtk, self.runner, predictRunner=self.worker)
 
     def getParameterNode(self):
         return SAM2UNetSlicerParameterNode(super().getParameterNode())

@@ -277,6 +277,7 @@ class FakeRunner:
         self.failToStart = failToStart
         self.started: list[tuple[list[str], dict[str, str] | None]] = []
         self.cancelled = 0
+        self.stopped = 0  # WarmPredictRunner.stop calls
         self._onLine: Callable[[str], None] | None = None
         self._onFinished: Callable[[int], None] | None = None
         self._pending: list[str] = []
@@ -310,6 +311,13 @@ class FakeRunner:
     def cancel(self) -> None:
         self.cancelled += 1
         self._onFinished = None
+
+    # the WarmPredictRunner's own methods, for a FakeRunner standing in for the warm worker
+    def stop(self) -> None:
+        self.stopped += 1
+
+    def keepOnly(self, modelPath, device) -> None:
+        pass
 
     def isRunning(self) -> bool:
         return self._onFinished is not None

@@ -190,3 +190,21 @@ def test_bench_input_size_scores_one_model_at_each_size(monkeypatch: pytest.Monk
         bench_input_size.main([*common, "--sizes", "64", "48"])
     assert refused.value.code == 2 and "--sizes 48" in capsys.readouterr().err
     assert not result.exists()
+
+
+def test_bench_io_compares_two_trees_and_checks_the_label_files(tmp_path: Path, capsys) -> None:
+    """This checkout against itself, tiny inputs: every figure of both trees, ratios, and the
+    old/new label files compared (identical here)."""
+    from benchmarks import bench_io
+
+    result = tmp_path / "io.json"
+    code = bench_io.main(["--old", str(bench_io.REPO), "--repeats", "1", "--measure", "io", "ct",
+                          "--ct-shape", "40", "32", "6", "--cases", "0", "--workdir", str(tmp_path / "work"),
+                          "--json", str(result)])
+    assert code == 0
+    summary = json.loads(result.read_text())["summary"]
+    assert summary["outputs_identical"] is True
+    for figure in ("read_s", "write_s", "model_s", "load_s", "growth_mb"):
+        assert summary["ct"]["old"][figure] >= 0 and summary["ct"]["new"][figure] >= 0
+    assert summary["io"]["new"]["decoded_mb"] == pytest.approx(40 * 32 * 6 * 2 / 2**20)
+    assert "## io" in capsys.readouterr().out

@@ -110,6 +110,10 @@ def test_our_format_round_trips_weights_and_metadata(tmp_path, tiny_model):
     assert loaded.metadata == meta
     for key, value in tiny_model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value)
+    # the tensors are the file's (no uninitialised one left), frozen ones stay frozen
+    trainable = {name: p.requires_grad for name, p in tiny_model.named_parameters()}
+    assert {name: p.requires_grad for name, p in loaded.named_parameters()} == trainable
+    assert any(trainable.values()) and not all(trainable.values())
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), tiny_model(x))

@@ -162,6 +162,25 @@ def test_many_classes_give_uint16_labels() -> None:
     assert labels.array_kji.dtype == np.uint16 and np.all(labels.array_kji == 299)
 
 
+@pytest.mark.parametrize("num_classes", [2, 3, 5, 300])
+def test_label_rule_equals_argmax_with_ties_and_nan(num_classes: int) -> None:
+    """The runner's labels are ``argmax`` over the classes exactly: coarse values make many
+    ties (the first maximum wins), NaN pixels (a NaN logit makes every softmax channel NaN;
+    one channel alone too) count as the maximum, as ``argmax`` has them."""
+    runner = TorchRunner(threshold_fn, metadata=metadata(num_classes=num_classes), device="cpu")
+    generator = torch.Generator().manual_seed(num_classes)
+    for trial in range(4):
+        probs = torch.randint(0, 3, (3, num_classes, 37, 41), generator=generator).float() / 2
+        if trial >= 2:  # NaN in every channel of some pixels, and in single channels of others
+            pixels = torch.rand(3, 37, 41, generator=generator) < 0.1
+            probs.permute(0, 2, 3, 1)[pixels] = float("nan")
+            probs[:, trial % num_classes][torch.rand(3, 37, 41, generator=generator) < 0.1] = float("nan")
+        expected = probs.argmax(1)
+        labels = runner._labels(probs)
+        assert labels.shape == expected.shape
+        assert torch.equal(labels.long(), expected), f"trial {trial}: {(labels.long() != expected).sum()} differ"
+
+
 def test_resize_to_model_input_and_back_keeps_the_grid() -> None:
     volume = random_volume(shape_kji=(3, 50, 70))
     volume.array_kji[:] = 0

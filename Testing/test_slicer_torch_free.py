@@ -38,6 +38,7 @@ import importlib
 module = importlib.import_module("SAM2UNetSlicer")
 runners = []
 module.SubprocessRunner = lambda cwd=None: runners.append(FakeRunner()) or runners[-1]
+module.WarmPredictRunner = lambda: runners[0]  # the warm worker is the logic's runner here
 module.findPythonSlicer = lambda: sys.executable
 import SAM2UNetSlicerLib.SegmentationLogic as segmentationLogic
 segmentationLogic.findPythonSlicer = lambda: sys.executable

@@ -48,6 +48,8 @@ class Panel:
             return self.runners[-1]
 
         monkeypatch.setattr(self.module, "SubprocessRunner", newRunner)
+        # the warm worker is the logic's runner here, so one FakeRunner gets every command
+        monkeypatch.setattr(self.module, "WarmPredictRunner", lambda: self.runners[0])
         monkeypatch.setattr(self.module, "findPythonSlicer", lambda: sys.executable)
         monkeypatch.setattr("SAM2UNetSlicerLib.SegmentationLogic.findPythonSlicer", lambda: sys.executable)
         self.widget = self.module.SAM2UNetSlicerWidget()

@@ -16,12 +16,14 @@ refuses pickled code; safetensors files hold no code at all.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import pickle
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -189,8 +191,41 @@ def _wrap_adapter(key: str) -> str:
 
 
 # ------------------------------------------------------------------------- loading
-def _load_strict(model: SAM2UNet, state: dict[str, torch.Tensor], path: Path) -> None:
-    """``load_state_dict(strict=True)`` with an error that names what does not match."""
+# torch.nn.init's fill functions, which the layers' reset_parameters() call on construction
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_",
+                   "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_")
+_INIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _weights_left_uninitialised() -> Iterator[None]:
+    """Within the block, ``torch.nn.init``'s fill functions leave tensors as allocated.
+
+    For a model whose every tensor is then replaced by a checkpoint's (a strict
+    ``load_state_dict(assign=True)``): drawing hiera_l's 224 M random initial weights costs
+    seconds and their values are never used. (Building on the ``meta`` device would skip
+    the allocations too, but sam2's Hiera calls ``.item()`` while it is built.)"""
+    import torch.nn.init as init
+
+    with _INIT_LOCK:
+        originals = {name: getattr(init, name) for name in _INIT_FUNCTIONS}
+        for name in _INIT_FUNCTIONS:
+            setattr(init, name, lambda tensor, *args, **kwargs: tensor)
+        try:
+            yield
+        finally:
+            for name, function in originals.items():
+                setattr(init, name, function)
+
+
+def _load_strict(model: SAM2UNet, state: dict[str, torch.Tensor], path: Path,
+                 assign: bool = False) -> None:
+    """``load_state_dict(strict=True)`` with an error that names what does not match.
+
+    ``assign``: the model's tensors become the checkpoint's (converted to the model's
+    dtype where they differ) instead of copies of them: no second copy of the weights, and
+    the model's own initial values, which may then be left uninitialised, are never read.
+    ``requires_grad`` stays the model's (a frozen encoder stays frozen)."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -205,7 +240,9 @@ def _load_strict(model: SAM2UNet, state: dict[str, torch.Tensor], path: Path) ->
             f"{len(missing)} missing {missing[:10]}, {len(unexpected)} unexpected "
             f"{unexpected[:10]}, {len(mismatched)} of other shape {mismatched[:5]}"
         )
-    model.load_state_dict(state, strict=True)
+    if assign:
+        state = {key: value.to(expected[key].dtype) for key, value in state.items()}
+    model.load_state_dict(state, strict=True, assign=assign)
 
 
 def load_sam2_trunk(model: SAM2UNet, path: str | os.PathLike) -> None:
@@ -267,8 +304,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> S
                               f"(sam2unet_core.inference.onnx_runner.OnnxRunner), not loaded into torch")
     if file_kind(path) == "safetensors":
         state, metadata = _read_safetensors(path)
-        model = build_model(metadata)
-        _load_strict(model, state, path)
+        with _weights_left_uninitialised():  # every tensor comes from the file
+            model = build_model(metadata)
+        _load_strict(model, state, path, assign=True)
     else:
         state = _read_torch_file(path)
         kind = checkpoint_kind(state)
@@ -278,9 +316,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> S
             _fill_trunk(model, trunk, path)  # the file is read once
             logger.warning("%s is a SAM 2 / SAM 2.1 checkpoint: the decoder is untrained", path)
         elif kind == "official_sam2unet":
-            model = build_model(_official_metadata(state, path))
+            with _weights_left_uninitialised():  # every tensor comes from the file
+                model = build_model(_official_metadata(state, path))
             state = {k: v for k, v in state.items() if not k.startswith(OFFICIAL_UNUSED_PREFIX)}
-            _load_strict(model, state, path)
+            _load_strict(model, state, path, assign=True)
         else:
             raise CheckpointError(_unknown_layout_message(path, state))
     return model.to(device).eval()

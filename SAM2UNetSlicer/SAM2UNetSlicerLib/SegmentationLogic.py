@@ -1,7 +1,8 @@
 """The Segment button: export the input, run ``sam2unet-predict`` in the background, import
 the result, or leave the scene as it was when cancelled or failed.
 
-Threading: the CLI runs in a child process; ``poll()`` (called by a ``qt.QTimer`` on the main
+Threading: the CLI runs in a child process (with a ``WarmWorker.WarmPredictRunner``: in a worker
+process that keeps the model loaded between runs); ``poll()`` (called by a ``qt.QTimer`` on the main
 thread) delivers its output, so every MRML change below happens on the main thread. A
 ``.pt``/``.pth`` checkpoint or an ``.onnx`` model is first described by a child process too
 (its labels are needed for the import), so Slicer's own process never imports torch (nor
@@ -70,16 +71,19 @@ class SegmentationLogic:
     """Runs one segmentation at a time.
 
     ``slicer``/``vtk`` are the Slicer modules (fakes in tests), ``runner`` a
-    ``ProcessRunnerProtocol``. Assign ``onLog(text)``, ``onProgress(done, total)`` (total 0:
+    ``ProcessRunnerProtocol`` for the describe step, ``predictRunner`` the one that runs
+    ``sam2unet-predict`` (default: ``runner``; the module gives a ``WarmPredictRunner``). Assign ``onLog(text)``, ``onProgress(done, total)`` (total 0:
     not known yet) and ``onFinished(RunResult)`` to follow a run.
     """
 
     def __init__(self, slicer: Any, vtk: Any, runner: ProcessRunnerProtocol,
                  pythonExecutable: str | None = None, metadataReader: MetadataReader | None = None,
-                 baseEnvironment: Mapping[str, str] | None = None) -> None:
+                 baseEnvironment: Mapping[str, str] | None = None,
+                 predictRunner: ProcessRunnerProtocol | None = None) -> None:
         self._slicer = slicer
         self._vtk = vtk
         self._runner = runner
+        self._warmRunner = predictRunner
         self._python = pythonExecutable
         self._metadataReader = metadataReader
         self._baseEnvironment = baseEnvironment
@@ -90,6 +94,11 @@ class SegmentationLogic:
 
     def isRunning(self) -> bool:
         return self._run is not None
+
+    @property
+    def _predictRunner(self) -> ProcessRunnerProtocol:
+        """The runner of ``sam2unet-predict``: the warm worker when given, else ``runner``."""
+        return self._warmRunner or self._runner
 
     def start(self, inputVolume: Any, outputSegmentation: Any, params: RunParameters,
               show3D: bool = False) -> Any:
@@ -132,7 +141,7 @@ class SegmentationLogic:
                 self._runner.start(describeCommand(python, params.checkpointPath), env, describeLines.append,
                                    lambda returnCode: self._onDescribed(params.checkpointPath, describeLines, returnCode))
             else:
-                self._runner.start(args, env, self._onLine, self._onProcessFinished)
+                self._predictRunner.start(args, env, self._onLine, self._onProcessFinished)
         except Exception:
             self._run = None
             if createdNode is not None:
@@ -170,13 +179,18 @@ class SegmentationLogic:
 
     def poll(self) -> bool:
         """Deliver the process's output and completion; call from the main thread."""
-        return self._runner.poll()
+        running = self._runner.poll()
+        if self._predictRunner is not self._runner:
+            running = self._predictRunner.poll() or running
+        return running
 
     def cancel(self) -> None:
         """Kill the process tree and undo this run's scene changes."""
         if self._run is None:
             return
         self._runner.cancel()
+        if self._predictRunner is not self._runner:
+            self._predictRunner.cancel()
         self.onLog("Cancelled: the process was stopped and the scene left as it was.")
         self._finish(RunStatus.cancelled, "Cancelled")
 
@@ -217,7 +231,7 @@ class SegmentationLogic:
             problem = modelProblem(run.metadata, "--allow-untrained" in run.predictArgs)
             if problem:
                 raise ValueError(problem)
-            self._runner.start(run.predictArgs, run.environment, self._onLine, self._onProcessFinished)
+            self._predictRunner.start(run.predictArgs, run.environment, self._onLine, self._onProcessFinished)
         except (ValueError, OSError) as err:
             self._finish(RunStatus.failed, str(err))
 

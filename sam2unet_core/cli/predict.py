@@ -27,7 +27,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..device import DEVICE_CHOICES, PRECISIONS
 from ..inference.batch import PROBABILITY_FOLDER, PredictOptions, predict_from_files, select_cases
@@ -207,7 +207,11 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise _Terminated()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None,
+         build_predictor: Callable[[argparse.Namespace], Predictor] = _build_predictor) -> int:
+    """Run ``sam2unet-predict`` with ``argv``; returns the exit code. ``build_predictor``
+    makes the Predictor from the parsed arguments (``sam2unet_core.cli.worker`` passes one
+    that keeps the model loaded between runs)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     _set_up_output()
@@ -226,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        predictor = _build_predictor(args)
+        predictor = build_predictor(args)
     except UntrainedModelError as err:
         print(f"error: {err}; or pass --allow-untrained to run it anyway (smoke tests only)", file=sys.stderr)
         return 2

@@ -3,8 +3,9 @@
 :func:`predict_from_files` finds the cases (nnU-Net style: ``CASE_0000.nii.gz`` gives
 ``CASE.nii.gz``), keeps this run's part of them (``num_parts``/``part_id``), removes the
 half-written files killed runs left, skips finished cases (outputs that exist and read
-back; unless ``overwrite``), reads the next case in a background thread while the current
-one runs, writes every output atomically and ``predict_summary.json`` (per part: ``predict_summary_partK_of_N.json``).
+back; unless ``overwrite``), reads the next case and writes the previous one in background
+threads while the model runs on the current one, writes every output atomically and
+``predict_summary.json`` (per part: ``predict_summary_partK_of_N.json``).
 A case that fails is recorded (file and cause) and the run goes on.
 
 Progress is reported through ``on_event(event: dict)``, one dict per event with its name
@@ -215,6 +216,8 @@ class _CaseRunner:
         self.options = options
         self.on_event = on_event
         self.summary = RunSummary()
+        self._writer: ThreadPoolExecutor | None = None
+        self._writing: Callable[[], None] | None = None  # waits for a background write, records the case
 
     def emit(self, name: str, **fields: Any) -> None:
         self.on_event({"event": name, **fields})
@@ -251,15 +254,26 @@ class _CaseRunner:
             else:
                 jobs.append((case, paths))
         units = self._work_units(jobs)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reader") as pool:
-            pending: Future | None = pool.submit(self._read, units[0]) if units else None
-            for index, unit in enumerate(units):
-                loaded = pending.result()
-                pending = pool.submit(self._read, units[index + 1]) if index + 1 < len(units) else None
-                if _is_frame(unit[0]):
-                    self._run_frames(unit, loaded)
-                else:
-                    self._run_volume(unit[0], loaded[0])
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reader") as pool, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer") as self._writer:
+            try:
+                pending: Future | None = pool.submit(self._read, units[0]) if units else None
+                for index, unit in enumerate(units):
+                    loaded = pending.result()
+                    pending = pool.submit(self._read, units[index + 1]) if index + 1 < len(units) else None
+                    if _is_frame(unit[0]):
+                        self._run_frames(unit, loaded)
+                    else:
+                        self._run_volume(unit[0], loaded[0])
+            finally:  # also when interrupted: the previous case's outputs are finished and recorded
+                self._finish_writing()
+
+    def _finish_writing(self) -> None:
+        """Wait for the outputs of the case written in the background, then record it (ok or
+        failed), so that cases are recorded and reported in their order."""
+        if self._writing is not None:
+            record, self._writing = self._writing, None
+            record()
 
     @staticmethod
     def _finished(case: Case, paths: list[Path]) -> bool:
@@ -317,14 +331,28 @@ class _CaseRunner:
                 postprocess=options.postprocess, probabilities=options.save_probabilities,
                 progress=lambda done, all_: self.emit("slices", case=case.name, done=done, total=all_),
             )
-            timings = {**prediction.times.as_dict(), "write": self.write_case(prediction, paths, volume)}
-            self._succeeded(case, volume, paths, timings, read_seconds,
-                            time.perf_counter() - started, total)
+            busy_seconds = time.perf_counter() - started
         except Exception as err:  # noqa: BLE001 - one bad case must not stop the batch
+            self._finish_writing()
             self._failed(case, err)
+            return
+        self._finish_writing()  # the previous case, written while the model ran on this one
+        writing = self._writer.submit(self.write_case, prediction, paths, volume)
+
+        def record() -> None:
+            try:
+                write_seconds = writing.result()
+            except Exception as err:  # noqa: BLE001
+                self._failed(case, err)
+                return
+            timings = {**prediction.times.as_dict(), "write": write_seconds}
+            self._succeeded(case, volume, paths, timings, read_seconds, busy_seconds + write_seconds, total)
+
+        self._writing = record
 
     def _run_frames(self, jobs: list[Job], loaded: list[Loaded]) -> None:
-        """PNG/JPG frames predicted together (``Predictor.predict_images``)."""
+        """PNG/JPG frames predicted together (``Predictor.predict_images``), written at once."""
+        self._finish_writing()
         ready = []
         for (case, paths), (volume, read_seconds) in zip(jobs, loaded):
             try:

@@ -138,11 +138,17 @@ class TorchRunner:
         return total / len(flips)
 
     def _labels(self, probs: torch.Tensor) -> torch.Tensor:
-        """``(B, N, H, W)`` probabilities -> ``(B, H, W)`` integer labels."""
+        """``(B, N, H, W)`` probabilities -> ``(B, H, W)`` integer labels: foreground > 0.5
+        for a binary model, else ``argmax`` over the classes (the first maximum wins, NaN
+        counts as the maximum), computed without ``argmax(1)``, whose CPU kernel over the
+        strided class axis of a contiguous tensor is 10-50x slower than these."""
         if self.num_classes == 1:
             return (probs[:, 0] > 0.5).to(torch.uint8)
+        if self.num_classes == 2:  # one comparison: class 1 only where it is strictly larger
+            background, foreground = probs[:, 0], probs[:, 1]
+            return ((foreground > background) | (foreground.isnan() & ~background.isnan())).to(torch.uint8)
         # a narrow type before the copy to the host: 1 byte a pixel up to 256 classes
-        return probs.argmax(1).to(torch.uint8 if self.num_classes <= 256 else torch.int32)
+        return probs.max(1).indices.to(torch.uint8 if self.num_classes <= 256 else torch.int32)
 
     def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
         """Queue a copy to the CPU; on CUDA it is asynchronous (pinned memory), so

@@ -2,36 +2,52 @@
 
 See :mod:`sam2unet_core.io.volume` for the axis-order (KJI arrays, IJK indices) and
 coordinate (LPS inside, RAS in nibabel) conventions.
+
+The names below are imported on first use, so that a module that needs one piece (the
+atomic writer of ``sam2unet_core.checkpoint``, say) does not pay for every reader's library
+(pydicom, SimpleITK, nibabel, Pillow).
 """
 
-from .atomic import atomic_write, remove_partials
-from .cases import Case, find_cases
-from .dicom import DicomSeries, list_dicom_series, read_dicom_series
-from .orientation import PLANES, PlaneView, plane_view
-from .readers import IMAGE_SUFFIXES, read_volume, split_suffix
-from .volume import Volume, affine_lps, affine_ras, label_dtype
-from .writers import LABEL_FORMATS, output_suffix, write_labels, write_probabilities
+from __future__ import annotations
 
-__all__ = [
-    "Volume",
-    "Case",
-    "PLANES",
-    "PlaneView",
-    "find_cases",
-    "plane_view",
-    "DicomSeries",
-    "IMAGE_SUFFIXES",
-    "LABEL_FORMATS",
-    "affine_lps",
-    "affine_ras",
-    "atomic_write",
-    "label_dtype",
-    "list_dicom_series",
-    "output_suffix",
-    "read_dicom_series",
-    "read_volume",
-    "remove_partials",
-    "split_suffix",
-    "write_labels",
-    "write_probabilities",
-]
+import importlib
+from typing import Any
+
+# public name -> module that defines it (relative to this package)
+_LAZY_NAMES = {
+    "atomic_write": ".atomic",
+    "remove_partials": ".atomic",
+    "Case": ".cases",
+    "find_cases": ".cases",
+    "DicomSeries": ".dicom",
+    "list_dicom_series": ".dicom",
+    "read_dicom_series": ".dicom",
+    "PLANES": ".orientation",
+    "PlaneView": ".orientation",
+    "plane_view": ".orientation",
+    "IMAGE_SUFFIXES": ".readers",
+    "read_volume": ".readers",
+    "split_suffix": ".readers",
+    "Volume": ".volume",
+    "affine_lps": ".volume",
+    "affine_ras": ".volume",
+    "label_dtype": ".volume",
+    "LABEL_FORMATS": ".writers",
+    "output_suffix": ".writers",
+    "write_labels": ".writers",
+    "write_probabilities": ".writers",
+}
+
+__all__ = sorted(_LAZY_NAMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY_NAMES[name], __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY_NAMES])

@@ -144,7 +144,9 @@ def volume_to_nifti(volume: Volume) -> nib.Nifti1Image:
     """
     array = volume.array_kji
     axes = (2, 1, 0) if array.ndim == 3 else (2, 1, 0, 3)
-    array = np.ascontiguousarray(array.transpose(axes))
+    # the (I, J, K) view of a C-ordered array is Fortran-ordered, NIfTI's own order: nibabel
+    # writes it as it is (a C-ordered copy would cost two transposing passes over the voxels)
+    array = array.transpose(axes)
     affine = affine_ras(volume)  # mm
     source = volume.meta.get(NIFTI_TRANSFORMS)
     unit = volume.meta.get(NIFTI_UNITS)
