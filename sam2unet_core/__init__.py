@@ -12,8 +12,7 @@ Main entry points (imported on first use, so ``import sam2unet_core.io`` or
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .lazy import lazy_names
 
 __version__ = "0.1.0"
 
@@ -33,15 +32,4 @@ _LAZY_NAMES = {
 }
 
 __all__ = sorted(_LAZY_NAMES)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY_NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY_NAMES[name], __name__), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY_NAMES])
+__getattr__, __dir__ = lazy_names(__name__, _LAZY_NAMES)

@@ -10,8 +10,7 @@ atomic writer of ``sam2unet_core.checkpoint``, say) does not pay for every reade
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ..lazy import lazy_names
 
 # public name -> module that defines it (relative to this package)
 _LAZY_NAMES = {
@@ -39,15 +38,4 @@ _LAZY_NAMES = {
 }
 
 __all__ = sorted(_LAZY_NAMES)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY_NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY_NAMES[name], __name__), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY_NAMES])
+__getattr__, __dir__ = lazy_names(__name__, _LAZY_NAMES)
