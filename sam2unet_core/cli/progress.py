@@ -10,7 +10,8 @@ from typing import Any
 __all__ = ["Progress", "flag_words"]
 
 # library wording of a value that works -> the flag that gives it, in case errors
-OPTION_FLAGS = {"(probabilities=False)": "(without --save-probabilities)", "batch_size=": "--batch-size "}
+OPTION_FLAGS = {"(probabilities=False)": "(without --save-probabilities)", "batch_size=": "--batch-size ",
+                "one plane (axis)": "one plane (--axis)"}
 
 
 def flag_words(text: str) -> str:

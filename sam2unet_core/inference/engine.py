@@ -242,10 +242,13 @@ class Predictor:
         binary models, ``(K, J, I, N)`` otherwise (memory checked, with ``extra_bytes`` more
         per voxel for the caller's other arrays)."""
         out_channels = 1 if self.num_classes == 1 else self.num_classes
+        fused = extra_bytes > 0
         check_fits_in_memory(
             volume.source or "volume", volume.shape_kji, 4 * out_channels + extra_bytes,
-            what=f"the labels and {out_channels}-channel float32 probabilities",
-            advice="segment without probabilities, along one plane",
+            what=f"the labels and {out_channels}-channel float32 probabilities"
+                 + (" fused over the planes" if fused else ""),
+            advice="segment along one plane (axis)" if fused
+            else "segment without probabilities (probabilities=False)",
         )
         shape = volume.shape_kji if out_channels == 1 else volume.shape_kji + (out_channels,)
         return np.zeros(shape, dtype=np.float32)
