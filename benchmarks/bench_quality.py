@@ -9,7 +9,7 @@ data preparation and the per-epoch validation), not wall time: on a shared machi
 wall clock measures the neighbours. ``--cpu-minutes 8`` is 4 minutes on 2 free cores.
 Wall-clock figures are printed too, labelled as such.
 
-A model trained on several planes (``data.planes``, as the demo recipe is) is scored twice:
+A model trained on several planes (``data.planes``) is scored twice:
 predicting along its first plane alone (``/axial``) and fusing its planes (``/fused``, the
 mean of their class probabilities). ``sam2unet-1plane`` and ``sam2unet-3planes`` are the
 recipe forced to the axial plane and to all three planes.
