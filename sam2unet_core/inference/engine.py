@@ -23,7 +23,7 @@ import numpy as np
 from ..io.orientation import PLANES, PlaneView, plane_view
 from ..io.volume import Volume, check_fits_in_memory, model_label_dtype
 from ..metadata import ModelMetadata, UntrainedModelError
-from ..preprocessing import IntensityMapping, fit_intensity, stack_slices
+from ..preprocessing import IntensityMapping, fit_intensity, labels_from_probabilities, stack_slices
 from .agreement import PlaneAgreement, plane_agreement
 from .postprocess import check_steps, postprocess_labels
 
@@ -297,7 +297,7 @@ class Predictor:
                        progress: ProgressFn | None, times: StageTimes) -> Prediction:
         """Segment along each plane and fuse: the per-class probabilities of the planes are
         summed in the volume's grid (one float32 volume, not one per plane), averaged, and
-        labelled with the runner's rule (foreground > 0.5, or the most probable class).
+        labelled with the runners' rule (``preprocessing.labels_from_probabilities``).
         Each plane's own labels are kept (1 or 2 bytes a voxel) for :func:`plane_agreement`."""
         votes = np.zeros((len(planes),) + volume.shape_kji, dtype=self.label_dtype)
         total = self._probability_volume(volume, extra_bytes=votes.itemsize * len(planes))
@@ -309,10 +309,8 @@ class Predictor:
             self._run_plane(volume, plane, None, tta, votes[index], total, step, times, add=True)
         tick = time.perf_counter()
         total /= len(planes)
-        if self.num_classes == 1:
-            labels = (total > 0.5).astype(self.label_dtype)
-        else:
-            labels = total.argmax(axis=-1).astype(self.label_dtype)
+        by_class = total[:, np.newaxis] if total.ndim == 3 else np.moveaxis(total, -1, 1)  # (K, N, J, I)
+        labels = labels_from_probabilities(by_class, self.num_classes)
         agreement = plane_agreement(votes, planes, volume, [label.value for label in self.metadata.labels])
         times.extra["fuse"] = time.perf_counter() - tick
         prediction = self._finish(volume, labels, total if probabilities else None, postprocess,
