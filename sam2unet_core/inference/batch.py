@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping
 
 from ..io.atomic import atomic_write, remove_partials
 from ..io.cases import Case, find_cases, select_part
-from ..io.orientation import PLANES
+from ..io.orientation import PLANES, check_planes
 from ..io.readers import PICTURE_SUFFIXES, read_volume
 from ..io.volume import Volume
 from ..io.writers import (LABEL_FORMATS, dicom_seg_sources, output_suffix, unreadable_output, write_labels,
@@ -82,11 +82,11 @@ class PredictOptions:
         if self.axis is not None and self.axis not in PLANES:
             raise ValueError(f"axis {self.axis!r} is not one of {sorted(PLANES)} (or None for "
                              "the model's plane)")
-        if self.planes is not None and (self.axis is not None or not self.planes
-                                        or any(plane not in PLANES for plane in self.planes)
-                                        or len(set(self.planes)) != len(self.planes)):
-            raise ValueError(f"planes {list(self.planes)} must be distinct planes of "
-                             f"{sorted(PLANES)}, without an axis")
+        if self.planes is not None:
+            check_planes(self.planes)
+            if self.axis is not None:
+                raise ValueError(f"planes {list(self.planes)} and axis {self.axis!r} both given; "
+                                 "give one")
         if self.planes is not None and len(self.planes) > 1 and self.slice_range is not None:
             raise ValueError("slice range applies to one plane; it cannot be combined with "
                              "several fused planes")  # without planes: the model's main plane

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from ..io.orientation import PLANES, PlaneView, plane_view
+from ..io.orientation import PlaneView, check_planes, plane_view
 from ..io.volume import Volume, check_fits_in_memory, model_label_dtype
 from ..metadata import ModelMetadata, UntrainedModelError
 from ..preprocessing import IntensityMapping, fit_intensity, labels_from_probabilities, stack_slices
@@ -179,9 +179,7 @@ class Predictor:
             raise ValueError(f"a slice range applies to one plane, not to the fused planes "
                              f"{list(planes)}; choose one plane")
         chosen = tuple(planes) if planes else self.metadata.trained_planes[:1 if slice_range else None]
-        unknown = [plane for plane in chosen if plane not in PLANES]
-        if unknown or len(set(chosen)) != len(chosen):
-            raise ValueError(f"planes {list(chosen)} must be distinct planes of {sorted(PLANES)}")
+        check_planes(chosen)
         untrained = [plane for plane in chosen if plane not in self.metadata.trained_planes]
         if untrained:
             logger.warning("slicing along %s, but the model was trained on %s slices",

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["PLANES", "PlaneView", "plane_view"]
+__all__ = ["PLANES", "PlaneView", "check_planes", "plane_view"]
 
 # For each plane: (LPS axis, sign) of the slice, row and column directions (L=0, P=1, S=2).
 PLANES: dict[str, tuple[tuple[int, int], tuple[int, int], tuple[int, int]]] = {
@@ -93,3 +93,9 @@ def plane_view(direction_lps: np.ndarray, plane: str) -> PlaneView:
         if np.sign(direction[lps_axis, index_axis]) != sign:
             flips.append(view_axis)
     return PlaneView(plane, tuple(axes), tuple(flips))  # type: ignore[arg-type]
+
+
+def check_planes(planes: tuple[str, ...] | list[str]) -> None:
+    """``ValueError`` unless ``planes`` are distinct names of :data:`PLANES` (at least one)."""
+    if not planes or any(plane not in PLANES for plane in planes) or len(set(planes)) != len(planes):
+        raise ValueError(f"planes {list(planes)} must be distinct planes of {sorted(PLANES)}")
