@@ -117,6 +117,12 @@ class SAM2UNet(nn.Module):
         if self.metadata is not None:
             self.metadata = dataclasses.replace(self.metadata, architecture=self.architecture)
 
+    def class_output_layers(self) -> dict[str, nn.Conv2d]:
+        """The convolutions whose output channels are the classes, by state-dict prefix:
+        the deep-supervision sides and the head's logits (``(num_classes, C, 1, 1)`` weights)."""
+        head = "head.logits" if self.architecture.full_res_channels else "head"
+        return {name: self.get_submodule(name) for name in ("side1", "side2", head)}
+
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ``ValueError`` unless ``x`` is ``(B, in_channels, H, W)`` with H, W % 32 == 0."""
         expected_c = self.architecture.in_channels

@@ -59,6 +59,11 @@ class DataConfig:
     cache_dir: str = ""  # disk cache folder; "" = <output>/cache
     num_workers: int = 2  # DataLoader worker processes
 
+    def network_channels(self) -> int:
+        """Input channels of the network: 3 for pictures and single slices (repeated on
+        the RGB stem), 2c+1 for a 2.5D stack of ``context_slices`` c."""
+        return 3 if self.kind != "volume" or self.context_slices == 0 else 2 * self.context_slices + 1
+
     def preprocessing(self) -> dict[str, Any]:
         """The ``PREPROCESSING_FIELDS`` as ModelMetadata keyword arguments (2D images have
         no context and are their own axial plane)."""
@@ -93,10 +98,17 @@ class AugmentConfig:
 class ModelConfig:
     backbone: str = "hiera_l"  # hiera_t, hiera_s, hiera_b+, hiera_l
     sam2_checkpoint: str = ""  # official SAM 2/2.1 checkpoint; "" = random init, train all
+    # One of our .safetensors models to continue from (fine-tuning): its preprocessing, plane and
+    # architecture are the defaults of the config, its weights the start; labels are matched by
+    # name and new names become new output channels (sam2unet_core.train.init_from).
+    init_from: str = ""
     label_names: list[str] = field(default_factory=list)  # polyp: names of labels 1..K-1
     # Standard codes per label name, e.g. {"liver": {"category": ["SCT", "123037004", "Anatomical Structure"],
     # "type": ["SCT", "10200004", "Liver"]}} (optional "modifier"); names in sam2unet_core.terminology need none.
     label_terms: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    # Display colour (RGB 0-255) per label name, e.g. {"liver": [221, 130, 101]}; others get the
+    # base model's colour (model.init_from) or the default palette.
+    label_colors: dict[str, list[int]] = field(default_factory=dict)
     # Stochastic depth in training: Hiera block i skips its residual branches with probability
     # drop_path_rate * i / (blocks - 1) (SAM 2's rule); no effect on the trained model's output.
     drop_path_rate: float = 0.0
@@ -169,6 +181,12 @@ class TrainConfig:
                              f"a multiple of 32; got {train_size}")
         if not 0.0 <= self.model.drop_path_rate < 1.0:
             raise ValueError(f"model.drop_path_rate must be in [0, 1), got {self.model.drop_path_rate}")
+        if self.model.init_from and self.model.sam2_checkpoint:
+            raise ValueError("model.init_from and model.sam2_checkpoint are both set: a model to continue from "
+                             "already holds its encoder's weights; give one of them")
+        for name, color in self.model.label_colors.items():
+            if len(color) != 3 or not all(isinstance(c, int) and 0 <= c <= 255 for c in color):
+                raise ValueError(f"model.label_colors[{name!r}] must be three integers 0-255, got {color}")
         if self.model.window_spec and self.model.sam2_checkpoint:
             raise ValueError(f"model.window_spec {self.model.window_spec} is for training from scratch: "
                              f"SAM 2's weights were trained with SAM 2's windows; leave it empty with "
@@ -232,9 +250,21 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with the sections of ``top`` laid over it key by key."""
+    merged = copy.deepcopy(base)
+    for section, values in top.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section].update(values)
+        else:
+            merged[section] = values
+    return merged
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML config (or start from the defaults when ``path`` is None), apply the
-    overrides, validate and return it."""
+    overrides, validate and return it. With ``model.init_from``, the base model's settings
+    (:func:`.init_from.settings_of_model`) stand in for the keys neither sets."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -245,6 +275,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(data, dict):
             raise ValueError(f"config {path} must be a mapping of sections, got {type(data).__name__}")
     data = apply_overrides(data, overrides or [])
+    init_from = (data.get("model") or {}).get("init_from")
+    if init_from:  # the base model's settings, under those the config sets
+        from .init_from import read_init_metadata, settings_of_model
+
+        data = _merged(settings_of_model(read_init_metadata(init_from)), data)
     config = _from_dict(TrainConfig, data, "")
     config.validate()
     return config

@@ -144,66 +144,77 @@ def _check_labels(labels: list[np.ndarray], cases: list[TrainingCase], num_value
                              f"declares values 0..{num_values - 1}")
 
 
-def build_training_data(config: TrainConfig) -> TrainingData:
-    """Datasets of ``config.data`` (see the module docstring)."""
+def _picture_data(config: TrainConfig) -> TrainingData:
+    """Image/mask folders (PraNet layout): one sample per image and epoch, cached at
+    network size; binary, 3 channels."""
     data, seed = config.data, config.run.seed
-    picture = data.kind == "polyp"
-    if picture:
-        cases = find_polyp_cases(data.root)
-        if data.val_root:
-            train_cases, val_cases = cases, find_polyp_cases(data.val_root)
-        else:
-            train_cases, val_cases = split_cases(cases, data.val_fraction, seed)
-        num_classes, in_channels, context = 1, 3, 0
-        label_names = config.model.label_names or ["polyp"]
+    cases = find_polyp_cases(data.root)
+    if data.val_root:
+        train_cases, val_cases = cases, find_polyp_cases(data.val_root)
     else:
-        dataset = read_volume_dataset(data.root)
-        train_cases, val_cases = split_cases(dataset.cases, data.val_fraction, seed, data.val_cases)
-        num_values = len(dataset.label_names)
-        num_classes = 1 if num_values == 2 else num_values
-        context = data.context_slices
-        in_channels = 3 if context == 0 else 2 * context + 1
-        label_names = dataset.label_names[1:]
+        train_cases, val_cases = split_cases(cases, data.val_fraction, seed)
+    in_channels = data.network_channels()
+    load = Compose([LoadCased(True), IntensityNormalized(data.intensity), StackSlicesd(0, in_channels),
+                    ResizeToNetworkd(data.input_size)])
+    logger.info("loading %d training and %d validation cases", len(train_cases), len(val_cases))
+    train_base = _cached(train_cases, load, config, "train")
+    val_base = _cached(val_cases, load, config, "val")
+    normalize = NormalizeChannelsd(data.mean, data.std)
+    train_side = config.augment.train_size or data.input_size
+    rescale = [ResizeToNetworkd(train_side)] if train_side != data.input_size else []
+    train = SeededSamples(len(train_base), _PickImage(train_base),
+                          Compose([*rescale, *augmentation_transforms(config.augment), normalize]), seed)
+    facts = {"dataset": str(Path(data.root).resolve()), "plane": None, "planes": None,
+             "train_cases": [c.name for c in train_cases], "val_cases": [c.name for c in val_cases]}
+    return TrainingData(train, _AllSlices(val_base, Compose([normalize])), [c.name for c in val_cases], 1,
+                        in_channels, config.model.label_names or ["polyp"], facts)
+
+
+def _volume_data(config: TrainConfig) -> TrainingData:
+    """An nnU-Net/MSD dataset folder: seeded 2D (2.5D) slices of the training volumes in the
+    model's plane(s), foreground-aware; validation on every main-plane slice."""
+    data, seed = config.data, config.run.seed
+    dataset = read_volume_dataset(data.root)
+    train_cases, val_cases = split_cases(dataset.cases, data.val_fraction, seed, data.val_cases)
+    num_values = len(dataset.label_names)
+    context, in_channels = data.context_slices, data.network_channels()
     preprocessing = data.preprocessing()
     planes = tuple(preprocessing["planes"]) or (preprocessing["plane"],)
-    load = [LoadCased(picture), IntensityNormalized(data.intensity)]
-    if picture:  # cache pictures at network size
-        load += [StackSlicesd(0, in_channels), ResizeToNetworkd(data.input_size)]
-    # Volumes: cached in their main plane; with several planes the training cases stay in
-    # array order and each sample views its case in a random plane (_PickPlaneSlice).
-    # Validation (model choice) uses the main plane.
-    in_plane = [] if picture else [ToPlaned(planes[0])]
+    load = [LoadCased(False), IntensityNormalized(data.intensity)]
+    # Cached in their main plane; with several planes the training cases stay in array order
+    # and each sample views its case in a random plane (_PickPlaneSlice). Validation (model
+    # choice) uses the main plane.
+    in_plane = [ToPlaned(planes[0])]
     logger.info("loading %d training and %d validation cases", len(train_cases), len(val_cases))
     train_base = _cached(train_cases, Compose(load + (in_plane if len(planes) == 1 else [])), config, "train")
     val_base = _cached(val_cases, Compose(load + in_plane), config, "val")
-    normalize = NormalizeChannelsd(data.mean, data.std)
-    augment = augmentation_transforms(config.augment)
-    train_side = config.augment.train_size or data.input_size
-    if picture:
-        rescale = [ResizeToNetworkd(train_side)] if train_side != data.input_size else []
-        train = SeededSamples(len(train_base), _PickImage(train_base), Compose([*rescale, *augment, normalize]), seed)
-        val: torch.utils.data.Dataset = _AllSlices(val_base, Compose([normalize]))
+    # Read once: with data.cache=none every base[i] loads the volume again.
+    train_labels = [train_base[i]["label"] for i in range(len(train_base))]
+    _check_labels(train_labels, train_cases, num_values)
+    _check_labels([val_base[i]["label"] for i in range(len(val_base))], val_cases, num_values)
+    if len(planes) == 1:
+        plan = slice_plan(train_labels)
+        pick: Any = _PickSlice(train_base, plan, data.foreground_fraction)
     else:
-        # Read once: with data.cache=none every base[i] loads the volume again.
-        train_labels = [train_base[i]["label"] for i in range(len(train_base))]
-        _check_labels(train_labels, train_cases, num_values)
-        _check_labels([val_base[i]["label"] for i in range(len(val_base))], val_cases, num_values)
-        if len(planes) == 1:
-            plan = slice_plan(train_labels)
-            pick: Any = _PickSlice(train_base, plan, data.foreground_fraction)
-        else:
-            pick = _PickPlaneSlice(train_base, planes, data.foreground_fraction)
-            plan = [pick.plan[case, planes[0]] for case in range(len(train_base))]
-        length = data.samples_per_epoch or sum(n for n, _ in plan)
-        stack = StackSlicesd(context, in_channels)
-        train = SeededSamples(length, pick,
-                              Compose([stack, ResizeToNetworkd(train_side), *augment, normalize]), seed)
-        val = _AllSlices(val_base, Compose([stack, ResizeToNetworkd(data.input_size), normalize]))
-    facts = {
-        "dataset": str(Path(data.root).resolve()),
-        "plane": None if picture else planes[0],
-        "planes": None if picture else list(planes),
-        "train_cases": [c.name for c in train_cases],
-        "val_cases": [c.name for c in val_cases],
-    }
-    return TrainingData(train, val, [c.name for c in val_cases], num_classes, in_channels, label_names, facts)
+        pick = _PickPlaneSlice(train_base, planes, data.foreground_fraction)
+        plan = [pick.plan[case, planes[0]] for case in range(len(train_base))]
+    normalize = NormalizeChannelsd(data.mean, data.std)
+    stack = StackSlicesd(context, in_channels)
+    train_side = config.augment.train_size or data.input_size
+    train = SeededSamples(data.samples_per_epoch or sum(n for n, _ in plan), pick,
+                          Compose([stack, ResizeToNetworkd(train_side), *augmentation_transforms(config.augment),
+                                   normalize]), seed)
+    val = _AllSlices(val_base, Compose([stack, ResizeToNetworkd(data.input_size), normalize]))
+    facts = {"dataset": str(Path(data.root).resolve()), "plane": planes[0], "planes": list(planes),
+             "train_cases": [c.name for c in train_cases], "val_cases": [c.name for c in val_cases]}
+    num_classes = 1 if num_values == 2 else num_values
+    return TrainingData(train, val, [c.name for c in val_cases], num_classes, in_channels,
+                        dataset.label_names[1:], facts)
+
+
+BUILDERS = {"polyp": _picture_data, "volume": _volume_data}  # data.kind -> builder
+
+
+def build_training_data(config: TrainConfig) -> TrainingData:
+    """Datasets of ``config.data`` (see the module docstring)."""
+    return BUILDERS[config.data.kind](config)

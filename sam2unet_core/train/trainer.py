@@ -1,6 +1,12 @@
 """The training loop: AdamW + warm-up and cosine schedule, deep-supervised loss, validation Dice every
 epoch, best/last checkpoints in our format, exact resume, TensorBoard, DDP via torchrun.
 
+:class:`Trainer` holds one run; :meth:`Trainer.run_training` drives it through
+:meth:`~Trainer.train_epoch` (:meth:`~Trainer.train_step` per batch) and
+:meth:`~Trainer.on_epoch_end` (:meth:`~Trainer.validation_step`, checkpoints, resume state).
+What watches a run (TensorBoard, progress events for a GUI or ``--progress jsonl``) is a
+:class:`TrainerCallback`; :func:`train` is the one-call form.
+
 Output folder (``run.output``):
     ``best.safetensors`` / ``last.safetensors``: models with metadata (labels,
     preprocessing, provenance: config, epoch, validation Dice), loadable by
@@ -14,20 +20,21 @@ per-sample seeded augmentation), so a resumed run skips the batches already trai
 continues with identical data, weights, optimiser and schedule.
 
 Distributed: started with ``torchrun --nproc_per_node N``, every process trains on its
-``DistributedSampler`` share (``optim.batch_size`` per process); rank 0 validates, logs and
-saves. CUDA uses NCCL, CPU uses gloo.
+``DistributedSampler`` share (``optim.batch_size`` per process); rank 0 validates, logs,
+calls the callbacks and saves. CUDA uses NCCL, CPU uses gloo.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -42,11 +49,13 @@ from sam2unet_core.metadata import Architecture, ModelMetadata, default_labels
 from sam2unet_core.metrics import DiceAccumulator
 
 from .config import OptimConfig, TrainConfig
+from .init_from import BaseModel, read_base_model
 from .losses import DeepSupervisionLoss
 from .pipeline import TrainingData, build_training_data
 from .resume import capture_rng, load_resume_state, restore_rng, save_resume_state
 
-__all__ = ["train", "TrainResult", "RESUME_FILE", "lr_factor", "budget_used", "make_optimizer"]
+__all__ = ["train", "Trainer", "TrainerCallback", "TrainResult", "RESUME_FILE", "lr_factor", "budget_used",
+           "make_optimizer", "validate"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +72,120 @@ class TrainResult:
     stopped_early: bool  # run.stop_after_steps ended the run
     steps: int = 0  # optimiser steps, all runs of this training
     cpu_seconds: float = 0.0  # process CPU time of the training, all runs (the run.max_cpu_minutes clock)
+
+
+@dataclass
+class TrainState:
+    """Where a run is; all of it goes into ``resume.pt``."""
+
+    epoch: int = 0  # current epoch, 0-based
+    batches_done: int = 0  # batches of ``epoch`` already trained (per process)
+    global_step: int = 0  # optimiser steps, all runs of this training
+    best_dice: float = -math.inf
+    best_epoch: int = -1
+    history: list[dict[str, Any]] = field(default_factory=list)  # one validation record per epoch
+
+
+class TrainerCallback:
+    """Hooks a :class:`Trainer` calls on rank 0. Override the ones you need; each gets the
+    trainer, whose ``state``, ``clock``, ``config`` and ``metadata`` describe the run."""
+
+    def on_train_start(self, trainer: "Trainer") -> None:
+        """Before the first step of this run (after a resume state was loaded)."""
+
+    def on_step_end(self, trainer: "Trainer", loss: float) -> None:
+        """After optimiser step ``trainer.state.global_step`` with the batch ``loss``."""
+
+    def on_validation_end(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+        """After an epoch's validation and checkpoints; ``record`` as in ``state.history``."""
+
+    def on_train_end(self, trainer: "Trainer", result: TrainResult) -> None:
+        """When the run ends (epochs done, time box reached or stopped)."""
+
+
+class TensorBoardLogger(TrainerCallback):
+    """Training loss and learning rate every ``run.log_every_steps`` steps, validation Dice
+    per epoch, under ``<run.output>/tensorboard``."""
+
+    def __init__(self, folder: Path, every_steps: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer, self.every_steps = SummaryWriter(str(folder)), every_steps
+
+    def on_step_end(self, trainer: "Trainer", loss: float) -> None:
+        step = trainer.state.global_step
+        if step % self.every_steps == 0:
+            self.writer.add_scalar("train/loss", loss, step)
+            self.writer.add_scalar("train/lr", trainer.learning_rate, step)
+
+    def on_validation_end(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+        self.writer.add_scalar("val/dice", record["val_dice"], record["epoch"])
+        for name, value in record["val_dice_per_class"].items():
+            self.writer.add_scalar(f"val/dice_{name}", value, record["epoch"])
+        self.writer.flush()
+
+    def on_train_end(self, trainer: "Trainer", result: TrainResult) -> None:
+        self.writer.close()
+
+
+class ProgressEvents(TrainerCallback):
+    """The run as event dicts for ``on_event`` (a GUI, ``sam2unet-train --progress jsonl``):
+
+    * ``{"event": "train_start", "steps_done", "device", "labels", "budget_s"}``
+    * ``{"event": "train_step", "step", "loss", "lr", "elapsed_s", "eta_s"}`` (``eta_s``: None
+      until it can be estimated) every ``every_steps`` steps;
+    * ``{"event": "validation", "epoch", "step", "dice", "dice_per_label"}``;
+    * ``{"event": "train_end", "best_dice", "best_epoch", "steps", "seconds"}``.
+    """
+
+    def __init__(self, on_event: Callable[[dict[str, Any]], None], every_steps: int = 1) -> None:
+        self.on_event, self.every_steps = on_event, every_steps
+
+    def on_train_start(self, trainer: "Trainer") -> None:
+        self.on_event({"event": "train_start", "steps_done": trainer.state.global_step,
+                       "device": str(trainer.device), "labels": trainer.metadata.class_names,
+                       "budget_s": trainer.clock.budget_seconds()})
+
+    def on_step_end(self, trainer: "Trainer", loss: float) -> None:
+        if trainer.state.global_step % self.every_steps == 0:
+            self.on_event({"event": "train_step", "step": trainer.state.global_step, "loss": loss,
+                           "lr": trainer.learning_rate, "elapsed_s": round(trainer.clock.wall_seconds(), 2),
+                           "eta_s": trainer.eta_seconds()})
+
+    def on_validation_end(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+        self.on_event({"event": "validation", "epoch": record["epoch"], "step": record["step"],
+                       "dice": record["val_dice"], "dice_per_label": record["val_dice_per_class"]})
+
+    def on_train_end(self, trainer: "Trainer", result: TrainResult) -> None:
+        self.on_event({"event": "train_end", "best_dice": result.best_dice, "best_epoch": result.best_epoch,
+                       "steps": result.steps, "seconds": round(trainer.clock.wall_seconds(), 2)})
+
+
+class TimeBox:
+    """The clocks of a run: process CPU seconds (counting earlier runs of a resumed training)
+    and wall seconds of this run, against ``run.max_cpu_minutes`` and ``run.max_minutes``."""
+
+    def __init__(self, max_cpu_minutes: float, max_minutes: float, cpu_before: float = 0.0) -> None:
+        self.max_cpu_minutes, self.max_minutes, self.cpu_before = max_cpu_minutes, max_minutes, cpu_before
+        self.wall_started, self.cpu_started = time.monotonic(), time.process_time()
+
+    @property
+    def set(self) -> bool:
+        return bool(self.max_cpu_minutes or self.max_minutes)
+
+    def cpu_seconds(self) -> float:
+        return self.cpu_before + time.process_time() - self.cpu_started
+
+    def wall_seconds(self) -> float:
+        return time.monotonic() - self.wall_started
+
+    def used(self) -> float:
+        """Share of the box used so far (0 with no box), see :func:`budget_used`."""
+        return budget_used(self.cpu_seconds(), self.wall_seconds(), self.max_cpu_minutes, self.max_minutes)
+
+    def budget_seconds(self) -> float | None:
+        """Wall seconds of the box when only a wall limit is set, else None."""
+        return 60.0 * self.max_minutes if self.max_minutes and not self.max_cpu_minutes else None
 
 
 @dataclass
@@ -103,16 +226,23 @@ def _barrier(d: _Dist) -> None:
         dist.barrier()
 
 
-def _metadata(config: TrainConfig, data: TrainingData) -> ModelMetadata:
-    pretrained = bool(config.model.sam2_checkpoint)
-    arch = Architecture(config.model.backbone, data.num_classes, data.in_channels, freeze_encoder=pretrained,
+def _metadata(config: TrainConfig, data: TrainingData, base: BaseModel | None = None) -> ModelMetadata:
+    """The new model's metadata: architecture and labels of the config and the dataset
+    (colours from ``model.label_colors``, else the base model's for a label it has)."""
+    frozen = base.metadata.architecture.freeze_encoder if base else bool(config.model.sam2_checkpoint)
+    arch = Architecture(config.model.backbone, data.num_classes, data.in_channels, freeze_encoder=frozen,
                         window_spec=list(config.model.window_spec),
                         full_res_channels=config.model.full_res_channels)
-    meta = ModelMetadata(
-        architecture=arch,
-        labels=default_labels(data.num_classes, data.label_names, config.model.label_terms),
-        **config.data.preprocessing(),  # the plane trained on included
-    )
+    labels = default_labels(data.num_classes, data.label_names, config.model.label_terms)
+    inherited = {label.name: label for label in base.metadata.labels} if base else {}
+    for i, label in enumerate(labels):
+        if label.name in config.model.label_colors:
+            labels[i] = dataclasses.replace(label, color=tuple(config.model.label_colors[label.name]))
+        elif label.name in inherited:
+            old = inherited[label.name]
+            codes = {key: getattr(label, key) or getattr(old, key) for key in ("category", "type", "modifier")}
+            labels[i] = dataclasses.replace(label, color=old.color, **codes)
+    meta = ModelMetadata(architecture=arch, labels=labels, **config.data.preprocessing())
     meta.validate()
     return meta
 
@@ -192,165 +322,252 @@ def validate(model: torch.nn.Module, loader: DataLoader, num_classes: int, devic
     return scores
 
 
-def train(config: TrainConfig, resume: bool = True) -> TrainResult:
-    """Train as ``config`` says; continue from ``<run.output>/resume.pt`` when it exists and
-    ``resume`` is True. Returns where the results are and the best validation Dice."""
-    config.validate()
-    d, device = _init_distributed(config.run.device)
-    out = Path(config.run.output)
-    amp = None if config.run.amp == "off" else autocast_dtype(device, training=True)
-    if config.run.amp == "bf16" and device.type == "cpu":
-        amp = torch.bfloat16
-    torch.manual_seed(config.run.seed)
+class Trainer:
+    """One training run of ``config``: builds data, model, optimiser and loss, continues from
+    ``<run.output>/resume.pt`` when it exists and ``resume`` is True, and calls
+    ``callbacks`` (on rank 0; TensorBoard is always one of them)."""
 
-    data = build_training_data(config)
-    metadata = _metadata(config, data)
-    if not config.model.sam2_checkpoint:
-        logger.warning("no SAM 2 checkpoint given (model.sam2_checkpoint): the Hiera encoder starts from "
-                       "random weights and is trained in full (no frozen trunk); expect slower training "
-                       "and lower accuracy than with SAM 2 weights")
-    model = build_model(metadata, config.model.sam2_checkpoint or None,
-                        drop_path_rate=config.model.drop_path_rate).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, config.optim, device)
-    loss_fn = DeepSupervisionLoss(data.num_classes, config.optim.aux_loss_weights)
-    # fp16 autocast (CUDA GPUs without bf16) needs loss scaling; bf16 and fp32 do not.
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    if d.main:
-        logger.info("model %s: %d trainable of %d parameters; %d training samples per epoch, %d validation "
-                    "cases; device %s%s", config.model.backbone, sum(p.numel() for p in params),
-                    sum(p.numel() for p in model.parameters()), len(data.train), len(data.val_names), device,
-                    f", {d.world} processes" if d.world > 1 else "")
+    def __init__(self, config: TrainConfig, resume: bool = True, callbacks: Sequence[TrainerCallback] = ()) -> None:
+        config.validate()
+        self.config = config
+        self.dist, self.device = _init_distributed(config.run.device)
+        self.output = Path(config.run.output)
+        self.amp = self._autocast_dtype()
+        torch.manual_seed(config.run.seed)
 
-    epoch, skip, global_step, best_dice, best_epoch, history = 0, 0, 0, -math.inf, -1, []
-    cpu_before = 0.0  # process CPU seconds of earlier runs of this training (run.max_cpu_minutes)
-    resume_path = out / RESUME_FILE
-    if resume and resume_path.exists():
-        state = load_resume_state(resume_path)
-        _check_same_run(state["config"], config, resume_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        epoch, skip, global_step = state["epoch"], state["batches_done"], state["global_step"]
-        best_dice, best_epoch, history = state["best_dice"], state["best_epoch"], list(state["history"])
-        cpu_before = state["cpu_seconds"]
-        restore_rng(state["rng"])
-        if d.main:
-            logger.info("resuming %s at epoch %d, batch %d", resume_path, epoch + 1, skip)
+        base = read_base_model(config.model.init_from) if config.model.init_from else None
+        if base is not None:  # refused before the data are read
+            base.check_architecture(config.model.backbone, tuple(config.model.window_spec),
+                                    config.model.full_res_channels, config.data.network_channels())
+        self.data = build_training_data(config)
+        if base is not None:
+            base.check_labels(self.data.label_names)
+        self.metadata = _metadata(config, self.data, base)
+        self.model = self._build_model(base)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.trainable, config.optim, self.device)
+        self.loss_fn = DeepSupervisionLoss(self.data.num_classes, config.optim.aux_loss_weights)
+        # fp16 autocast (CUDA GPUs without bf16) needs loss scaling; bf16 and fp32 do not.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
+        self.val_loader = DataLoader(self.data.val, batch_size=config.run.val_batch_size,
+                                     num_workers=config.data.num_workers)
+        self.state = TrainState()
+        self.resume_path = self.output / RESUME_FILE
+        cpu_before = self._load_resume() if resume and self.resume_path.exists() else 0.0
+        self.clock = TimeBox(config.run.max_cpu_minutes, config.run.max_minutes, cpu_before)
+        self.net = self._distributed_net()
+        self.callbacks: list[TrainerCallback] = []
+        if self.dist.main:
+            self.output.mkdir(parents=True, exist_ok=True)
+            (self.output / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+            self.callbacks = [TensorBoardLogger(self.output / "tensorboard", config.run.log_every_steps),
+                              *callbacks]
+        self.learning_rate = config.optim.lr
+        self.steps_this_run = 0
+        self.stop_requested = False  # a callback may set it: the epoch ends, validates and saves
+        self._last_resume_save = time.monotonic()
 
-    net: torch.nn.Module = model
-    if d.world > 1:
-        if device.type == "cuda":  # batch statistics over all GPUs (same state-dict keys)
-            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    writer = None
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
-        from torch.utils.tensorboard import SummaryWriter
+    # ------------------------------------------------------------------ set-up
+    def _autocast_dtype(self) -> torch.dtype | None:
+        if self.config.run.amp == "off":
+            return None
+        if self.config.run.amp == "bf16" and self.device.type == "cpu":
+            return torch.bfloat16
+        return autocast_dtype(self.device, training=True)
 
-        writer = SummaryWriter(str(out / "tensorboard"))
+    def _build_model(self, base: BaseModel | None) -> torch.nn.Module:
+        config = self.config
+        if base is None and not config.model.sam2_checkpoint:
+            logger.warning("no SAM 2 checkpoint given (model.sam2_checkpoint): the Hiera encoder starts from "
+                           "random weights and is trained in full (no frozen trunk); expect slower training "
+                           "and lower accuracy than with SAM 2 weights")
+        model = build_model(self.metadata, config.model.sam2_checkpoint or None,
+                            drop_path_rate=config.model.drop_path_rate)
+        if base is not None:
+            base.initialise(model, self.metadata)
+        model = model.to(self.device)
+        if self.dist.main:
+            params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            logger.info("model %s: %d trainable of %d parameters; %d training samples per epoch, %d validation "
+                        "cases; device %s%s", config.model.backbone, params,
+                        sum(p.numel() for p in model.parameters()), len(self.data.train), len(self.data.val_names),
+                        self.device, f", {self.dist.world} processes" if self.dist.world > 1 else "")
+        return model
 
-    def resume_state(ep: int, done: int) -> dict[str, Any]:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "cpu_seconds": cpu_seconds(),
-                "scaler": scaler.state_dict(), "epoch": ep, "batches_done": done, "global_step": global_step, "best_dice": float(best_dice),
-                "best_epoch": best_epoch, "history": history, "config": config.to_json(), "rng": capture_rng()}
+    def _load_resume(self) -> float:
+        """Restore ``resume.pt``; returns the CPU seconds of the earlier runs."""
+        saved = load_resume_state(self.resume_path)
+        _check_same_run(saved["config"], self.config, self.resume_path)
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scaler.load_state_dict(saved["scaler"])
+        self.state = TrainState(saved["epoch"], saved["batches_done"], saved["global_step"], saved["best_dice"],
+                                saved["best_epoch"], list(saved["history"]))
+        restore_rng(saved["rng"])
+        if self.dist.main:
+            logger.info("resuming %s at epoch %d, batch %d", self.resume_path, self.state.epoch + 1,
+                        self.state.batches_done)
+        return saved["cpu_seconds"]
 
-    sampler = DistributedSampler(data.train, num_replicas=d.world, rank=d.rank, shuffle=True,
-                                 seed=config.run.seed, drop_last=False)
-    batch = config.optim.batch_size
-    per_rank = len(sampler)
-    val_loader = DataLoader(data.val, batch_size=config.run.val_batch_size, num_workers=config.data.num_workers)
-    steps_this_run, last_save, stopped, timed_out = 0, time.monotonic(), False, False
-    started, cpu_started = time.monotonic(), time.process_time()
+    def _distributed_net(self) -> torch.nn.Module:
+        if self.dist.world == 1:
+            return self.model
+        net: torch.nn.Module = self.model
+        if self.device.type == "cuda":  # batch statistics over all GPUs (same state-dict keys)
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        return torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
-    def cpu_seconds() -> float:
-        return cpu_before + time.process_time() - cpu_started
-
-    def box_used() -> float:
-        return budget_used(cpu_seconds(), time.monotonic() - started, config.run.max_cpu_minutes,
-                           config.run.max_minutes)
-
-    net.train()
-    while epoch < config.optim.epochs and not stopped:
-        data.train.set_epoch(epoch)
-        indices = _epoch_indices(sampler, epoch, skip, batch)
-        # Own generator: creating the loader must not draw from the global RNG (exact resume).
-        generator = torch.Generator().manual_seed(config.run.seed * 100_003 + epoch)
-        loader = DataLoader(data.train, batch_size=batch, sampler=indices, num_workers=config.data.num_workers,
-                            drop_last=per_rank >= batch, pin_memory=device.type == "cuda", generator=generator)
-        total = per_rank // batch if per_rank >= batch else 1
-        bar = tqdm(loader, total=total, initial=skip, disable=not d.main, desc=f"epoch {epoch + 1}/{config.optim.epochs}",
-                   unit="batch", dynamic_ncols=True)
-        done = skip
-        for sample in bar:
-            images, labels = sample["image"].to(device), sample["label"].to(device)
-            if config.augment.multiscale:
-                images, labels = _multiscale(images, labels, config.augment.multiscale, config.run.seed, epoch, done)
-            lr = config.optim.lr * lr_factor(config.optim, global_step, epoch, box_used())
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                outputs = net(images)
-            loss = loss_fn(outputs, labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            done += 1
-            global_step += 1
-            steps_this_run += 1
-            if d.main:
-                loss_value = loss.item()
-                bar.set_postfix(loss=f"{loss_value:.4f}")
-                if writer is not None and global_step % config.run.log_every_steps == 0:
-                    writer.add_scalar("train/loss", loss_value, global_step)
-                    writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], global_step)
-            if config.run.stop_after_steps and steps_this_run >= config.run.stop_after_steps:
+    # ------------------------------------------------------------------ the run
+    def run_training(self) -> TrainResult:
+        """Train until ``optim.epochs``, the time box, ``run.stop_after_steps`` or a stop
+        request; returns where the results are and the best validation Dice."""
+        self._call("on_train_start")
+        self.net.train()
+        stopped = False
+        while self.state.epoch < self.config.optim.epochs:
+            ended = self.train_epoch()
+            if ended == "stopped":
                 stopped = True
                 break
-            by_steps = config.run.resume_every_steps and global_step % config.run.resume_every_steps == 0
-            by_time = config.run.resume_every_minutes and time.monotonic() - last_save > 60 * config.run.resume_every_minutes
-            if d.main and (by_steps or by_time):
-                save_resume_state(resume_state(epoch, done), resume_path)
-                last_save = time.monotonic()
-            if config.run.max_minutes or config.run.max_cpu_minutes:
-                timed_out = _agree(d, box_used() >= 1.0, device)
-            if timed_out:
-                logger.warning("time box reached (run.max_minutes=%s, run.max_cpu_minutes=%s; %.0f CPU seconds): "
-                               "ending epoch %d early", config.run.max_minutes, config.run.max_cpu_minutes,
-                               cpu_seconds(), epoch + 1)
+            if self.dist.main:
+                self.on_epoch_end()
+            self.state.epoch += 1
+            self.state.batches_done = 0
+            _barrier(self.dist)
+            if ended == "time_box":
                 break
-        bar.close()
-        if stopped:
-            break
-        skip = 0
-        if d.main:
-            scores = validate(model, val_loader, data.num_classes, device, amp)
-            dice = scores.mean()
-            per_class = np.mean(list(scores.per_case().values()), axis=0).tolist()
-            record = {"epoch": epoch + 1, "val_dice": dice, "lr": optimizer.param_groups[0]["lr"], "step": global_step,
-                      "val_dice_per_class": dict(zip(metadata.class_names, per_class))}
-            history.append(record)
-            metadata.provenance = {"tool": f"sam2unet_core {__version__}", "config": config.to_dict(), **data.facts,
-                                   "epoch": epoch + 1, "val_dice": dice, "history": history}
-            save_model(model, out / "last.safetensors", metadata)
-            if dice > best_dice:
-                best_dice, best_epoch = dice, epoch + 1
-                save_model(model, out / "best.safetensors", metadata)
-            logger.info("epoch %d: validation Dice %.4f (%s; best %.4f at epoch %d)", epoch + 1, dice,
-                        ", ".join(f"{k} {v:.3f}" for k, v in record["val_dice_per_class"].items()), best_dice, best_epoch)
-            if writer is not None:
-                writer.add_scalar("val/dice", dice, epoch + 1)
-                for name, value in record["val_dice_per_class"].items():
-                    writer.add_scalar(f"val/dice_{name}", value, epoch + 1)
-                writer.flush()
-            save_resume_state(resume_state(epoch + 1, 0), resume_path)
-            last_save = time.monotonic()
-        epoch += 1
-        _barrier(d)
-        if timed_out:
-            break
-    if writer is not None:
-        writer.close()
-    return TrainResult(out, float(best_dice), best_epoch, epoch, stopped, global_step, cpu_seconds())
+        s = self.state
+        result = TrainResult(self.output, float(s.best_dice), s.best_epoch, s.epoch, stopped, s.global_step,
+                             self.clock.cpu_seconds())
+        self._call("on_train_end", result)
+        return result
+
+    def train_epoch(self) -> str:
+        """Train the rest of the current epoch. Returns ``"done"``, ``"time_box"`` (the box or
+        a stop request ended it early) or ``"stopped"`` (``run.stop_after_steps``, as if killed)."""
+        config, s = self.config, self.state
+        batch = config.optim.batch_size
+        sampler = DistributedSampler(self.data.train, num_replicas=self.dist.world, rank=self.dist.rank,
+                                     shuffle=True, seed=config.run.seed, drop_last=False)
+        per_rank = len(sampler)
+        self.data.train.set_epoch(s.epoch)
+        # Own generator: creating the loader must not draw from the global RNG (exact resume).
+        generator = torch.Generator().manual_seed(config.run.seed * 100_003 + s.epoch)
+        loader = DataLoader(self.data.train, batch_size=batch,
+                            sampler=_epoch_indices(sampler, s.epoch, s.batches_done, batch),
+                            num_workers=config.data.num_workers, drop_last=per_rank >= batch,
+                            pin_memory=self.device.type == "cuda", generator=generator)
+        bar = tqdm(loader, total=per_rank // batch if per_rank >= batch else 1, initial=s.batches_done,
+                   disable=not self.dist.main, desc=f"epoch {s.epoch + 1}/{config.optim.epochs}", unit="batch",
+                   dynamic_ncols=True)
+        try:
+            for sample in bar:
+                loss = self.train_step(sample)
+                s.batches_done += 1
+                s.global_step += 1
+                self.steps_this_run += 1
+                if self.dist.main:
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                    self._call("on_step_end", loss)
+                if config.run.stop_after_steps and self.steps_this_run >= config.run.stop_after_steps:
+                    return "stopped"
+                self._save_resume_if_due()
+                if _agree(self.dist, self._box_reached(), self.device):
+                    logger.warning("time box reached (run.max_minutes=%s, run.max_cpu_minutes=%s; %.0f CPU "
+                                   "seconds) or stop requested: ending epoch %d early", config.run.max_minutes,
+                                   config.run.max_cpu_minutes, self.clock.cpu_seconds(), s.epoch + 1)
+                    return "time_box"
+        finally:
+            bar.close()
+        return "done"
+
+    def train_step(self, sample: dict[str, torch.Tensor]) -> float:
+        """One optimiser step on a batch ``{"image": (B, C, n, n), "label": (B, 1, n, n)}``;
+        returns its loss."""
+        config = self.config
+        images, labels = sample["image"].to(self.device), sample["label"].to(self.device)
+        if config.augment.multiscale:
+            images, labels = _multiscale(images, labels, config.augment.multiscale, config.run.seed,
+                                         self.state.epoch, self.state.batches_done)
+        self.learning_rate = config.optim.lr * lr_factor(config.optim, self.state.global_step, self.state.epoch,
+                                                         self.clock.used())
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            outputs = self.net(images)
+        loss = self.loss_fn(outputs, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.item()
+
+    def validation_step(self) -> dict[str, Any]:
+        """Validation Dice of the current model; the epoch's history record."""
+        scores = validate(self.model, self.val_loader, self.data.num_classes, self.device, self.amp)
+        per_class = np.mean(list(scores.per_case().values()), axis=0).tolist()
+        return {"epoch": self.state.epoch + 1, "val_dice": scores.mean(), "lr": self.learning_rate,
+                "step": self.state.global_step, "val_dice_per_class": dict(zip(self.metadata.class_names, per_class))}
+
+    def on_epoch_end(self) -> None:
+        """Rank 0 after an epoch: validate, save last/best models and the resume state."""
+        s = self.state
+        record = self.validation_step()
+        s.history.append(record)
+        dice = record["val_dice"]
+        metadata = dataclasses.replace(self.metadata, provenance={
+            "tool": f"sam2unet_core {__version__}", "config": self.config.to_dict(), **self.data.facts,
+            "epoch": s.epoch + 1, "val_dice": dice, "history": s.history})
+        save_model(self.model, self.output / "last.safetensors", metadata)
+        if dice > s.best_dice:
+            s.best_dice, s.best_epoch = dice, s.epoch + 1
+            save_model(self.model, self.output / "best.safetensors", metadata)
+        logger.info("epoch %d: validation Dice %.4f (%s; best %.4f at epoch %d)", s.epoch + 1, dice,
+                    ", ".join(f"{k} {v:.3f}" for k, v in record["val_dice_per_class"].items()), s.best_dice,
+                    s.best_epoch)
+        self._save_resume(epoch=s.epoch + 1, batches_done=0)
+        self._call("on_validation_end", record)
+
+    # ------------------------------------------------------------------ helpers
+    def eta_seconds(self) -> float | None:
+        """Wall seconds left: from the time box's share used, else from the steps of
+        ``optim.epochs`` at this run's pace; None before the first step."""
+        elapsed = self.clock.wall_seconds()
+        if self.steps_this_run == 0 or elapsed <= 0:
+            return None
+        if self.clock.set:
+            used = self.clock.used()
+            return round(elapsed * max(0.0, 1.0 - used) / used, 1) if used > 0 else None
+        per_epoch = max(1, len(self.data.train) // (self.config.optim.batch_size * self.dist.world))
+        steps_left = self.config.optim.epochs * per_epoch - self.state.global_step
+        return round(max(0, steps_left) * elapsed / self.steps_this_run, 1)
+
+    def _box_reached(self) -> bool:
+        return self.stop_requested or (self.clock.set and self.clock.used() >= 1.0)
+
+    def _save_resume_if_due(self) -> None:
+        run = self.config.run
+        by_steps = run.resume_every_steps and self.state.global_step % run.resume_every_steps == 0
+        by_time = run.resume_every_minutes and time.monotonic() - self._last_resume_save > 60 * run.resume_every_minutes
+        if self.dist.main and (by_steps or by_time):
+            self._save_resume(self.state.epoch, self.state.batches_done)
+
+    def _save_resume(self, epoch: int, batches_done: int) -> None:
+        s = self.state
+        save_resume_state({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                           "cpu_seconds": self.clock.cpu_seconds(), "scaler": self.scaler.state_dict(),
+                           "epoch": epoch, "batches_done": batches_done, "global_step": s.global_step,
+                           "best_dice": float(s.best_dice), "best_epoch": s.best_epoch, "history": s.history,
+                           "config": self.config.to_json(), "rng": capture_rng()}, self.resume_path)
+        self._last_resume_save = time.monotonic()
+
+    def _call(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
+
+
+def train(config: TrainConfig, resume: bool = True, callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
+    """Train as ``config`` says; continue from ``<run.output>/resume.pt`` when it exists and
+    ``resume`` is True. Returns where the results are and the best validation Dice."""
+    return Trainer(config, resume, callbacks).run_training()
