@@ -38,7 +38,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["sam2unet_core", "sam2unet_core.*"]),
-    package_data={"sam2unet_core": ["model/*.yaml", "configs/*.yaml", "export/*.json"]},
+    package_data={"sam2unet_core": ["model/*.yaml", "train/recipes/*.yaml", "export/*.json"]},
     install_requires=read_requirements("requirements.txt"),
     extras_require={"onnx": read_requirements("requirements-onnx.txt"),
                     "torch": read_requirements("requirements-torch.txt"),

@@ -26,6 +26,8 @@ __all__ = [
     "RunConfig",
     "TrainConfig",
     "load_config",
+    "config_from_dict",
+    "merge_sections",
     "apply_overrides",
 ]
 
@@ -35,7 +37,8 @@ class DataConfig:
     kind: str = "polyp"  # "polyp": image/mask folders; "volume": nnU-Net/MSD dataset folder
     root: str = ""  # polyp: folder with images/ and masks/; volume: folder with dataset.json
     val_root: str = ""  # polyp: a separate validation folder (images/, masks/); "" = split off
-    val_fraction: float = 0.1  # share of training cases held out for validation when no val_root
+    val_fraction: float = 0.1  # share of training cases held out for validation when no val_root;
+    # 0: validate on the training cases themselves (a fit check: nothing is held out)
     val_cases: list[str] = field(default_factory=list)  # volume: explicit validation case names
     # The model's preprocessing (PREPROCESSING_FIELDS of ModelMetadata, same defaults, same
     # check, written into the checkpoint): input_size (square side, multiple of 32),
@@ -250,7 +253,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+def merge_sections(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     """``base`` with the sections of ``top`` laid over it key by key."""
     merged = copy.deepcopy(base)
     for section, values in top.items():
@@ -279,7 +282,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if init_from:  # the base model's settings, under those the config sets
         from .init_from import read_init_metadata, settings_of_model
 
-        data = _merged(settings_of_model(read_init_metadata(init_from)), data)
+        data = merge_sections(settings_of_model(read_init_metadata(init_from)), data)
+    return config_from_dict(data)
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """A validated config from sections of keys (missing keys: the defaults)."""
     config = _from_dict(TrainConfig, data, "")
     config.validate()
     return config

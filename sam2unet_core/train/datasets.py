@@ -132,12 +132,15 @@ def read_volume_dataset(root: str | Path) -> VolumeDataset:
 def split_cases(cases: Sequence[TrainingCase], val_fraction: float, seed: int,
                 val_names: Sequence[str] = ()) -> tuple[list[TrainingCase], list[TrainingCase]]:
     """Split into (train, val): the named cases, else a seeded random ``val_fraction``
-    (at least one case)."""
+    (at least one case); ``val_fraction`` 0 validates on the training cases themselves (a
+    check of the fit when there are too few cases to hold one out)."""
     if val_names:
         unknown = sorted(set(val_names) - {c.name for c in cases})
         if unknown:
             raise ValueError(f"validation cases {unknown} are not in the dataset")
         return [c for c in cases if c.name not in val_names], [c for c in cases if c.name in val_names]
+    if val_fraction == 0:
+        return list(cases), list(cases)
     if len(cases) < 2:
         raise ValueError(f"need at least 2 cases to hold one out for validation, got {len(cases)}")
     n_val = min(len(cases) - 1, max(1, round(val_fraction * len(cases))))

@@ -134,8 +134,9 @@ class ProgressEvents(TrainerCallback):
     * ``{"event": "train_start", "steps_done", "device", "labels", "budget_s"}``
     * ``{"event": "train_step", "step", "loss", "lr", "elapsed_s", "eta_s"}`` (``eta_s``: None
       until it can be estimated) every ``every_steps`` steps;
-    * ``{"event": "validation", "epoch", "step", "dice", "dice_per_label"}``;
-    * ``{"event": "train_end", "best_dice", "best_epoch", "steps", "seconds"}``.
+    * ``{"event": "validation", "epoch", "step", "dice", "dice_per_label"}``.
+
+    The caller sends the end (``train_done`` with the model it wrote).
     """
 
     def __init__(self, on_event: Callable[[dict[str, Any]], None], every_steps: int = 1) -> None:
@@ -155,10 +156,6 @@ class ProgressEvents(TrainerCallback):
     def on_validation_end(self, trainer: "Trainer", record: dict[str, Any]) -> None:
         self.on_event({"event": "validation", "epoch": record["epoch"], "step": record["step"],
                        "dice": record["val_dice"], "dice_per_label": record["val_dice_per_class"]})
-
-    def on_train_end(self, trainer: "Trainer", result: TrainResult) -> None:
-        self.on_event({"event": "train_end", "best_dice": result.best_dice, "best_epoch": result.best_epoch,
-                       "steps": result.steps, "seconds": round(trainer.clock.wall_seconds(), 2)})
 
 
 class TimeBox:
