@@ -4,14 +4,20 @@
 * :mod:`.datasets` / :mod:`.pipeline` / :mod:`.transforms`: PraNet image folders and
   nnU-Net/MSD volume datasets served as seeded 2D (2.5D) samples;
 * :mod:`.losses`: structure loss (binary) and Dice+CE (multi-class), deep supervision;
-* :mod:`.trainer`: the loop (validation, checkpoints, exact resume, TensorBoard, DDP);
+* :mod:`.trainer`: ``Trainer`` (validation, checkpoints, exact resume, DDP) with
+  ``TrainerCallback`` hooks (TensorBoard, progress events);
+* :mod:`.init_from`: continuing from one of our models (``model.init_from``);
+* :mod:`.from_pairs`: training from (image, label map) volume pairs without a config;
 * :mod:`.resume`: the ``resume.pt`` state.
 
-Run it with ``sam2unet-train --config X.yaml`` (:mod:`sam2unet_core.cli.train`).
+Run it with ``sam2unet-train --config X.yaml`` or ``--request pairs.json``
+(:mod:`sam2unet_core.cli.train`).
 """
 
 from .config import TrainConfig, load_config
+from .from_pairs import TrainingPair, TrainingRequest, train_from_pairs
 from .losses import DeepSupervisionLoss, structure_loss
-from .trainer import TrainResult, train
+from .trainer import Trainer, TrainerCallback, TrainResult, train
 
-__all__ = ["TrainConfig", "load_config", "train", "TrainResult", "DeepSupervisionLoss", "structure_loss"]
+__all__ = ["TrainConfig", "load_config", "train", "Trainer", "TrainerCallback", "TrainResult", "TrainingPair",
+           "TrainingRequest", "train_from_pairs", "DeepSupervisionLoss", "structure_loss"]
