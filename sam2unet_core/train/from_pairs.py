@@ -55,6 +55,10 @@ class TrainingPair:
     label: Path
     name: str
 
+    def __post_init__(self) -> None:  # strings accepted
+        object.__setattr__(self, "image", Path(self.image))
+        object.__setattr__(self, "label", Path(self.label))
+
 
 @dataclass
 class TrainingRequest:
@@ -70,6 +74,9 @@ class TrainingRequest:
     minutes: float = 10.0
     device: str = "auto"
     seed: int = 0
+
+    def __post_init__(self) -> None:  # strings accepted
+        self.output = Path(self.output)
 
     def validate(self) -> None:
         """``ValueError`` naming the first bad field."""
