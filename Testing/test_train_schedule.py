@@ -12,7 +12,8 @@ import torch
 from train_data import write_polyp_folder
 
 from sam2unet_core.train.config import OptimConfig, load_config
-from sam2unet_core.train.trainer import budget_used, lr_factor, train
+from sam2unet_core.train.schedule import budget_used, lr_factor
+from sam2unet_core.train.trainer import train
 
 
 def test_epoch_schedule_is_torch_cosine_annealing_per_epoch() -> None:

@@ -77,7 +77,8 @@ def train_cnn(config: Any, features: tuple[int, ...]) -> dict[str, Any]:
 
     from sam2unet_core.train.losses import DeepSupervisionLoss
     from sam2unet_core.train.pipeline import build_training_data
-    from sam2unet_core.train.trainer import budget_used, lr_factor, make_optimizer, validate
+    from sam2unet_core.train.schedule import budget_used, lr_factor
+    from sam2unet_core.train.trainer import make_optimizer, validate
 
     torch.manual_seed(config.run.seed)
     data = build_training_data(config)

@@ -105,7 +105,8 @@ def _run_request(args: argparse.Namespace, emit: Callable[[dict[str, Any]], None
 
 def _run_config(args: argparse.Namespace, emit: Callable[[dict[str, Any]], None] | None, rank: int) -> int:
     from sam2unet_core.train.config import load_config
-    from sam2unet_core.train.trainer import ProgressEvents, train
+    from sam2unet_core.train.callbacks import ProgressEvents
+    from sam2unet_core.train.trainer import train
 
     try:
         config = load_config(args.config, args.overrides)

@@ -23,7 +23,7 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,7 +34,8 @@ from sam2unet_core.io.orientation import check_planes
 from sam2unet_core.metadata import LabelInfo
 
 from .config import TrainConfig, config_from_dict, merge_sections
-from .trainer import ProgressEvents, TrainResult, Trainer
+from .callbacks import ProgressEvents
+from .trainer import TrainResult, Trainer
 
 __all__ = ["TrainingPair", "TrainingRequest", "train_from_pairs", "BASES", "MIN_PAIRS_TO_HOLD_OUT"]
 

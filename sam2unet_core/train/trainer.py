@@ -5,7 +5,8 @@ epoch, best/last checkpoints in our format, exact resume, TensorBoard, DDP via t
 :meth:`~Trainer.train_epoch` (:meth:`~Trainer.train_step` per batch) and
 :meth:`~Trainer.on_epoch_end` (:meth:`~Trainer.validation_step`, checkpoints, resume state).
 What watches a run (TensorBoard, progress events for a GUI or ``--progress jsonl``) is a
-:class:`TrainerCallback`; :func:`train` is the one-call form.
+``TrainerCallback`` (:mod:`.callbacks`); the learning rate and the time box are in
+:mod:`.schedule`; :func:`train` is the one-call form.
 
 Output folder (``run.output``):
     ``best.safetensors`` / ``last.safetensors``: models with metadata (labels,
@@ -34,7 +35,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -48,14 +49,15 @@ from sam2unet_core.device import autocast_dtype, resolve_device
 from sam2unet_core.metadata import Architecture, ModelMetadata, default_labels
 from sam2unet_core.metrics import DiceAccumulator
 
+from .callbacks import TensorBoardLogger, TrainerCallback
 from .config import OptimConfig, TrainConfig
 from .init_from import BaseModel, read_base_model
 from .losses import DeepSupervisionLoss
 from .pipeline import TrainingData, build_training_data
 from .resume import capture_rng, load_resume_state, restore_rng, save_resume_state
+from .schedule import TimeBox, lr_factor
 
-__all__ = ["train", "Trainer", "TrainerCallback", "TrainResult", "RESUME_FILE", "lr_factor", "budget_used",
-           "make_optimizer", "validate"]
+__all__ = ["train", "Trainer", "TrainResult", "TrainState", "RESUME_FILE", "make_optimizer", "validate"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,105 +86,6 @@ class TrainState:
     best_dice: float = -math.inf
     best_epoch: int = -1
     history: list[dict[str, Any]] = field(default_factory=list)  # one validation record per epoch
-
-
-class TrainerCallback:
-    """Hooks a :class:`Trainer` calls on rank 0. Override the ones you need; each gets the
-    trainer, whose ``state``, ``clock``, ``config`` and ``metadata`` describe the run."""
-
-    def on_train_start(self, trainer: "Trainer") -> None:
-        """Before the first step of this run (after a resume state was loaded)."""
-
-    def on_step_end(self, trainer: "Trainer", loss: float) -> None:
-        """After optimiser step ``trainer.state.global_step`` with the batch ``loss``."""
-
-    def on_validation_end(self, trainer: "Trainer", record: dict[str, Any]) -> None:
-        """After an epoch's validation and checkpoints; ``record`` as in ``state.history``."""
-
-    def on_train_end(self, trainer: "Trainer", result: TrainResult) -> None:
-        """When the run ends (epochs done, time box reached or stopped)."""
-
-
-class TensorBoardLogger(TrainerCallback):
-    """Training loss and learning rate every ``run.log_every_steps`` steps, validation Dice
-    per epoch, under ``<run.output>/tensorboard``."""
-
-    def __init__(self, folder: Path, every_steps: int) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer, self.every_steps = SummaryWriter(str(folder)), every_steps
-
-    def on_step_end(self, trainer: "Trainer", loss: float) -> None:
-        step = trainer.state.global_step
-        if step % self.every_steps == 0:
-            self.writer.add_scalar("train/loss", loss, step)
-            self.writer.add_scalar("train/lr", trainer.learning_rate, step)
-
-    def on_validation_end(self, trainer: "Trainer", record: dict[str, Any]) -> None:
-        self.writer.add_scalar("val/dice", record["val_dice"], record["epoch"])
-        for name, value in record["val_dice_per_class"].items():
-            self.writer.add_scalar(f"val/dice_{name}", value, record["epoch"])
-        self.writer.flush()
-
-    def on_train_end(self, trainer: "Trainer", result: TrainResult) -> None:
-        self.writer.close()
-
-
-class ProgressEvents(TrainerCallback):
-    """The run as event dicts for ``on_event`` (a GUI, ``sam2unet-train --progress jsonl``):
-
-    * ``{"event": "train_start", "steps_done", "device", "labels", "budget_s"}``
-    * ``{"event": "train_step", "step", "loss", "lr", "elapsed_s", "eta_s"}`` (``eta_s``: None
-      until it can be estimated) every ``every_steps`` steps;
-    * ``{"event": "validation", "epoch", "step", "dice", "dice_per_label"}``.
-
-    The caller sends the end (``train_done`` with the model it wrote).
-    """
-
-    def __init__(self, on_event: Callable[[dict[str, Any]], None], every_steps: int = 1) -> None:
-        self.on_event, self.every_steps = on_event, every_steps
-
-    def on_train_start(self, trainer: "Trainer") -> None:
-        self.on_event({"event": "train_start", "steps_done": trainer.state.global_step,
-                       "device": str(trainer.device), "labels": trainer.metadata.class_names,
-                       "budget_s": trainer.clock.budget_seconds()})
-
-    def on_step_end(self, trainer: "Trainer", loss: float) -> None:
-        if trainer.state.global_step % self.every_steps == 0:
-            self.on_event({"event": "train_step", "step": trainer.state.global_step, "loss": loss,
-                           "lr": trainer.learning_rate, "elapsed_s": round(trainer.clock.wall_seconds(), 2),
-                           "eta_s": trainer.eta_seconds()})
-
-    def on_validation_end(self, trainer: "Trainer", record: dict[str, Any]) -> None:
-        self.on_event({"event": "validation", "epoch": record["epoch"], "step": record["step"],
-                       "dice": record["val_dice"], "dice_per_label": record["val_dice_per_class"]})
-
-
-class TimeBox:
-    """The clocks of a run: process CPU seconds (counting earlier runs of a resumed training)
-    and wall seconds of this run, against ``run.max_cpu_minutes`` and ``run.max_minutes``."""
-
-    def __init__(self, max_cpu_minutes: float, max_minutes: float, cpu_before: float = 0.0) -> None:
-        self.max_cpu_minutes, self.max_minutes, self.cpu_before = max_cpu_minutes, max_minutes, cpu_before
-        self.wall_started, self.cpu_started = time.monotonic(), time.process_time()
-
-    @property
-    def set(self) -> bool:
-        return bool(self.max_cpu_minutes or self.max_minutes)
-
-    def cpu_seconds(self) -> float:
-        return self.cpu_before + time.process_time() - self.cpu_started
-
-    def wall_seconds(self) -> float:
-        return time.monotonic() - self.wall_started
-
-    def used(self) -> float:
-        """Share of the box used so far (0 with no box), see :func:`budget_used`."""
-        return budget_used(self.cpu_seconds(), self.wall_seconds(), self.max_cpu_minutes, self.max_minutes)
-
-    def budget_seconds(self) -> float | None:
-        """Wall seconds of the box when only a wall limit is set, else None."""
-        return 60.0 * self.max_minutes if self.max_minutes and not self.max_cpu_minutes else None
 
 
 @dataclass
@@ -274,32 +177,6 @@ def make_optimizer(params: list[torch.nn.Parameter], optim: OptimConfig, device:
     Hiera-T's 29M parameters from 0.17 to 0.06 s), the per-parameter loop elsewhere."""
     fused = device.type in ("cpu", "cuda")
     return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay, fused=fused)
-
-
-def lr_factor(optim: OptimConfig, step: int, epoch: int, budget: float) -> float:
-    """Learning rate / ``optim.lr`` for optimiser step ``step`` (0-based, counted over all
-    runs of a resumed training) in epoch ``epoch`` (0-based).
-
-    Cosine from 1 to ``min_lr / lr``: with ``optim.schedule == "epochs"`` over the epochs,
-    constant within an epoch (torch's ``CosineAnnealingLR`` stepped per epoch, the paper);
-    with ``"budget"`` over ``budget``, the share of the time box used so far (0..1, see
-    :func:`budget_used`), so that a time-boxed run anneals whatever its speed. Times a linear
-    warm-up ``(step + 1) / warmup_steps`` over the first ``optim.warmup_steps`` steps.
-    """
-    progress = epoch / optim.epochs if optim.schedule == "epochs" else min(max(budget, 0.0), 1.0)
-    floor = optim.min_lr / optim.lr
-    factor = floor + (1.0 - floor) * (1.0 + math.cos(math.pi * progress)) / 2.0
-    if step < optim.warmup_steps:
-        factor *= (step + 1) / optim.warmup_steps
-    return factor
-
-
-def budget_used(cpu_seconds: float, wall_seconds: float, max_cpu_minutes: float, max_minutes: float) -> float:
-    """Share of the time box used: the larger of CPU seconds over ``max_cpu_minutes`` and
-    wall seconds over ``max_minutes`` (a limit of 0 is off; 0.0 with no limit)."""
-    shares = [used / (60.0 * limit) for used, limit in ((cpu_seconds, max_cpu_minutes), (wall_seconds, max_minutes))
-              if limit > 0]
-    return max(shares, default=0.0)
 
 
 @torch.no_grad()
