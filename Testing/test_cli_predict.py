@@ -5,6 +5,7 @@ parts, DICOM in / DICOM SEG and seg.nrrd out, JSON-lines progress and the summar
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -309,5 +310,60 @@ def test_frames_are_batched_and_a_bad_frame_fails_alone(
     assert events[-1] == {"event": "done", "ok": 3, "failed": 1, "skipped": 0}
     error = next(e for e in events if e["event"] == "case_error")
     assert error["case"] == "rgb" and "colour images have 3 channels" in error["error"]
+    # the shared batch failed and each frame ran again alone: still one case_start per frame
+    assert [e["case"] for e in events if e["event"] == "case_start"] == ["f0", "f1", "f2", "rgb"]
     for index, size in enumerate([(20, 30), (31, 17), (40, 40)]):
         assert np.asarray(Image.open(tmp_path / "out" / f"f{index}.png")).shape == size
+
+
+def test_the_folder_is_walked_once_and_its_warnings_logged_once(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The CLI checks its arguments with the case list (select_cases) and hands that list
+    to predict_from_files, which does not look for the cases again."""
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    write_nifti(cases / "one_0000.nii.gz", (12, 10, 2), degrees=0, seed=4)
+    write_nifti(cases / "one_0001.nii.gz", (12, 10, 2), degrees=0, seed=5)
+    with caplog.at_level(logging.WARNING, logger="sam2unet_core.io.cases"):
+        code, events = run(["-i", str(cases), "-o", str(tmp_path / "out"), "-m", str(checkpoint)], capsys)
+    assert code == 0 and events[-1] == {"event": "done", "ok": 1, "failed": 0, "skipped": 0}
+    assert [r.getMessage() for r in caplog.records].count(
+        f"{cases}: ignoring extra channel files one_0001.nii.gz; these models read one image per case "
+        "(the _0000 file)") == 1
+
+
+class _GpuOutOfMemory(RuntimeError):
+    """Stands for ``torch.cuda.OutOfMemoryError`` (known by its class name, as the batch
+    knows it without importing torch)."""
+
+
+_GpuOutOfMemory.__name__ = "OutOfMemoryError"
+
+
+def test_gpu_out_of_memory_is_recorded_as_such_and_worded_with_the_batch_size_flag(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from sam2unet_core import load_model
+    from sam2unet_core.inference.engine import Predictor
+
+    class FullGpu:
+        def __init__(self, model) -> None:
+            self.metadata, self.description = model.metadata, "a full GPU"
+
+        def submit(self, *args, **kwargs):
+            raise _GpuOutOfMemory("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    image = tmp_path / "case_0000.nii.gz"
+    write_nifti(image, (12, 10, 2), degrees=0, seed=6)
+    code = main(["-i", str(image), "-o", str(tmp_path / "out"), "-m", str(checkpoint), "--batch-size", "6",
+                 "--progress", "jsonl"],
+                build_predictor=lambda args: Predictor(FullGpu(load_model(args.model)), batch_size=args.batch_size))
+    captured = capsys.readouterr()
+    [error] = [json.loads(line) for line in captured.out.splitlines() if '"case_error"' in line]
+    assert code == 1 and (error["kind"], error["field"], error["value"]) == ("out_of_memory", "batch_size", 3)
+    assert error["error"].endswith("CUDA out of memory. Tried to allocate 2.00 GiB; GPU out of memory: try a "
+                                   "batch size of 3 (--batch-size 3)")
+    assert "(--batch-size 3)" in captured.err.splitlines()[-1]
+    [record] = json.loads((tmp_path / "out" / "predict_summary.json").read_text())["cases"]
+    assert record["error"].endswith("try a batch size of 3") and record["kind"] == "out_of_memory"

@@ -395,6 +395,7 @@ def test_probability_maps_that_would_not_fit_in_memory_are_refused_before_any_wo
     assert code == 1 and str(image) in error
     assert "float32 probabilities of shape (4, 32, 32) needs about" in error
     assert "without --save-probabilities" in error
+    assert next(e for e in events if e["event"] == "case_error")["kind"] == "out_of_memory"
     assert not list(out.rglob("case*"))
 
 

@@ -272,13 +272,30 @@ def test_cancel_leaves_a_chosen_output_untouched(backend: Harness) -> None:
 def test_error_event_fails_with_its_message_and_removes_the_created_node(backend: Harness) -> None:
     harness = backend
     harness.start()
-    harness.runner.emit(json.dumps({"event": "case_error", "case": "input", "error": "CUDA out of memory"}))
+    harness.runner.emit(json.dumps({"event": "case_error", "case": "input", "error": "CUDA out of memory (--batch-size 4)",
+                                    "kind": "out_of_memory", "field": "batch_size", "value": 4}))
     harness.runner.finish(1)
     harness.pollUntilFinished()
     [result] = harness.results
     assert result.status is RunStatus.failed
     assert "CUDA out of memory" in result.message and "lower the batch size" in result.message
     assert harness.sceneNames() == ["CT chest"]
+
+
+@pytest.mark.parametrize("event", [
+    {"error": "input.nii.gz: the labels and 3-channel float32 probabilities fused over the planes need about "
+              "9 GiB; segment along one plane (--axis)", "kind": "out_of_memory", "field": "axis", "value": None},
+    {"error": "input.nii.gz: not a readable NIfTI file (words: out of memory)", "kind": "unreadable_input"},
+])
+def test_batch_size_advice_comes_from_the_error_kind_not_its_words(backend: Harness, event: dict) -> None:
+    harness = backend
+    harness.start()
+    harness.runner.emit(json.dumps({"event": "case_error", "case": "input", **event}))
+    harness.runner.finish(1)
+    harness.pollUntilFinished()
+    [result] = harness.results
+    assert result.status is RunStatus.failed and event["error"] in result.message
+    assert "lower the batch size" not in result.message
 
 
 def test_nonzero_exit_without_events_fails_and_names_the_exit_code(backend: Harness) -> None:

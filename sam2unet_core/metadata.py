@@ -39,6 +39,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import UnsupportedModelError
+
 __all__ = [
     "FILE_KINDS",
     "file_kind",
@@ -82,11 +84,11 @@ DEFAULT_COLORS = [
 ]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UnsupportedModelError):
     """A checkpoint file that cannot be used; the message names the file and the cause."""
 
 
-class UntrainedModelError(ValueError):
+class UntrainedModelError(UnsupportedModelError):
     """A model whose decoder was never trained (a SAM 2 checkpoint read as a model) was given
     for segmentation without explicitly allowing it."""
 

@@ -32,6 +32,10 @@ __all__ = ["RunStatus", "RunResult", "SegmentationLogic"]
 logger = logging.getLogger(__name__)
 
 _TQDM_LINE = re.compile(r"(it/s|s/it)\]\s*$")  # e.g. "50%|#####     | 4/7 [00:01<00:01,  3.1it/s]"
+# A case_error's "kind" and "field" (sam2unet_core.errors): the GPU ran out of memory and a
+# smaller batch needs less. Other memory refusals say in their message what needs less.
+OUT_OF_MEMORY = "out_of_memory"
+BATCH_SIZE_FIELD = "batch_size"
 
 
 class RunStatus(enum.Enum):
@@ -65,6 +69,7 @@ class _Run:
     totalSlices: int = 0
     outputPath: Path | None = None
     errors: list[str] = field(default_factory=list)
+    batchTooLarge: bool = False  # a case ran out of GPU memory: a smaller batch needs less
 
 
 class SegmentationLogic:
@@ -221,6 +226,8 @@ class SegmentationLogic:
             run.outputPath = Path(data["output"]) if data.get("output") else None
         elif progress.event == "case_error":
             run.errors.append(str(data.get("error", "unknown error")))
+            if data.get("kind") == OUT_OF_MEMORY and data.get("field") == BATCH_SIZE_FIELD:
+                run.batchTooLarge = True
 
     def _onDescribed(self, checkpoint: Path, lines: list[str], returnCode: int) -> None:
         run = self._run
@@ -241,7 +248,7 @@ class SegmentationLogic:
             return
         if run.errors:
             message = "Segmentation failed: " + "; ".join(run.errors)
-            if "out of memory" in message.lower():
+            if run.batchTooLarge:
                 message += " (lower the batch size in Advanced, or choose the CPU)"
             self._finish(RunStatus.failed, message)
             return

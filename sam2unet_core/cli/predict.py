@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..device import DEVICE_CHOICES, PRECISIONS
+from ..errors import Sam2UNetError
 from ..inference.batch import PROBABILITY_FOLDER, PredictOptions, predict_from_files, select_cases
 from ..inference.engine import Predictor
 from ..inference.postprocess import POSTPROCESS_STEPS
@@ -42,10 +43,6 @@ from .progress import Progress, flag_words
 __all__ = ["main", "build_parser"]
 
 logger = logging.getLogger(__name__)
-# library option -> the flag that sets it, for error messages
-FLAGS = {"axis": "--axis", "planes": "--planes", "output format": "--format",
-         "part_id": "--part-id/--num-parts",
-         "slice range": "--slice-range", "unknown post-processing": "--postprocess"}
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -130,12 +127,6 @@ def _parse_slice_range(text: str | None) -> tuple[int, int] | None:
     except ValueError as err:
         raise ValueError(f"--slice-range must look like START:STOP, got {text!r}") from err
     return start, stop
-
-
-def _with_flags(message: str) -> str:
-    """A library error with the CLI flag it is about, e.g. ``--axis: axis 'x' is not ...``."""
-    flags = [flag for option, flag in FLAGS.items() if message.startswith(option)]
-    return f"{flags[0]}: {message}" if flags else message
 
 
 def _list_series(input_path: Path) -> int:
@@ -223,9 +214,11 @@ def main(argv: list[str] | None = None,
         parser.error("-m/--model is required")
     try:
         options = _options(args)
-        select_cases(args.input, args.output, options)  # bad arguments fail before any work
+        cases = select_cases(args.input, args.output, options)  # bad arguments fail before any work
+    except Sam2UNetError as err:
+        parser.error(flag_words(str(err), err.kind, err.field, err.value))
     except ValueError as err:
-        parser.error(_with_flags(str(err)))
+        parser.error(str(err))
     except OSError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -242,7 +235,7 @@ def main(argv: list[str] | None = None,
     previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         summary = predict_from_files(predictor, args.input, args.output, options,
-                                     Progress(args.progress), record)
+                                     Progress(args.progress), record, cases)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
     counts = summary.counts
@@ -250,8 +243,9 @@ def main(argv: list[str] | None = None,
         print(f"{counts['ok']} done, {counts['skipped']} skipped (already done), "
               f"{counts['failed']} failed; summary in {args.output}", file=sys.stderr)
     for case in summary.cases:
-        if case["status"] == "failed":
-            print(f"FAILED {case['case']}: {flag_words(case['error'])}", file=sys.stderr)
+        if case.status == "failed":
+            print(f"FAILED {case.case}: {flag_words(case.error, case.kind, case.field, case.value)}",
+                  file=sys.stderr)
     if summary.interrupted:
         return 143 if isinstance(summary.interruption, _Terminated) else 130
     return 1 if counts["failed"] else 0

@@ -1,5 +1,6 @@
-"""How ``sam2unet-predict`` shows the events of ``predict_from_files``: JSON lines on stdout
-(for the 3D Slicer module), tqdm bars on stderr, or plain lines."""
+"""How ``sam2unet-predict`` shows the events and errors of ``predict_from_files``: JSON lines
+on stdout (for the 3D Slicer module), tqdm bars on stderr, or plain lines; errors worded
+with the CLI's flags."""
 
 from __future__ import annotations
 
@@ -7,18 +8,31 @@ import json
 import sys
 from typing import Any
 
-__all__ = ["Progress", "flag_words"]
+from ..errors import OUT_OF_MEMORY
 
-# library wording of a value that works -> the flag that gives it, in case errors
-OPTION_FLAGS = {"(probabilities=False)": "(without --save-probabilities)", "batch_size=": "--batch-size ",
-                "one plane (axis)": "one plane (--axis)"}
+__all__ = ["FLAGS", "Progress", "flag_words"]
+
+# library option (the ``field`` of a sam2unet_core.errors error) -> the flag that sets it
+FLAGS = {"axis": "--axis", "planes": "--planes", "output_format": "--format",
+         "part_id": "--part-id/--num-parts", "slice_range": "--slice-range",
+         "postprocess": "--postprocess", "volume_index": "--volume-index", "series_uid": "--series-uid",
+         "batch_size": "--batch-size", "probabilities": "--save-probabilities"}
 
 
-def flag_words(text: str) -> str:
-    """A library message worded with ``sam2unet-predict``'s flags."""
-    for words, flag in OPTION_FLAGS.items():
-        text = text.replace(words, flag)
-    return text
+def flag_words(message: str, kind: str | None = None, field: str | None = None, value: Any = None) -> str:
+    """A library error worded with ``sam2unet-predict``'s flags, chosen by the error's
+    ``field``: an out-of-memory error ends with the flag (and value) that needs less, e.g.
+    ``(--batch-size 4)``, ``(without --save-probabilities)``; any other error starts with the
+    flag of the option it is about, e.g. ``--slice-range: ...``. Errors without a field, or
+    with one no flag sets, are left as they are."""
+    flag = FLAGS.get(field or "")
+    if flag is None:
+        return message
+    if kind != OUT_OF_MEMORY:
+        return f"{flag}: {message}"
+    if value is False:
+        return f"{message} (without {flag})"
+    return f"{message} ({flag})" if value is None or value is True else f"{message} ({flag} {value})"
 
 
 class Progress:
@@ -32,7 +46,8 @@ class Progress:
     def __call__(self, event: dict[str, Any]) -> None:
         name = event["event"]
         if "error" in event:
-            event = {**event, "error": flag_words(event["error"])}
+            event = {**event, "error": flag_words(event["error"], event.get("kind"), event.get("field"),
+                                                  event.get("value"))}
         if self.mode == "jsonl":  # every event of inference.batch.EVENTS
             print(json.dumps(event), flush=True)
             return

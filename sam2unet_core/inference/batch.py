@@ -23,8 +23,9 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
+from ..errors import OptionError, OutOfMemoryError, error_fields
 from ..io.atomic import atomic_write, remove_partials
 from ..io.cases import Case, find_cases, select_part
 from ..io.orientation import PLANES, check_planes
@@ -35,7 +36,8 @@ from ..io.writers import (LABEL_FORMATS, dicom_seg_sources, output_suffix, unrea
 from .engine import Prediction, Predictor
 from .postprocess import check_steps
 
-__all__ = ["EVENTS", "PredictOptions", "RunSummary", "predict_from_files", "select_cases", "summary_path"]
+__all__ = ["EVENTS", "CaseOutputs", "CaseRecord", "PredictOptions", "RunSummary", "predict_from_files",
+           "select_cases", "summary_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,36 +80,145 @@ class PredictOptions:
     qc_png: bool = False
 
     def validate(self) -> None:
-        """Raise ``ValueError`` saying which field is wrong and what values work."""
+        """Raise :class:`OptionError` (a ``ValueError``) naming the wrong field (``field``,
+        ``value``) and saying what values work."""
         if self.axis is not None and self.axis not in PLANES:
-            raise ValueError(f"axis {self.axis!r} is not one of {sorted(PLANES)} (or None for "
-                             "the model's plane)")
+            raise OptionError(f"axis {self.axis!r} is not one of {sorted(PLANES)} (or None for "
+                              "the model's plane)", "axis", self.axis)
         if self.planes is not None:
             check_planes(self.planes)
             if self.axis is not None:
-                raise ValueError(f"planes {list(self.planes)} and axis {self.axis!r} both given; "
-                                 "give one")
+                raise OptionError(f"planes {list(self.planes)} and axis {self.axis!r} both given; "
+                                  "give one", "planes", list(self.planes))
         if self.planes is not None and len(self.planes) > 1 and self.slice_range is not None:
-            raise ValueError("slice range applies to one plane; it cannot be combined with "
-                             "several fused planes")  # without planes: the model's main plane
+            raise OptionError("slice range applies to one plane; it cannot be combined with "
+                              "several fused planes",  # without planes: the model's main plane
+                              "slice_range", list(self.slice_range))
         if self.output_format is not None and self.output_format not in LABEL_FORMATS:
-            raise ValueError(f"output format {self.output_format!r} is not one of {LABEL_FORMATS}")
+            raise OptionError(f"output format {self.output_format!r} is not one of {LABEL_FORMATS}",
+                              "output_format", self.output_format)
         if self.num_parts < 1 or not 0 <= self.part_id < self.num_parts:
-            raise ValueError(f"part_id must be in [0, {self.num_parts}) and num_parts >= 1, "
-                             f"got part {self.part_id} of {self.num_parts}")
+            raise OptionError(f"part_id must be in [0, {self.num_parts}) and num_parts >= 1, "
+                              f"got part {self.part_id} of {self.num_parts}", "part_id", self.part_id)
         if self.slice_range is not None and not 0 <= self.slice_range[0] < self.slice_range[1]:
-            raise ValueError(f"slice range must be (start, stop) with 0 <= start < stop, got "
-                             f"{self.slice_range}")
+            raise OptionError(f"slice range must be (start, stop) with 0 <= start < stop, got "
+                              f"{self.slice_range}", "slice_range", list(self.slice_range))
         check_steps(self.postprocess)
+
+    def label_format(self, case: Case) -> str:
+        """The format of ``case``'s label file: ``output_format``, else png for PNG/JPG
+        frames and nii.gz for volumes."""
+        if self.output_format is not None:
+            return self.output_format
+        return "png" if case.path.suffix.lower() in PICTURE_SUFFIXES else "nii.gz"
+
+
+@dataclass(frozen=True)
+class CaseOutputs:
+    """Where one case's outputs go: the label file (in ``label_format``, a ``LABEL_FORMATS``
+    entry) and, each only when asked for, the float probability map, the statistics JSON and
+    CSV and the QC picture (the last three for volumes only)."""
+
+    labels: Path
+    label_format: str
+    probabilities: Path | None = None
+    statistics_json: Path | None = None
+    statistics_csv: Path | None = None
+    qc_png: Path | None = None
+
+    @classmethod
+    def plan(cls, case: Case, output_dir: Path, options: PredictOptions) -> CaseOutputs:
+        chosen = options.label_format(case)
+        volume = chosen != "png"  # statistics and QC pictures are for volumes
+        statistics = volume and options.statistics
+        return cls(
+            labels=output_dir / (case.name + output_suffix(chosen)),
+            label_format=chosen,
+            probabilities=(output_dir / PROBABILITY_FOLDER / f"{case.name}.nii.gz"
+                           if options.save_probabilities else None),
+            statistics_json=output_dir / f"{case.name}{STATISTICS_SUFFIX}.json" if statistics else None,
+            statistics_csv=output_dir / f"{case.name}{STATISTICS_SUFFIX}.csv" if statistics else None,
+            qc_png=output_dir / f"{case.name}{QC_SUFFIX}" if volume and options.qc_png else None,
+        )
+
+    @property
+    def paths(self) -> list[Path]:
+        """Every output file of the case, the label file first."""
+        return [path for path in (self.labels, self.probabilities, self.statistics_json,
+                                  self.statistics_csv, self.qc_png) if path is not None]
+
+
+@dataclass(frozen=True)
+class CaseRecord:
+    """What became of one case: a line of the summary file and of the run's events.
+
+    ``status``: ok, failed or skipped. ``output``: the label file (ok, skipped). ``error``:
+    the cause (failed), with ``kind``/``field``/``value`` of a typed error
+    (``sam2unet_core.errors``). ``seconds``, ``timings`` (per stage), ``shape_kji``,
+    ``slices`` and, for DICOM input, ``series_uid``/``series_in_folder``: for ok cases.
+    """
+
+    case: str
+    input: str
+    status: str
+    output: str | None = None
+    error: str | None = None
+    kind: str | None = None
+    field: str | None = None
+    value: Any = None
+    seconds: float | None = None
+    timings: dict[str, float] | None = None
+    shape_kji: list[int] | None = None
+    slices: int | None = None
+    series_uid: str | None = None
+    series_in_folder: int | None = None
+
+    @classmethod
+    def skipped(cls, case: Case, outputs: CaseOutputs) -> CaseRecord:
+        return cls(case.name, str(case.path), "skipped", output=str(outputs.labels))
+
+    @classmethod
+    def failed(cls, name: str, input_path: Path, err: Exception) -> CaseRecord:
+        """The record of a case (or of the summary file, ``name``) that ``err`` stopped;
+        the message names ``input_path`` (once)."""
+        message = str(err) if str(input_path) in str(err) else f"{input_path}: {err}"
+        return cls(name, str(input_path), "failed", error=message, **error_fields(err))
+
+    def as_dict(self) -> dict[str, Any]:
+        """The summary file's entry: the fields of this status (see the class docstring)."""
+        entry: dict[str, Any] = {"case": self.case, "input": self.input, "status": self.status}
+        if self.status == "failed":
+            entry["error"] = self.error
+            if self.kind is not None:
+                entry["kind"] = self.kind
+            if self.field is not None:
+                entry.update(field=self.field, value=self.value)
+            return entry
+        entry["output"] = self.output
+        if self.status == "ok":
+            entry.update(seconds=self.seconds, timings=self.timings, shape_kji=self.shape_kji,
+                         slices=self.slices)
+            if self.series_uid is not None:
+                entry.update(series_uid=self.series_uid, series_in_folder=self.series_in_folder)
+        return entry
+
+    def event(self) -> dict[str, Any]:
+        """The run's event for this record (``case_done``, ``case_skipped`` or ``case_error``)."""
+        if self.status == "ok":
+            return {"event": "case_done", "case": self.case, "output": self.output,
+                    "seconds": self.seconds, "timings": self.timings}
+        if self.status == "skipped":
+            return {"event": "case_skipped", "case": self.case, "output": self.output}
+        fields = {key: value for key, value in self.as_dict().items() if key in ("kind", "field", "value")}
+        return {"event": "case_error", "case": self.case, "error": self.error, **fields}
 
 
 @dataclass
 class RunSummary:
-    """What one :func:`predict_from_files` call did; ``cases`` are the summary file's
-    records (``case``, ``input``, ``status`` ok/failed/skipped, ``output`` or ``error``,
-    timings)."""
+    """What one :func:`predict_from_files` call did; ``cases``: a record per case, in order
+    (the summary file's ``cases``)."""
 
-    cases: list[dict[str, Any]] = field(default_factory=list)
+    cases: list[CaseRecord] = field(default_factory=list)
     interruption: KeyboardInterrupt | None = None  # what stopped the run (Ctrl-C, a signal)
     seconds: float = 0.0
     summary_path: Path | None = None
@@ -117,7 +228,7 @@ class RunSummary:
         return self.interruption is not None
 
     def count(self, status: str) -> int:
-        return sum(case["status"] == status for case in self.cases)
+        return sum(case.status == status for case in self.cases)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -137,8 +248,8 @@ def select_cases(inputs: Path, output_dir: Path, options: PredictOptions) -> lis
     options.validate()
     inputs, output_dir = Path(inputs), Path(output_dir)
     if inputs.is_dir() and output_dir.resolve() == inputs.resolve():
-        raise ValueError("the output folder must differ from the input folder (outputs would "
-                         "be read as inputs on the next run)")
+        raise OptionError("the output folder must differ from the input folder (outputs would "
+                          "be read as inputs on the next run)", "output_dir", str(output_dir))
     cases = select_part(find_cases(inputs), options.num_parts, options.part_id)
     if output_dir.exists() and not output_dir.is_dir():
         raise OSError(f"cannot write to the output folder {output_dir}: it is a file, not a "
@@ -157,16 +268,21 @@ def select_cases(inputs: Path, output_dir: Path, options: PredictOptions) -> lis
 
 def predict_from_files(predictor: Predictor, inputs: str | os.PathLike, output_dir: str | os.PathLike,
                        options: PredictOptions = PredictOptions(), on_event: EventFn | None = None,
-                       record: Mapping[str, Any] | None = None) -> RunSummary:
+                       record: Mapping[str, Any] | None = None,
+                       cases: Sequence[Case] | None = None) -> RunSummary:
     """Segment the file, DICOM folder or folder of cases ``inputs`` into ``output_dir``.
 
     ``record``: extra top-level fields for the summary file (the CLI stores the model path
-    and its arguments). A ``KeyboardInterrupt`` (Ctrl-C, or what a caller's signal handler
-    raises) stops the run after recording what was done (``interrupted``, ``interruption``).
+    and its arguments). ``cases``: what :func:`select_cases` returned for these inputs,
+    output folder and options (a caller that checked its arguments with it before loading
+    the model hands its plan over: the folder is walked once); None: selected here.
+    A ``KeyboardInterrupt`` (Ctrl-C, or what a caller's signal handler raises) stops the
+    run after recording what was done (``interrupted``, ``interruption``).
     Raises ``ValueError``/``OSError`` as :func:`select_cases` before any case runs.
     """
     inputs, output_dir = Path(inputs), Path(output_dir)
-    cases = select_cases(inputs, output_dir, options)
+    if cases is None:
+        cases = select_cases(inputs, output_dir, options)
     run = _CaseRunner(predictor, output_dir, options, on_event or (lambda event: None))
     run.emit("start", cases=len(cases))
     started = time.perf_counter()
@@ -183,7 +299,7 @@ def predict_from_files(predictor: Predictor, inputs: str | os.PathLike, output_d
         "planes": list(predictor.metadata.trained_planes),
         "labels": {label.value: label.name for label in predictor.metadata.labels},
         "options": asdict(options),
-        "cases": run.summary.cases,
+        "cases": [case.as_dict() for case in run.summary.cases],
         **run.summary.counts,
         "interrupted": run.summary.interrupted,
         "seconds": run.summary.seconds,
@@ -192,14 +308,15 @@ def predict_from_files(predictor: Predictor, inputs: str | os.PathLike, output_d
         atomic_write(path, lambda tmp: tmp.write_text(json.dumps(content, indent=2)))
         run.summary.summary_path = path
     except OSError as err:
-        run.summary.cases.append({"case": path.name, "input": str(inputs), "status": "failed",
-                                  "error": f"cannot write the summary {path}: {err.strerror or err}"})
+        run.summary.cases.append(CaseRecord(path.name, str(inputs), "failed",
+                                            error=f"cannot write the summary {path}: {err.strerror or err}"))
     run.emit("done", **run.summary.counts)
     return run.summary
 
 
-Job = tuple[Case, list[Path]]  # a case and its output paths (labels, then probabilities)
+Job = tuple[Case, CaseOutputs]
 Loaded = tuple[Any, float]  # (Volume, or the exception reading raised; seconds spent)
+Ready = tuple[Case, CaseOutputs, Volume, float]  # a frame read and checked, its read seconds
 
 
 def _is_frame(job: Job) -> bool:
@@ -222,37 +339,24 @@ class _CaseRunner:
     def emit(self, name: str, **fields: Any) -> None:
         self.on_event({"event": name, **fields})
 
-    def outputs(self, case: Case) -> list[Path]:
-        """Label path first, then the probability map path, the statistics JSON and CSV
-        and the QC picture, each when asked for."""
-        chosen = self.options.output_format or ("png" if case.path.suffix.lower() in PICTURE_SUFFIXES
-                                                else "nii.gz")
-        paths = [self.output_dir / (case.name + output_suffix(chosen))]
-        if self.options.save_probabilities:
-            paths.append(self.output_dir / PROBABILITY_FOLDER / f"{case.name}.nii.gz")
-        if chosen != "png":  # statistics and QC pictures are for volumes
-            if self.options.statistics:
-                paths += [self.output_dir / f"{case.name}{STATISTICS_SUFFIX}.json",
-                          self.output_dir / f"{case.name}{STATISTICS_SUFFIX}.csv"]
-            if self.options.qc_png:
-                paths.append(self.output_dir / f"{case.name}{QC_SUFFIX}")
-        return paths
+    def record(self, record: CaseRecord) -> None:
+        """Add ``record`` to the summary and send its event."""
+        self.summary.cases.append(record)
+        self.on_event(record.event())
 
-    def run(self, cases: list[Case]) -> None:
+    def run(self, cases: Sequence[Case]) -> None:
         """Remove what killed runs left half-written for these cases, skip finished cases,
         then predict the others, reading the next unit of work in a background thread."""
-        outputs = [self.outputs(case) for case in cases]
+        outputs = [CaseOutputs.plan(case, self.output_dir, self.options) for case in cases]
         remove_partials([summary_path(self.output_dir, self.options),
-                         *(path for paths in outputs for path in paths)])
+                         *(path for planned in outputs for path in planned.paths)])
         jobs = []
-        for case, paths in zip(cases, outputs):
-            if not self.options.overwrite and self._finished(case, paths):
-                logger.info("%s: already done (%s), skipped", case.name, paths[0])
-                self.summary.cases.append({"case": case.name, "input": str(case.path),
-                                           "status": "skipped", "output": str(paths[0])})
-                self.emit("case_skipped", case=case.name, output=str(paths[0]))
+        for case, planned in zip(cases, outputs):
+            if not self.options.overwrite and self._finished(case, planned):
+                logger.info("%s: already done (%s), skipped", case.name, planned.labels)
+                self.record(CaseRecord.skipped(case, planned))
             else:
-                jobs.append((case, paths))
+                jobs.append((case, planned))
         units = self._work_units(jobs)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reader") as pool, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer") as self._writer:
@@ -276,12 +380,12 @@ class _CaseRunner:
             record()
 
     @staticmethod
-    def _finished(case: Case, paths: list[Path]) -> bool:
+    def _finished(case: Case, outputs: CaseOutputs) -> bool:
         """Whether every output of ``case`` exists and reads back; an output that exists
         but cannot be read (a 0-byte file of a full disk...) is redone, with a warning."""
-        if not all(path.exists() for path in paths):
+        if not all(path.exists() for path in outputs.paths):
             return False
-        for path in paths:
+        for path in outputs.paths:
             problem = unreadable_output(path)
             if problem is not None:
                 logger.warning("%s: the existing output %s cannot be read (%s); redoing the case",
@@ -314,12 +418,12 @@ class _CaseRunner:
         return loaded
 
     def _run_volume(self, job: Job, loaded: Loaded) -> None:
-        case, paths = job
+        case, outputs = job
         volume, read_seconds = loaded
         try:
             if isinstance(volume, Exception):
                 raise volume
-            self._check_format(case, volume, paths)
+            self._check_format(case, volume, outputs)
             started = time.perf_counter()
             options = self.options
             total = self.predictor.count_slices(volume, options.axis, options.slice_range,
@@ -337,7 +441,7 @@ class _CaseRunner:
             self._failed(case, err)
             return
         self._finish_writing()  # the previous case, written while the model ran on this one
-        writing = self._writer.submit(self.write_case, prediction, paths, volume)
+        writing = self._writer.submit(self.write_case, prediction, outputs, volume)
 
         def record() -> None:
             try:
@@ -346,81 +450,84 @@ class _CaseRunner:
                 self._failed(case, err)
                 return
             timings = {**prediction.times.as_dict(), "write": write_seconds}
-            self._succeeded(case, volume, paths, timings, read_seconds, busy_seconds + write_seconds, total)
+            self._succeeded(case, volume, outputs, timings, read_seconds, busy_seconds + write_seconds, total)
 
         self._writing = record
 
     def _run_frames(self, jobs: list[Job], loaded: list[Loaded]) -> None:
         """PNG/JPG frames predicted together (``Predictor.predict_images``), written at once."""
         self._finish_writing()
-        ready = []
-        for (case, paths), (volume, read_seconds) in zip(jobs, loaded):
+        ready: list[Ready] = []
+        for (case, outputs), (volume, read_seconds) in zip(jobs, loaded):
             try:
                 if isinstance(volume, Exception):
                     raise volume
-                self._check_format(case, volume, paths)
-                ready.append((case, paths, volume, read_seconds))
+                self._check_format(case, volume, outputs)
+                ready.append((case, outputs, volume, read_seconds))
             except Exception as err:  # noqa: BLE001
                 self._failed(case, err)
-        if not ready:
-            return
+        for case, *_ in ready:
+            self.emit("case_start", case=case.name, slices=1)
+        if ready:
+            self._predict_frames(ready)
+
+    def _predict_frames(self, ready: list[Ready]) -> None:
+        """Predict and write frames whose ``case_start`` was sent; when the shared batch
+        fails, each frame again on its own, to find the bad one(s)."""
         started = time.perf_counter()
         try:
-            for case, *_ in ready:
-                self.emit("case_start", case=case.name, slices=1)
             predictions = self.predictor.predict_images(
                 [volume for *_, volume, _ in ready], tta=self.options.tta,
                 postprocess=self.options.postprocess, probabilities=self.options.save_probabilities)
         except Exception as err:  # noqa: BLE001
             if len(ready) == 1:
                 self._failed(ready[0][0], err)
-            else:  # find the bad frame(s): one at a time
-                for case, paths, volume, read_seconds in ready:
-                    self._run_frames([(case, paths)], [(volume, read_seconds)])
+            else:
+                for frame in ready:
+                    self._predict_frames([frame])
             return
         shared_seconds = (time.perf_counter() - started) / len(ready)
-        for (case, paths, volume, read_seconds), prediction in zip(ready, predictions):
+        for (case, outputs, volume, read_seconds), prediction in zip(ready, predictions):
             try:
                 self.emit("slices", case=case.name, done=1, total=1)
                 written = time.perf_counter()
-                timings = {**prediction.times.as_dict(), "write": self.write_case(prediction, paths)}
-                self._succeeded(case, volume, paths, timings, read_seconds,
+                timings = {**prediction.times.as_dict(), "write": self.write_case(prediction, outputs)}
+                self._succeeded(case, volume, outputs, timings, read_seconds,
                                 shared_seconds + time.perf_counter() - written, 1)
             except Exception as err:  # noqa: BLE001
                 self._failed(case, err)
 
     @staticmethod
-    def _check_format(case: Case, volume: Volume, paths: list[Path]) -> None:
-        if paths[0].name.endswith(".dcm") and not volume.is_dicom:
-            raise ValueError(f"{case.path}: the dcm output format (DICOM SEG) needs DICOM input; "
-                             "use nii.gz or seg.nrrd")
-        if paths[0].name.endswith(".dcm"):
+    def _check_format(case: Case, volume: Volume, outputs: CaseOutputs) -> None:
+        if outputs.label_format == "dcm" and not volume.is_dicom:
+            raise OptionError(f"{case.path}: the dcm output format (DICOM SEG) needs DICOM input; "
+                              "use nii.gz or seg.nrrd", "output_format", outputs.label_format)
+        if outputs.label_format == "dcm":
             dicom_seg_sources(volume)  # refuses unusable sources before the model runs
 
-    def write_case(self, prediction: Prediction, paths: list[Path], image: Volume | None = None) -> float:
-        """The one per-case write step: labels (and probabilities, statistics, QC picture)
-        to ``paths`` (as :meth:`outputs` lists them); ``image`` is the input volume the
+    def write_case(self, prediction: Prediction, outputs: CaseOutputs, image: Volume | None = None) -> float:
+        """The one per-case write step: labels (and probabilities, statistics, QC picture,
+        each where ``outputs`` has a path for it); ``image`` is the input volume the
         statistics and QC picture need. Returns the seconds it took."""
         started = time.perf_counter()
         metadata = self.predictor.metadata
         labels = prediction.labels
-        writes = [(paths[0], lambda: write_labels(labels, paths[0], metadata.labels))]
-        if prediction.probabilities is not None:
-            writes.append((paths[1], lambda: write_probabilities(prediction.probabilities, paths[1])))
-        by_name = {path.name: path for path in paths[1:]}
-        stats_json = next((p for n, p in by_name.items() if n.endswith(STATISTICS_SUFFIX + ".json")), None)
-        qc_path = next((p for n, p in by_name.items() if n.endswith(QC_SUFFIX)), None)
-        if image is not None and stats_json is not None:
+        writes = [(outputs.labels, lambda: write_labels(labels, outputs.labels, metadata.labels))]
+        if prediction.probabilities is not None and outputs.probabilities is not None:
+            writes.append((outputs.probabilities,
+                           lambda: write_probabilities(prediction.probabilities, outputs.probabilities)))
+        if image is not None and outputs.statistics_json is not None:
             from ..statistics import label_statistics, write_statistics
 
-            writes.append((stats_json, lambda: write_statistics(
+            writes.append((outputs.statistics_json, lambda: write_statistics(
                 label_statistics(labels, image, metadata.labels, prediction.agreement),
-                stats_json, stats_json.with_suffix(".csv"))))
-        if image is not None and qc_path is not None:
+                outputs.statistics_json, outputs.statistics_csv)))
+        if image is not None and outputs.qc_png is not None:
             from ..qc import write_qc_png
 
             disputed = None if prediction.agreement is None else prediction.agreement.disputed
-            writes.append((qc_path, lambda: write_qc_png(labels, image, metadata.labels, qc_path, disputed)))
+            writes.append((outputs.qc_png,
+                           lambda: write_qc_png(labels, image, metadata.labels, outputs.qc_png, disputed)))
         for path, write in writes:
             try:
                 write()
@@ -428,26 +535,23 @@ class _CaseRunner:
                 raise OSError(f"cannot write {path}: {err.strerror or err}") from err
         return time.perf_counter() - started
 
-    def _succeeded(self, case: Case, volume: Volume, paths: list[Path], timings: dict[str, float],
+    def _succeeded(self, case: Case, volume: Volume, outputs: CaseOutputs, timings: dict[str, float],
                    read_seconds: float, busy_seconds: float, slices: int) -> None:
-        timings = {k: round(v, 3) for k, v in {"read": read_seconds, **timings}.items()}
-        seconds = round(read_seconds + busy_seconds, 3)
-        record: dict[str, Any] = {
-            "case": case.name, "input": str(case.path), "status": "ok",
-            "output": str(paths[0]), "seconds": seconds, "timings": timings,
-            "shape_kji": list(volume.shape_kji), "slices": slices,
-        }
-        if "series_uid" in volume.meta:
-            record["series_uid"] = volume.meta["series_uid"]
-            record["series_in_folder"] = volume.meta.get("series_in_folder")
-        self.summary.cases.append(record)
-        self.emit("case_done", case=case.name, output=str(paths[0]), seconds=seconds, timings=timings)
+        dicom = "series_uid" in volume.meta
+        self.record(CaseRecord(
+            case.name, str(case.path), "ok", output=str(outputs.labels),
+            seconds=round(read_seconds + busy_seconds, 3),
+            timings={k: round(v, 3) for k, v in {"read": read_seconds, **timings}.items()},
+            shape_kji=list(volume.shape_kji), slices=slices,
+            series_uid=volume.meta["series_uid"] if dicom else None,
+            series_in_folder=volume.meta.get("series_in_folder") if dicom else None,
+        ))
 
     def _failed(self, case: Case, err: Exception) -> None:
-        message = str(err) if str(case.path) in str(err) else f"{case.path}: {err}"
-        if type(err).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, no torch import
-            message += f" (GPU out of memory: try batch_size={max(1, self.predictor.batch_size // 2)})"
         logger.debug("case %s failed", case.name, exc_info=err)
-        self.summary.cases.append({"case": case.name, "input": str(case.path), "status": "failed",
-                                   "error": message})
-        self.emit("case_error", case=case.name, error=message)
+        if type(err).__name__ == "OutOfMemoryError" and not isinstance(err, OutOfMemoryError):
+            # torch.cuda.OutOfMemoryError (no torch import here): a smaller batch needs less
+            smaller = max(1, self.predictor.batch_size // 2)
+            err = OutOfMemoryError(f"{err}; GPU out of memory: try a batch size of {smaller}",
+                                   "batch_size", smaller)
+        self.record(CaseRecord.failed(case.name, case.path, err))

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from ..errors import OptionError
 from ..io.orientation import PlaneView, check_planes, plane_view
 from ..io.volume import Volume, check_fits_in_memory, model_label_dtype
 from ..metadata import ModelMetadata, UntrainedModelError
@@ -116,7 +117,7 @@ class Predictor:
                  device: str | torch.device = "auto", precision: str = "auto",
                  allow_untrained: bool = False) -> None:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise OptionError(f"batch_size must be >= 1, got {batch_size}", "batch_size", batch_size)
         metadata = getattr(runner_or_model, "metadata", None)
         if isinstance(metadata, ModelMetadata) and not metadata.decoder_trained and not allow_untrained:
             raise UntrainedModelError(metadata.untrained_reason())
@@ -172,12 +173,13 @@ class Predictor:
         plane. ``ValueError`` for both ``axis`` and ``planes``, an unknown plane, or a
         ``slice_range`` with several ``planes``."""
         if axis is not None and planes:
-            raise ValueError(f"axis {axis!r} and planes {list(planes)} both given; give one")
+            raise OptionError(f"axis {axis!r} and planes {list(planes)} both given; give one",
+                              "planes", list(planes))
         if volume.shape_kji[0] == 1 or axis is not None:
             return (self.resolve_plane(volume, axis),)
         if slice_range is not None and planes and len(planes) > 1:
-            raise ValueError(f"a slice range applies to one plane, not to the fused planes "
-                             f"{list(planes)}; choose one plane")
+            raise OptionError(f"a slice range applies to one plane, not to the fused planes "
+                              f"{list(planes)}; choose one plane", "slice_range", slice_range)
         chosen = tuple(planes) if planes else self.metadata.trained_planes[:1 if slice_range else None]
         check_planes(chosen)
         untrained = [plane for plane in chosen if plane not in self.metadata.trained_planes]
@@ -245,8 +247,8 @@ class Predictor:
             volume.source or "volume", volume.shape_kji, 4 * out_channels + extra_bytes,
             what=f"the labels and {out_channels}-channel float32 probabilities"
                  + (" fused over the planes" if fused else ""),
-            advice="segment along one plane (axis)" if fused
-            else "segment without probabilities (probabilities=False)",
+            advice="segment along one plane" if fused else "segment without probabilities",
+            field="axis" if fused else "probabilities", value=None if fused else False,
         )
         shape = volume.shape_kji if out_channels == 1 else volume.shape_kji + (out_channels,)
         return np.zeros(shape, dtype=np.float32)
@@ -409,10 +411,11 @@ def _view_range(
         return 0, num_slices
     start, stop = (int(v) for v in slice_range)
     if not 0 <= start < stop <= num_slices:
-        raise ValueError(
+        raise OptionError(
             f"slice range {start}:{stop} is outside the {num_slices} slices of this "
             f"volume along the {view.plane} axis (expected 0 <= start < stop <= "
-            f"{num_slices})"
+            f"{num_slices})",
+            "slice_range", [start, stop],
         )
     if view.slice_axis_flipped:
         return num_slices - stop, num_slices - start

@@ -96,7 +96,8 @@ def _log_int8_check(props: dict[str, str], source: str) -> None:
     if PRECISION_KEY not in props:
         return
     if CHECK_KEY not in props:
-        logger.warning("%s: int8 file without an agreement check (not written by sam2unet-export --int8)", source)
+        logger.warning("%s: int8 file without an agreement check (not written by "
+                       "sam2unet_core.export.quantize.quantize_int8)", source)
         return
     check = json.loads(props[CHECK_KEY])
     measured, here = set(check["cpu"]["features"]), set(cpu_features())
@@ -105,7 +106,8 @@ def _log_int8_check(props: dict[str, str], source: str) -> None:
     vnni = {"avx512_vnni", "avx_vnni", "amx_int8"}
     if bool(measured & vnni) != bool(here & vnni) and not check["settings"].get("reduce_range"):
         logger.warning("%s: checked on a CPU %s VNNI, this one has %s; its 8-bit weights may give other labels "
-                       "here: check it again on this CPU (sam2unet-export --int8 --check)", source,
+                       "here: check it again on this CPU (quantize it here: "
+                       "sam2unet_core.export.quantize.quantize_int8)", source,
                        "with" if measured & vnni else "without", "it" if here & vnni else "none")
 
 

@@ -7,16 +7,20 @@ from typing import Sequence
 
 import numpy as np
 
+from ..errors import OptionError
+
 __all__ = ["POSTPROCESS_STEPS", "check_steps", "postprocess_labels"]
 
 POSTPROCESS_STEPS = ("largest_component", "fill_holes")
 
 
 def check_steps(steps: Sequence[str]) -> None:
-    """Raise ``ValueError`` naming the steps that are not in ``POSTPROCESS_STEPS``."""
+    """Raise :class:`OptionError` (a ``ValueError``) naming the steps that are not in
+    ``POSTPROCESS_STEPS``."""
     unknown = [step for step in steps if step not in POSTPROCESS_STEPS]
     if unknown:
-        raise ValueError(f"unknown post-processing {unknown}; expected {POSTPROCESS_STEPS}")
+        raise OptionError(f"unknown post-processing {unknown}; expected {POSTPROCESS_STEPS}",
+                          "postprocess", list(steps))
 
 
 def postprocess_labels(

@@ -118,7 +118,7 @@ def find_cases(input_path: Path) -> list[Case]:
     if loose_dicom:
         logger.warning(
             "%s: ignoring %d DICOM files lying next to other cases (%s); give each series "
-            "its own sub-folder, or pass the file or its folder with -i",
+            "its own sub-folder, or give the file or its folder as the input",
             input_path, len(loose_dicom), _first_names(loose_dicom),
         )
     unsupported = [p for p in entries if p.is_file() and p.suffix.lower() in UNSUPPORTED_HINTS]

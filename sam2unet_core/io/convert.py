@@ -13,6 +13,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from ..errors import OptionError
 from .volume import Volume, affine_ras, geometry_from_affine_ras
 
 __all__ = [
@@ -94,8 +95,9 @@ def volume_from_nifti(
     shape = image.shape
     if volume_index is not None and len(shape) == 4 and shape[3] > 1:
         if not 0 <= volume_index < shape[3]:
-            raise ValueError(f"{source}: volume index {volume_index} is outside the "
-                             f"{shape[3]} volumes of this 4D image (0 to {shape[3] - 1})")
+            raise OptionError(f"{source}: volume index {volume_index} is outside the "
+                              f"{shape[3]} volumes of this 4D image (0 to {shape[3] - 1})",
+                              "volume_index", volume_index)
         data = np.asanyarray(image.dataobj[..., volume_index])
     else:
         data = np.asanyarray(image.dataobj)
@@ -104,10 +106,11 @@ def volume_from_nifti(
     if data.ndim > 3:
         extra = data.shape[3:]
         if int(np.prod(extra)) != 1:
-            raise ValueError(
+            raise OptionError(
                 f"{source}: expected a 3D volume, got shape {data.shape} "
                 f"({int(np.prod(extra))} volumes/channels); choose one by its volume index "
-                "(4D images) or split it into 3D files first"
+                "(4D images) or split it into 3D files first",
+                "volume_index", volume_index,
             )
         data = data.reshape(data.shape[:3])
     if data.ndim != 3:

@@ -20,6 +20,7 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
 
+from ..errors import OptionError
 from .convert import sitk_error_cause, volume_from_sitk
 from .sitk_paths import sitk_read_paths
 from .volume import Volume, check_fits_in_memory
@@ -207,9 +208,10 @@ def select_dicom_series(
     for candidate in found:
         if candidate.uid == series_uid:
             return candidate
-    raise ValueError(
+    raise OptionError(
         f"{folder}: no series with SeriesInstanceUID {series_uid}; found: "
-        + "; ".join(s.summary() for s in found)
+        + "; ".join(s.summary() for s in found),
+        "series_uid", series_uid,
     )
 
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import OptionError
+
 __all__ = ["PLANES", "PlaneView", "check_planes", "plane_view"]
 
 # For each plane: (LPS axis, sign) of the slice, row and column directions (L=0, P=1, S=2).
@@ -96,6 +98,8 @@ def plane_view(direction_lps: np.ndarray, plane: str) -> PlaneView:
 
 
 def check_planes(planes: tuple[str, ...] | list[str]) -> None:
-    """``ValueError`` unless ``planes`` are distinct names of :data:`PLANES` (at least one)."""
+    """:class:`OptionError` (a ``ValueError``) unless ``planes`` are distinct names of
+    :data:`PLANES` (at least one)."""
     if not planes or any(plane not in PLANES for plane in planes) or len(set(planes)) != len(planes):
-        raise ValueError(f"planes {list(planes)} must be distinct planes of {sorted(PLANES)}")
+        raise OptionError(f"planes {list(planes)} must be distinct planes of {sorted(PLANES)}",
+                          "planes", list(planes))

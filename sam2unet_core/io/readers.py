@@ -44,6 +44,7 @@ from isal import igzip
 from nibabel.fileholders import FileHolder
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import OutOfMemoryError, Sam2UNetError, UnreadableInputError
 from .convert import sitk_error_cause, volume_from_nifti, volume_from_sitk
 from .dicom import looks_like_dicom, read_dicom_file, read_dicom_series
 from .errors import error_text
@@ -277,7 +278,7 @@ def read_volume(
     path = Path(path)
     reason = unreadable_reason(path)
     if reason is not None:
-        raise ValueError(f"{path}: {reason}")
+        raise UnreadableInputError(f"{path}: {reason}")
     if path.is_dir():
         reader: VolumeReader = _read_dicom_folder
     else:
@@ -288,25 +289,26 @@ def read_volume(
             reader = _read_dicom_file
         else:
             hint = UNSUPPORTED_HINTS.get(path.suffix.lower(), "")
-            raise ValueError(
+            raise UnreadableInputError(
                 f"{path}: unsupported file type{hint}; expected one of "
                 f"{', '.join(IMAGE_SUFFIXES)} or a folder of DICOM files"
             )
     if path.is_file() and path.stat().st_size == 0:
-        raise ValueError(f"{path}: the file is empty (0 bytes)")
+        raise UnreadableInputError(f"{path}: the file is empty (0 bytes)")
     try:
         return reader(path, ReadOptions(series_uid, volume_index))
+    except Sam2UNetError:  # already says its kind (too big for memory, an unusable option)
+        raise
     except ValueError as err:
-        if str(path) in str(err):
-            raise
-        raise ValueError(f"{path}: {error_text(err)}") from err
+        message = str(err) if str(path) in str(err) else f"{path}: {error_text(err)}"
+        raise UnreadableInputError(message) from err
     except MemoryError as err:
         available = available_memory()
         room = (f"{available[0] / GIB:.3g} GiB available, limited by {available[1]}"
                 if available is not None else "the available memory is unknown")
-        raise ValueError(
+        raise OutOfMemoryError(
             f"{path}: not enough memory to read it (an allocation failed: {error_text(err)}; "
             f"{room})"
         ) from err
     except Exception as err:  # noqa: BLE001 - corrupt bytes make parsers raise anything
-        raise ValueError(f"{path}: corrupt or unreadable file ({error_text(err)})") from err
+        raise UnreadableInputError(f"{path}: corrupt or unreadable file ({error_text(err)})") from err

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import OutOfMemoryError
+
 __all__ = [
     "Volume",
     "LPS_TO_RAS",
@@ -246,10 +248,14 @@ def check_fits_in_memory(
     itemsize: int,
     what: str = "the image (voxels plus a label map)",
     advice: str = "crop or downsample it, or run on a machine with more memory",
+    field: str | None = None,
+    value: Any = None,
 ) -> None:
-    """Raise ``ValueError`` before allocating when arrays of ``shape`` (any axis order) with
-    ``itemsize`` bytes a voxel, plus a one-byte label map of the same grid, would not fit in
-    the memory available now (:func:`available_memory`, named in the message). The readers call it with header sizes only (numpy allocates
+    """Raise :class:`~sam2unet_core.errors.OutOfMemoryError` (a ``ValueError``) before
+    allocating when arrays of ``shape`` (any axis order) with ``itemsize`` bytes a voxel, plus
+    a one-byte label map of the same grid, would not fit in the memory available now
+    (:func:`available_memory`, named in the message); ``advice`` says what needs less, and
+    ``field``/``value`` name the option and value that do, when one does. The readers call it with header sizes only (numpy allocates
     lazily, so an oversized array would otherwise end in the kernel's out-of-memory kill
     half-way through a run instead of an error)."""
     shape = tuple(int(n) for n in shape)
@@ -257,7 +263,8 @@ def check_fits_in_memory(
     available = available_memory()
     if available is not None and needed > available[0]:
         free, limited_by = available
-        raise ValueError(
+        raise OutOfMemoryError(
             f"{source}: {what} of shape {shape} needs about {needed / GIB:.3g} GiB, "
-            f"{free / GIB:.3g} GiB available (limited by {limited_by}); {advice}"
+            f"{free / GIB:.3g} GiB available (limited by {limited_by}); {advice}",
+            field, value,
         )
