@@ -6,6 +6,7 @@ exact key layouts of the real ones, filled with random tensors of the hiera_t si
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,10 @@ from sam2unet_core.model.blocks import UpBlock
 from sam2unet_core.model.hiera import build_hiera_trunk
 
 torch.set_num_threads(2)
+# the repository root, for the scripts' shared modules (benchmarks.brain_data, the demo's data)
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

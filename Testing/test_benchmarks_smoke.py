@@ -165,11 +165,11 @@ def test_bench_input_size_scores_one_model_at_each_size(monkeypatch: pytest.Monk
     """A saved model is scored on the demo's held-out case at every size; a size the model
     cannot take is refused before any prediction, with no result file."""
     from sam2unet_core import SAM2UNet, save_model
-    from sam2unet_core.demo import build_brain_dataset
     from sam2unet_core.metadata import Architecture, ModelMetadata, default_labels
 
     monkeypatch.syspath_prepend(str(REPO))
     from benchmarks import bench_input_size
+    from benchmarks.brain_data import build_brain_dataset
 
     data = build_brain_dataset(tmp_path / "data", train_cases=1, test_cases=1, resolution_mm=4)
     meta = ModelMetadata(architecture=Architecture("hiera_t", num_classes=3, in_channels=1),

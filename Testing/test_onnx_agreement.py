@@ -1,6 +1,6 @@
 """ONNX Runtime against torch on a trained model and real slices (issue 16, parts 1-2).
 
-The model is trained here, briefly, on the demo's data (``sam2unet_core.demo``: variants of
+The model is trained here, briefly, on the demo's data (``benchmarks.brain_data``: variants of
 nilearn's MNI152 T1 template, grey and white matter labels) with the demo's config
 (``training/configs/demo_brain_cpu.yaml``) shortened to 4 mm volumes, 64 px and a few dozen
 steps. It must segment the held-out volumes non-trivially, so that agreement between the
@@ -21,8 +21,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.brain_data import DEMO_CONFIG, build_brain_dataset
 from sam2unet_core.checkpoint import load_model
-from sam2unet_core.demo import DEFAULT_CONFIG, build_brain_dataset
 from sam2unet_core.export.onnx import INPUT_NAME, export_onnx
 from sam2unet_core.export.quantize import INT8_PRECISION, AgreementError, compare_predictors, label_dice, quantize_int8
 from sam2unet_core.inference.engine import Predictor
@@ -49,7 +49,7 @@ def trained_case(folder: Path) -> dict:
     from sam2unet_core.train.trainer import train
 
     data = build_brain_dataset(folder / "data", train_cases=2, test_cases=2, resolution_mm=4)
-    config = load_config(DEFAULT_CONFIG, [f"data.root={data}", f"run.output={folder / 'model'}", *SHORT_TRAINING])
+    config = load_config(DEMO_CONFIG, [f"data.root={data}", f"run.output={folder / 'model'}", *SHORT_TRAINING])
     result = train(config, resume=False)
     model = load_model(result.output / "best.safetensors").eval()
     images = sorted((data / "imagesTs").glob("*.nii.gz"))

@@ -4,7 +4,10 @@ label maps and overlays exist."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -15,7 +18,14 @@ import yaml
 from PIL import Image
 
 from sam2unet_core import read_metadata
-from sam2unet_core.demo import DEFAULT_CONFIG, main
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "training" / "demo.py"
+# the script, imported by its path (not as a package named training)
+_spec = importlib.util.spec_from_file_location("sam2unet_demo_script", DEMO)
+demo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(demo)
+DEFAULT_CONFIG, main = demo.DEFAULT_CONFIG, demo.main
 
 
 @pytest.mark.slow
@@ -74,3 +84,13 @@ def test_demo_trains_on_a_given_sam2_checkpoint_with_the_trunk_frozen(tmp_path: 
 def test_demo_names_a_missing_sam2_checkpoint(tmp_path: Path, capsys) -> None:
     assert main(["--out", str(tmp_path / "demo"), "--sam2", str(tmp_path / "none.pt"), *SHORT]) == 2
     assert "none.pt: no such file" in capsys.readouterr().err
+
+
+def test_demo_script_runs_by_path_from_anywhere_with_its_own_config(tmp_path: Path) -> None:
+    """``python training/demo.py`` from another folder: the script finds its config and the
+    data builder; the package holds no demo (it is not part of the wheel)."""
+    shown = subprocess.run([sys.executable, str(DEMO), "--help"], cwd=tmp_path, capture_output=True, text=True,
+                           check=True).stdout
+    assert str(REPO / "training" / "configs" / "demo_brain_cpu.yaml") in " ".join(shown.split())
+    assert DEFAULT_CONFIG.is_file()
+    assert importlib.util.find_spec("sam2unet_core.demo") is None

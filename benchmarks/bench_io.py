@@ -83,13 +83,14 @@ def child_run(image: Path, model: Path, out: Path) -> dict:
     _reset_peak()
     run = predict_from_files(predictor, image, out, PredictOptions(overwrite=True))
     finished = time.perf_counter()
-    failed = [case for case in run.cases if case["status"] != "ok"]
+    cases = json.loads(run.summary_path.read_text())["cases"]  # the same in old and new code
+    failed = [case for case in cases if case["status"] != "ok"]
     if failed:
         raise RuntimeError(f"cases failed: {failed}")
-    stages = {stage: sum(case["timings"].get(stage, 0.0) for case in run.cases)
+    stages = {stage: sum(case["timings"].get(stage, 0.0) for case in cases)
               for stage in ("read", "preprocess", "model", "postprocess", "write")}
     return {"import_s": imported - started, "load_s": loaded - imported, **{f"{k}_s": v for k, v in stages.items()},
-            "run_wall_s": finished - loaded, "total_s": finished - started, "cases": len(run.cases),
+            "run_wall_s": finished - loaded, "total_s": finished - started, "cases": len(cases),
             "peak_rss_mb": _peak_rss() / 2**20, "growth_mb": (_peak_rss() - base) / 2**20}
 
 

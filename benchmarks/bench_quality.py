@@ -1,6 +1,6 @@
 """Segmentation quality at an equal training budget: SAM2-UNet (our trainer, a config of
 ``training/configs``) beside MONAI's ``BasicUNet`` (a small and the default width), trained
-one after the other in one run on the ``make demo`` data (``sam2unet_core.demo``: MNI152
+one after the other in one run on the ``make demo`` data (``benchmarks.brain_data``: MNI152
 variants, grey and white matter), the same split, the same slices, augmentation, loss,
 optimiser and schedule, then scored with ``sam2unet_core.evaluation`` (``sam2unet-evaluate``) on the same held-out cases.
 
@@ -47,7 +47,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sam2unet_core.demo import DEFAULT_CONFIG, build_brain_dataset  # noqa: E402
+from benchmarks.brain_data import DEMO_CONFIG as DEFAULT_CONFIG, build_brain_dataset  # noqa: E402
 
 __all__ = ["main", "CNN_WIDTHS", "train_cnn", "predict_cases", "evaluate_predictions"]
 

@@ -139,10 +139,10 @@ def run_predict(image: Path, model: Path, output: Path, device: str, batch_size:
                           precision="fp32" if precision == "fp32" else "auto")
     run = predict_from_files(predictor, image, output, PredictOptions(overwrite=True))
     wall = time.perf_counter() - started
-    case = run.cases[0]
+    summary = json.loads(run.summary_path.read_text())
+    case = summary["cases"][0]
     if case["status"] != "ok":
         raise RuntimeError(f"prediction of {image} failed: {case.get('error')}")
-    summary = json.loads(run.summary_path.read_text())
     peak, memory_kind = peak_memory_bytes(torch_device)
     stages = {stage: case["timings"].get(stage, 0.0) for stage in STAGES}
     stages["setup"] = wall - case["seconds"]  # model loading, case discovery, summary
