@@ -148,6 +148,28 @@ def test_bundle_files_and_config_ids(case) -> None:
     assert "python -m monai.bundle run" in readme and "| 2 | core |" in readme and "sagittal" in readme
 
 
+def test_bundles_name_the_stable_runtime_module_and_older_bundles_still_load(case, tmp_path: Path) -> None:
+    """inference.json names what it runs in sam2unet_core.inference.monai_bundle; a bundle
+    exported before that module existed names sam2unet_core.export.bundle, which still
+    resolves (MONAI's ConfigParser builds its datalist and inferer)."""
+    from monai.bundle import ConfigParser
+
+    from sam2unet_core.inference import monai_bundle
+    from sam2unet_core.metadata import ModelMetadata
+
+    config = json.loads((case["bundle"] / "configs" / "inference.json").read_text())
+    assert config["datalist"]["_target_"] == "sam2unet_core.inference.monai_bundle.list_nifti_files"
+    assert config["inferer"]["_target_"] == "sam2unet_core.inference.monai_bundle.SliceInferer"
+    config["datalist"]["_target_"] = "sam2unet_core.export.bundle.list_nifti_files"
+    config["inferer"]["_target_"] = "sam2unet_core.export.bundle.SliceInferer"
+    config["dataset_dir"] = str(case["inputs"])
+    parser = ConfigParser(config)
+    assert parser.get_parsed_content("datalist") == monai_bundle.list_nifti_files(case["inputs"])
+    inferer = parser.get_parsed_content("inferer")
+    assert isinstance(inferer, monai_bundle.SliceInferer)
+    assert inferer.metadata == ModelMetadata.from_dict(config["sam2unet_metadata"])
+
+
 def test_network_def_names_only_architecture_fields_the_metadata_holds() -> None:
     """SAM 2's windows and the paper's head are not written in the metadata, so the network is
     built without them."""
@@ -181,6 +203,17 @@ def test_metadata_passes_monai_verify_metadata_offline(case, tmp_path: Path) -> 
     (tmp_path / "metadata.json").write_text(json.dumps(broken))
     with pytest.raises(ValueError, match="'network_data_format' is a required property"):
         verify_metadata(meta_file=str(tmp_path / "metadata.json"), filepath=str(SCHEMA_PATH))
+    # ours checks the same, and leaves every logger as it was
+    import logging
+
+    from sam2unet_core.export.bundle import verify_metadata as ours
+
+    loggers = [logging.getLogger(name) for name in ("monai.bundle.scripts", "monai.apps", "")]
+    levels = [log.level for log in loggers]
+    ours(case["bundle"] / "configs" / "metadata.json")
+    with pytest.raises(ValueError, match="'network_data_format' is a required property"):
+        ours(tmp_path / "metadata.json")
+    assert [log.level for log in loggers] == levels
 
 
 def test_export_refuses_a_non_empty_folder_and_leaves_nothing_when_it_fails(case, tmp_path: Path,
@@ -238,7 +271,7 @@ def test_bundle_run_with_missing_weights_or_no_inputs_fails_clearly(case, tmp_pa
 def test_slice_inferer_refuses_a_4d_image_naming_the_file() -> None:
     from monai.data import MetaTensor
 
-    from sam2unet_core.export.bundle import SliceInferer
+    from sam2unet_core.inference.monai_bundle import SliceInferer
     from sam2unet_core.metadata import Architecture, ModelMetadata
 
     inferer = SliceInferer(ModelMetadata(architecture=Architecture("hiera_t", 1, 3)).to_dict())
@@ -255,7 +288,7 @@ def test_slice_inferer_reads_an_lps_affine_as_the_predictor_reads_the_file(case)
     from monai.data import MetaTensor
 
     from sam2unet_core.checkpoint import load_model
-    from sam2unet_core.export.bundle import SliceInferer
+    from sam2unet_core.inference.monai_bundle import SliceInferer
     from sam2unet_core.inference.engine import Predictor
     from sam2unet_core.io import read_volume
     from sam2unet_core.io.volume import LPS_TO_RAS
@@ -281,7 +314,7 @@ def test_slice_inferer_leaves_the_network_as_it_was(case, tmp_path: Path) -> Non
     from monai.data import MetaTensor
 
     from sam2unet_core.checkpoint import load_model
-    from sam2unet_core.export.bundle import SliceInferer
+    from sam2unet_core.inference.monai_bundle import SliceInferer
     from sam2unet_core.export.onnx import export_onnx
     from sam2unet_core.train.losses import DeepSupervisionLoss
 

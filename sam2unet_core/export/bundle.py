@@ -1,4 +1,4 @@
-"""Export a SAM2-UNet as a MONAI Bundle, and the two pieces such a bundle runs with.
+"""Export a SAM2-UNet as a MONAI Bundle.
 
 :func:`export_bundle` writes the folder that ``python -m monai.bundle run`` (MONAI Label,
 MONAI Deploy, the Auto3DSeg Slicer extension) loads::
@@ -16,12 +16,11 @@ MONAI Deploy, the Auto3DSeg Slicer extension) loads::
 
 The network is rebuilt from ``network_def`` (``SAM2UNet`` with the architecture of the
 ``sam2unet_metadata`` entry, our :class:`~sam2unet_core.metadata.ModelMetadata`) and filled
-from ``models/model.pt`` by MONAI's ``CheckpointLoader``. MONAI reads each NIfTI file
-(``LoadImaged``, nibabel, no reorientation or resampling) and writes each label map
-(``SaveImaged``, the input's affine); in between, :class:`SliceInferer` runs our own
-:class:`~sam2unet_core.inference.engine.Predictor` over a ``TorchRunner``: the same plane
-slicing, 2.5D stacks, per-volume intensity mapping, resize, mean/std and label rule as
-``sam2unet-predict`` (one definition of each step, in ``sam2unet_core.preprocessing``).
+from ``models/model.pt`` by MONAI's ``CheckpointLoader``. What the bundle runs besides MONAI
+(its datalist and the ``SliceInferer`` around our ``Predictor``) lives in the small, stable
+module :mod:`sam2unet_core.inference.monai_bundle`, which ``inference.json`` names by dotted
+path; this module only writes bundles (and still provides those two names, which bundles
+exported before that module existed refer to here).
 
 ``configs/metadata.json`` is checked against MONAI's metadata schema before the folder
 appears; the schema ships with this package (:data:`SCHEMA_PATH`, see :data:`SCHEMA_URL`)
@@ -30,25 +29,20 @@ so ``python -m monai.bundle verify_metadata --filepath SCHEMA_PATH`` runs offlin
 
 from __future__ import annotations
 
+import hashlib
 import json
-import logging
 import os
 import shutil
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
-from monai.inferers import Inferer
-from monai.utils import ImageMetaKey, MetaKeys
 
-from ..device import PRECISIONS
-from ..inference.engine import Predictor
-from ..inference.torch_runner import TorchRunner
+from ..inference.monai_bundle import NIFTI_ENDINGS, SliceInferer, list_nifti_files  # old bundles name them here
 from ..io.atomic import partial_path
-from ..io.volume import LPS_TO_RAS, Volume, geometry_from_affine_ras, model_label_dtype
+from ..io.volume import model_label_dtype
 from ..metadata import ModelMetadata
 from ..model.sam2unet import SAM2UNet
 
@@ -63,7 +57,6 @@ SCHEMA_URL = ("https://github.com/Project-MONAI/MONAI-extra-test-data/releases/d
               "meta_schema_20240725.json")
 SCHEMA_PATH = Path(__file__).with_name("monai_meta_schema_20240725.json")
 SCHEMA_MD5 = "76e1add273836515d0bbb3bc71962474"  # of SCHEMA_PATH: verify_metadata checks it
-NIFTI_ENDINGS = (".nii", ".nii.gz")
 METADATA_ID = "sam2unet_metadata"  # the inference.json entry holding our ModelMetadata
 CONFIG_SPECIAL_STARTS = ("$", "@", "%")  # strings MONAI's ConfigParser would evaluate
 LOGGING_CONF = """[loggers]
@@ -91,99 +84,6 @@ format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
 
 
 # ----------------------------------------------------------------- run-time pieces
-def list_nifti_files(folder: str | os.PathLike) -> list[str]:
-    """The ``.nii``/``.nii.gz`` files directly in ``folder``, sorted (the bundle's
-    ``datalist``); ``ValueError`` naming the folder when it is missing or holds none."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"{folder}: dataset_dir is not a folder")
-    found = sorted(str(path) for path in folder.iterdir()
-                   if path.is_file() and path.name.lower().endswith(NIFTI_ENDINGS))
-    if not found:
-        raise ValueError(f"{folder}: no NIfTI files (.nii, .nii.gz) in dataset_dir")
-    return found
-
-
-class SliceInferer(Inferer):
-    """MONAI inferer that segments whole volumes with our :class:`Predictor`.
-
-    ``inputs``: a batch from ``LoadImaged`` + ``EnsureChannelFirstd``, a ``MetaTensor``
-    ``(B, 1, I, J, K)`` (nibabel's voxel order) whose ``affine`` maps ``(i, j, k)`` to RAS
-    mm (LPS when its meta says ``space: LPS``). ``network``: a ``SAM2UNet`` of the
-    metadata's architecture. Returns the label maps as a ``MetaTensor`` ``(B, 1, I, J, K)``
-    (uint8, or int32 past 255 labels) carrying the inputs' meta, so ``SaveImaged`` writes
-    them on the input's grid with its affine.
-
-    Args:
-        metadata: :class:`ModelMetadata` or its dict (``to_dict``): labels, preprocessing,
-            the plane the slices are cut along.
-        batch_size: slices per forward pass.
-        tta, postprocess: as in :meth:`Predictor.predict`.
-        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``, as ``sam2unet-predict --precision``.
-
-    Each call segments with a runner built for it around its own inference copy of
-    ``network`` (``inference.acceleration.prepare_model``), so the network is not changed
-    and a network trained between calls is used with its current weights.
-    """
-
-    def __init__(self, metadata: ModelMetadata | dict[str, Any], batch_size: int = 8, tta: bool = False,
-                 postprocess: Sequence[str] = (), precision: str = "auto") -> None:
-        super().__init__()
-        self.metadata = metadata if isinstance(metadata, ModelMetadata) else ModelMetadata.from_dict(metadata)
-        self.metadata.validate()
-        self.batch_size = batch_size
-        self.tta = tta
-        self.postprocess = tuple(postprocess)
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
-        self.precision = precision
-
-    def _predictor_for(self, network: torch.nn.Module) -> Predictor:
-        """A Predictor over an inference copy of ``network`` (the network is not changed)."""
-        architecture = getattr(network, "architecture", None)
-        if architecture != self.metadata.architecture:
-            raise ValueError(f"the network's architecture {architecture} differs from the "
-                             f"metadata's {self.metadata.architecture}")
-        device = next(network.parameters()).device
-        runner = TorchRunner(network, metadata=self.metadata, device=device, precision=self.precision)
-        return Predictor(runner, batch_size=self.batch_size)
-
-    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> MetaTensor:
-        """Segment each volume of ``inputs`` (see the class docstring); ``args``/``kwargs``
-        of MONAI's inferer call are not used (the Predictor calls the network)."""
-        if not isinstance(inputs, MetaTensor):
-            raise ValueError("SliceInferer needs a MetaTensor with the image's affine (LoadImaged)")
-        names = _batch_values(inputs, ImageMetaKey.FILENAME_OR_OBJ)
-        if inputs.ndim != 5 or inputs.shape[1] != 1:
-            raise ValueError(f"{names[0]}: expected one 3D image a case, (B, 1, I, J, K) after "
-                             f"EnsureChannelFirstd; got shape {tuple(inputs.shape)} (a 4D image or "
-                             "several channels: split it into 3D files)")
-        predictor = self._predictor_for(network)
-        spaces = _batch_values(inputs, MetaKeys.SPACE)
-        affines = inputs.affine.reshape(-1, 4, 4).cpu().numpy()
-        label_maps = []
-        for index in range(inputs.shape[0]):
-            array_ijk = inputs[index, 0].as_tensor().cpu().numpy()
-            affine = affines[index]
-            affine_ras = LPS_TO_RAS @ affine if str(spaces[index]).upper() == "LPS" else affine
-            volume = Volume(array_ijk.transpose(2, 1, 0), *geometry_from_affine_ras(affine_ras),
-                            source=Path(str(names[index])))
-            prediction = predictor.predict(volume, tta=self.tta, postprocess=self.postprocess)
-            label_maps.append(prediction.labels.array_kji.transpose(2, 1, 0))  # (I, J, K)
-        # torch has no uint16 arithmetic: labels past 255 travel as int32 (SaveImaged
-        # writes the bundle's output_dtype)
-        stacked = np.stack(label_maps)[:, np.newaxis]
-        labels = torch.from_numpy(stacked if stacked.dtype == np.uint8 else stacked.astype(np.int32))
-        return MetaTensor(labels, meta=inputs.meta, applied_operations=inputs.applied_operations)
-
-
-def _batch_values(inputs: MetaTensor, key: str) -> list[Any]:
-    """``inputs.meta[key]`` per batch item (collated meta holds lists)."""
-    value = inputs.meta.get(key, "")
-    values = list(value) if isinstance(value, (list, tuple)) else [value]
-    return values + [values[-1]] * (inputs.shape[0] - len(values))
-
-
 # --------------------------------------------------------------------- the configs
 def inference_config(metadata: ModelMetadata, batch_size: int = 8) -> dict[str, Any]:
     """``configs/inference.json``: the Model Zoo's ids; ``--dataset_dir IN --output_dir
@@ -204,7 +104,7 @@ def inference_config(metadata: ModelMetadata, batch_size: int = 8) -> dict[str, 
             **{name: architecture + name for name in network_arguments},
         },
         "network": "$@network_def.to(@device)",
-        "datalist": {"_target_": f"{__name__}.list_nifti_files", "folder": "@dataset_dir"},
+        "datalist": {"_target_": f"{list_nifti_files.__module__}.list_nifti_files", "folder": "@dataset_dir"},
         "preprocessing": {
             "_target_": "Compose",
             "transforms": [
@@ -217,7 +117,7 @@ def inference_config(metadata: ModelMetadata, batch_size: int = 8) -> dict[str, 
                     "transform": "@preprocessing"},
         "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1,
                        "shuffle": False, "num_workers": 0},
-        "inferer": {"_target_": f"{__name__}.SliceInferer", "metadata": f"@{METADATA_ID}",
+        "inferer": {"_target_": f"{SliceInferer.__module__}.SliceInferer", "metadata": f"@{METADATA_ID}",
                     "batch_size": batch_size},
         "postprocessing": {
             "_target_": "Compose",
@@ -455,17 +355,19 @@ def export_bundle(model: SAM2UNet, path: str | os.PathLike, source_name: str = "
 
 
 def verify_metadata(meta_file: str | os.PathLike) -> None:
-    """Check a bundle's ``metadata.json`` with ``monai.bundle.verify_metadata`` against the
-    schema shipped with this package (offline, its MD5 checked); ``ValueError`` says what
-    fails. MONAI's info logs of the check are held back."""
-    from monai.bundle import verify_metadata as monai_verify
+    """Check a bundle's ``metadata.json`` against MONAI's metadata schema shipped with this
+    package (:data:`SCHEMA_PATH`, its MD5 checked first) with ``jsonschema``, the check of
+    ``monai.bundle verify_metadata``, offline and without logging; ``ValueError`` says what
+    fails."""
+    import jsonschema
 
-    quieted = [logging.getLogger(name) for name in ("monai.bundle.scripts", "monai.apps")]
-    levels = [log.level for log in quieted]
-    for log in quieted:
-        log.setLevel(logging.WARNING)
+    schema = SCHEMA_PATH.read_bytes()
+    if hashlib.md5(schema, usedforsecurity=False).hexdigest() != SCHEMA_MD5:
+        raise ValueError(f"{SCHEMA_PATH}: not MONAI's metadata schema (its MD5 is not {SCHEMA_MD5})")
+    metadata = json.loads(Path(meta_file).read_text(encoding="utf-8"))
     try:
-        monai_verify(meta_file=str(meta_file), filepath=str(SCHEMA_PATH), hash_val=SCHEMA_MD5)
-    finally:
-        for log, level in zip(quieted, levels):
-            log.setLevel(level)
+        jsonschema.validate(instance=metadata, schema=json.loads(schema))
+    except jsonschema.ValidationError as err:
+        where = "/".join(str(key) for key in err.absolute_path) or "the top level"
+        raise ValueError(f"{meta_file}: {err.message} (at {where}), against MONAI's metadata schema "
+                         f"{SCHEMA_URL}") from err
