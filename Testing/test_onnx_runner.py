@@ -86,6 +86,13 @@ def test_onnx_metadata_and_bad_files(case, tmp_path) -> None:
                           cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 2 and "broken.onnx: not a readable ONNX model" in done.stderr
     assert not (tmp_path / "out" / "phantom.nii.gz").exists()
+    # the model layer reads an ONNX file's metadata below the runners: no torch, no runner module
+    code = ("import sys; from sam2unet_core.metadata import read_metadata; "
+            f"labels = read_metadata({str(case['onnx'])!r}).class_names; "
+            "assert 'torch' not in sys.modules and 'sam2unet_core.inference.onnx_runner' not in sys.modules; "
+            "print(labels)")
+    shown = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert shown.stdout.strip() == str(read_onnx_metadata(case["onnx"]).class_names)
 
 
 def test_the_precision_that_ran_is_stated_and_onnx_files_refuse_another(case, tmp_path) -> None:

@@ -418,7 +418,7 @@ def read_metadata(path: str | os.PathLike) -> ModelMetadata:
     if kind == "safetensors":
         return read_safetensors_metadata(path)
     if kind == "onnx":
-        from .inference.onnx_runner import read_onnx_metadata
+        from .onnx_file import read_onnx_metadata  # onnxruntime, no torch
 
         return read_onnx_metadata(path)
     from .checkpoint import read_torch_metadata  # torch

@@ -19,22 +19,19 @@ from typing import Any
 
 import numpy as np
 
-from ..metadata import ModelMetadata
+from ..onnx_file import create_session, read_onnx_metadata, session_metadata
 from ..preprocessing import TTA_FLIPS, IntensityMapping, apply_intensity, labels_from_probabilities
 
 __all__ = ["OnnxRunner", "CompletedBatch", "read_onnx_metadata", "create_session", "cpu_features"]
 
 logger = logging.getLogger(__name__)
 
-METADATA_KEY = "sam2unet"  # as in sam2unet_core.export.onnx (which imports torch)
 PRECISION_KEY = "sam2unet_precision"  # written by export.quantize; absent: fp32
 CHECK_KEY = "sam2unet_int8_check"  # written by export.quantize: the int8 file's agreement check (JSON)
 # CPU flags (as Linux names them) that select integer and bf16 kernels of ONNX Runtime and oneDNN
 KERNEL_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8",
                    "asimddp", "i8mm")
 INPUT_NAME = "slices"
-ONNX_DEVICES = {"auto": ("CUDAExecutionProvider", "CPUExecutionProvider"),
-                "cpu": ("CPUExecutionProvider",), "cuda": ("CUDAExecutionProvider",)}
 
 
 @dataclass(frozen=True)
@@ -47,36 +44,6 @@ class CompletedBatch:
 
     def result(self) -> tuple[np.ndarray, np.ndarray | None]:
         return self.labels, self.probabilities
-
-
-def create_session(path: str | os.PathLike, device: str = "auto", threads: int | None = None,
-                   optimize: bool = True) -> Any:
-    """An ``onnxruntime.InferenceSession`` of ``path`` with all graph optimisations
-    (``ORT_ENABLE_ALL``; ``optimize=False``: none, for reading metadata). ``device``:
-    ``auto`` (CUDA where ``onnxruntime-gpu`` offers it, else CPU), ``cpu`` or ``cuda``.
-    ``threads``: intra-op CPU threads (None: ONNX Runtime's default). Raises ``ValueError``
-    naming the file when it is missing or not a readable ONNX model."""
-    import onnxruntime as ort
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: ONNX model file not found")
-    if device not in ONNX_DEVICES:
-        raise ValueError(f"device {device!r} is not available for ONNX models; use one of {sorted(ONNX_DEVICES)}")
-    providers = [name for name in ONNX_DEVICES[device] if name in ort.get_available_providers()]
-    if not providers:
-        raise ValueError(f"device {device!r}: this onnxruntime has no CUDA provider "
-                         f"(install onnxruntime-gpu)")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    if threads is not None:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    try:
-        return ort.InferenceSession(str(path), options, providers=providers)
-    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own kinds for bad bytes
-        raise ValueError(f"{path}: not a readable ONNX model: {type(err).__name__}: {err}") from err
 
 
 def cpu_features() -> tuple[str, ...]:
@@ -111,23 +78,6 @@ def _log_int8_check(props: dict[str, str], source: str) -> None:
                        "with" if measured & vnni else "without", "it" if here & vnni else "none")
 
 
-def _session_metadata(session: Any, source: str) -> ModelMetadata:
-    props = session.get_modelmeta().custom_metadata_map
-    if METADATA_KEY not in props:
-        raise ValueError(f"{source}: ONNX model without '{METADATA_KEY}' metadata; was it "
-                         f"written by sam2unet-export?")
-    try:
-        return ModelMetadata.from_json(props[METADATA_KEY])
-    except (ValueError, TypeError, KeyError, json.JSONDecodeError) as err:
-        raise ValueError(f"{source}: invalid model metadata in the ONNX file: {err}") from err
-
-
-def read_onnx_metadata(path: str | os.PathLike) -> ModelMetadata:
-    """The :class:`ModelMetadata` stored in an exported ONNX file (labels, colours,
-    preprocessing, plane), read with ONNX Runtime without graph optimisation; no torch."""
-    return _session_metadata(create_session(path, "cpu", optimize=False), str(path))
-
-
 class OnnxRunner:
     """Run an exported SAM2-UNet ONNX file with ONNX Runtime (the engine's ``ModelRunner``).
 
@@ -144,7 +94,7 @@ class OnnxRunner:
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None) -> None:
         self.session = create_session(path, device, threads)
-        self.metadata = _session_metadata(self.session, str(path))
+        self.metadata = session_metadata(self.session, str(path))
         self.metadata.validate()
         inputs = [i.name for i in self.session.get_inputs()]
         if inputs != [INPUT_NAME]:
