@@ -6,6 +6,7 @@ exact key layouts of the real ones, filled with random tensors of the hiera_t si
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,22 @@ from sam2unet_core.model.blocks import UpBlock
 from sam2unet_core.model.hiera import build_hiera_trunk
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def onnx_export_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cache of ONNX exports (``sam2unet-predict --backend auto``) in a folder of the
+    test session, for this process and the processes it starts, never the user's."""
+    from sam2unet_core.export.cache import CACHE_ENV
+
+    folder = tmp_path_factory.mktemp("sam2unet_cache")
+    previous = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(folder)
+    yield folder
+    if previous is None:
+        del os.environ[CACHE_ENV]
+    else:
+        os.environ[CACHE_ENV] = previous
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
