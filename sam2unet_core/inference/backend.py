@@ -105,6 +105,8 @@ def load_predictor(model_path: str | os.PathLike, *, device: str = "auto", preci
     ``metadata.UntrainedModelError`` for an untrained model without ``allow_untrained``.
     """
     model_path = Path(model_path)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
     if file_kind(model_path) == "onnx":
         if precision != "auto":
             raise ValueError(f"precision {precision}: an ONNX file runs at the precision it was written "
