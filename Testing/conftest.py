@@ -6,6 +6,7 @@ exact key layouts of the real ones, filled with random tensors of the hiera_t si
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +23,22 @@ torch.set_num_threads(2)
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.append(str(REPO))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def onnx_export_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cache of ONNX exports (``sam2unet-predict --backend auto``) in a folder of the
+    test session, for this process and the processes it starts, never the user's."""
+    from sam2unet_core.export.cache import CACHE_ENV
+
+    folder = tmp_path_factory.mktemp("sam2unet_cache")
+    previous = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(folder)
+    yield folder
+    if previous is None:
+        del os.environ[CACHE_ENV]
+    else:
+        os.environ[CACHE_ENV] = previous
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -152,12 +152,16 @@ def test_bench_onnx_compares_the_cpu_paths_and_names_the_fastest_agreeing_one(
 
     bench_onnx.main(["--size", "64", "--slices", "2", "--rounds", "1", "--threads", "1"])
     printed = capsys.readouterr().out
-    rows = [line.split()[:2] for line in printed.splitlines() if line.startswith(("torch", "onnxruntime", "ort "))]
-    assert [" ".join(row) for row in rows] == ["torch fp32", "torch auto", "onnxruntime fp32", "onnxruntime int8",
-                                               "ort int8"]
+    table = printed.split("label Dice vs torch fp32\n", 1)[1].split("\n# ", 1)[0].splitlines()
+    names = [line[:17].strip() for line in table]
+    openvino = ["openvino f32", "openvino bf16"] if bench_onnx._openvino_installed() else []
+    assert names == ["torch fp32", "torch auto", "onnxruntime fp32", "onnxruntime int8", "ort int8 8-bit w",
+                     *openvino, "default (auto)"]
     assert "# torch auto: cpu: CPU (" in printed and "# machine: " in printed
-    fastest = printed.rsplit("on this CPU: ", 1)[1].strip()
-    assert fastest in ("torch fp32", "torch auto", "onnxruntime fp32", "onnxruntime int8", "ort int8 8-bit w")
+    assert "# default (auto): " in printed and " backend: auto" in printed
+    assert "# default's one-off export: " in printed
+    fastest = printed.rsplit("on this CPU: ", 1)[1].splitlines()[0].strip()
+    assert fastest in names
 
 
 def test_bench_input_size_scores_one_model_at_each_size(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,

@@ -3,6 +3,9 @@ real tiny SAM2-UNet. Also the preprocessing helpers and device selection it reli
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -234,8 +237,8 @@ def test_postprocessing_keeps_largest_component_and_fills_holes() -> None:
 
 def test_colour_images_feed_rgb_models_with_imagenet_normalisation() -> None:
     rgb = np.random.default_rng(0).integers(0, 256, (1, SIZE, SIZE, 3)).astype(np.uint8)
-    meta = metadata(in_channels=3, intensity={"kind": "scale", "divisor": 255.0})
-    meta.mean, meta.std = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+    meta = dataclasses.replace(metadata(in_channels=3, intensity={"kind": "scale", "divisor": 255.0}),
+                               mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
     recorder = Recorder()
     Predictor(TorchRunner(recorder, metadata=meta, device="cpu")).predict(Volume(rgb))
     expected = (torch.from_numpy(rgb[0]).permute(2, 0, 1).float() / 255 - 0.5) / 0.25
@@ -256,13 +259,10 @@ def test_wrong_model_output_and_missing_metadata_are_reported() -> None:
 
 def test_real_tiny_sam2unet_runs_through_the_engine(tiny_model) -> None:
     volume = Volume(np.random.default_rng(0).normal(0, 300, (3, 40, 24)).astype(np.int16))
-    tiny_model.metadata.input_size = 32
-    try:
-        predictor = Predictor(tiny_model, device="cpu", batch_size=2)
-        prediction = predictor.predict(volume, probabilities=True)
-        labels, probs = prediction.labels, prediction.probabilities
-    finally:
-        tiny_model.metadata.input_size = 352
+    model = copy.copy(tiny_model)  # a shallow copy on the same weights, with its own metadata
+    model.metadata = dataclasses.replace(tiny_model.metadata, input_size=32)
+    prediction = Predictor(model, device="cpu", batch_size=2).predict(volume, probabilities=True)
+    labels, probs = prediction.labels, prediction.probabilities
     assert labels.shape_kji == (3, 40, 24) and labels.array_kji.dtype == np.uint8
     np.testing.assert_array_equal(labels.array_kji, probs.array_kji > 0.5)
     assert prediction.times.model > 0

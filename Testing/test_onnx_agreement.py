@@ -25,6 +25,7 @@ from benchmarks.brain_data import DEMO_CONFIG, build_brain_dataset
 from sam2unet_core.checkpoint import load_model
 from sam2unet_core.export.onnx import INPUT_NAME, export_onnx
 from sam2unet_core.export.quantize import INT8_PRECISION, AgreementError, compare_predictors, label_dice, quantize_int8
+from sam2unet_core.inference.backend import load_predictor
 from sam2unet_core.inference.engine import Predictor
 from sam2unet_core.inference.onnx_runner import CHECK_KEY, OnnxRunner, cpu_features, create_session, read_onnx_metadata
 from sam2unet_core.inference.torch_runner import TorchRunner
@@ -53,7 +54,8 @@ def trained_case(folder: Path) -> dict:
     result = train(config, resume=False)
     model = load_model(result.output / "best.safetensors").eval()
     images = sorted((data / "imagesTs").glob("*.nii.gz"))
-    return {"model": model, "onnx": export_onnx(model, folder / "model.onnx"), "folder": folder,
+    return {"model": model, "checkpoint": result.output / "best.safetensors",
+            "onnx": export_onnx(model, folder / "model.onnx"), "folder": folder,
             "images": images, "volumes": [read_volume(p) for p in images],
             "truths": [read_volume(data / "labelsTs" / p.name.replace("_0000", "")).array_kji for p in images]}
 
@@ -94,6 +96,17 @@ def test_onnx_runtime_label_maps_equal_torch_on_real_volumes(trained) -> None:
     max_diff = float(np.abs(got - expected).max())
     print(f"max probability difference ONNX Runtime vs torch on {volume.source}: {max_diff:.2e}")
     assert max_diff < MAX_PROBABILITY_DIFF
+
+
+def test_the_default_backend_agrees_with_torch_fp32_on_real_volumes(trained, tmp_path) -> None:
+    """``sam2unet-predict``'s default (``--backend auto``) on a CPU without native bf16 runs
+    the cached ONNX Runtime export; its labels agree with torch fp32 to the bar. (On a CPU
+    with native bf16 it runs torch's bf16 Hiera stages 3-4: test_bf16_deep_stages_... below.)"""
+    default = load_predictor(trained["checkpoint"], device="cpu", cache_folder=tmp_path, native_bf16=False)
+    assert default.description.startswith("onnxruntime cpu:")
+    report = compare_predictors(_torch_predictor(trained["model"]), default, trained["volumes"])
+    print(f"label Dice --backend auto (ONNX Runtime) vs torch fp32: {report.describe()}")
+    assert report.worst >= 0.999
 
 
 def _with_logits_output(onnx_path: Path, out_path: Path) -> str:

@@ -164,12 +164,12 @@ class Code:
 CODED_FIELDS = ("category", "type", "modifier")  # DICOM CID 7150, CID 7151, laterality modifier
 
 
-@dataclass
+@dataclass(frozen=True)
 class LabelInfo:
     """One output label value with its display name, RGB colour (0-255) and, optionally, its
     standard terminology: segmented property ``category`` (DICOM CID 7150), ``type`` (CID 7151)
     and type ``modifier`` (e.g. laterality), SNOMED CT codes. ``sam2unet_core.terminology``
-    fills missing codes from the name."""
+    fills missing codes from the name (in a new ``LabelInfo``: frozen)."""
 
     value: int
     name: str
@@ -194,9 +194,13 @@ class LabelInfo:
         return cls(int(data["value"]), name, tuple(int(c) for c in data["color"]), **codes)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelMetadata:
-    """All that a checkpoint says besides its weights. See the module docstring."""
+    """All that a checkpoint says besides its weights. See the module docstring.
+
+    Frozen: a model, its runners and a saved copy may hold the same object, so nobody can
+    change it under the others; a change makes a new one (``dataclasses.replace``). Its
+    lists and dicts are read, never written, by this package."""
 
     architecture: Architecture = field(default_factory=Architecture)
     labels: list[LabelInfo] = field(default_factory=list)
@@ -213,7 +217,7 @@ class ModelMetadata:
 
     def __post_init__(self) -> None:
         if not self.labels:
-            self.labels = default_labels(self.architecture.num_classes)
+            object.__setattr__(self, "labels", default_labels(self.architecture.num_classes))
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:

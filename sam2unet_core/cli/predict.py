@@ -31,13 +31,14 @@ from typing import Any, Callable
 
 from ..device import DEVICE_CHOICES, PRECISIONS
 from ..errors import Sam2UNetError
+from ..inference.backend import BACKENDS, load_predictor
 from ..inference.batch import PROBABILITY_FOLDER, PredictOptions, predict_from_files, select_cases
 from ..inference.engine import Predictor
 from ..inference.postprocess import POSTPROCESS_STEPS
 from ..io.dicom import list_dicom_series
 from ..io.orientation import PLANES
 from ..io.writers import LABEL_FORMATS
-from ..metadata import UntrainedModelError, file_kind
+from ..metadata import UntrainedModelError
 from .progress import Progress, flag_words
 
 __all__ = ["main", "build_parser"]
@@ -114,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "precision everywhere; bf16 = Hiera stages 3-4 in bf16 (emulated on "
                              "other CPUs); fp16 = fp16 autocast. The log and the summary say what ran. "
                              "An ONNX file runs at the precision it was written with")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="checkpoints: auto = ONNX Runtime fp32 on CPUs where torch would run "
+                             "fp32 (faster, same labels; exported once and cached in "
+                             "~/.cache/sam2unet/onnx or $SAM2UNET_CACHE_DIR/onnx), else torch; "
+                             "torch; onnxruntime. The log and the summary say which ran")
     parser.add_argument("--progress", choices=("bar", "jsonl", "none"), default="bar",
                         help="progress display: tqdm bars on stderr, JSON lines on stdout, none")
     return parser
@@ -152,22 +158,11 @@ def _options(args: argparse.Namespace) -> PredictOptions:
 
 
 def _build_predictor(args: argparse.Namespace) -> Predictor:
-    """A Predictor over ONNX Runtime for ``.onnx`` models (no torch imported), else over
-    the torch model (torch imported here). ``ValueError``/``OSError`` for a bad model or device."""
-    if file_kind(args.model) == "onnx":
-        from ..inference.onnx_runner import OnnxRunner
-
-        if args.precision != "auto":
-            raise ValueError(f"--precision {args.precision}: an ONNX file runs at the precision "
-                             f"it was written with (fp32, or int8 from sam2unet-export --int8)")
-        return Predictor(OnnxRunner(args.model, device=args.device), batch_size=args.batch_size,
-                         allow_untrained=args.allow_untrained)
-    from ..checkpoint import load_model  # torch from here on
-    from ..device import resolve_device
-
-    device = resolve_device(args.device)
-    return Predictor(load_model(args.model), batch_size=args.batch_size, device=device,
-                     precision=args.precision, allow_untrained=args.allow_untrained)
+    """The library's :func:`~sam2unet_core.inference.backend.load_predictor` for the parsed
+    arguments (ONNX files without torch). ``ValueError``/``OSError`` for a bad model,
+    device, precision or backend."""
+    return load_predictor(args.model, device=args.device, precision=args.precision, backend=args.backend,
+                          batch_size=args.batch_size, allow_untrained=args.allow_untrained)
 
 
 def _below_error(record: logging.LogRecord) -> bool:
@@ -226,6 +221,10 @@ def main(argv: list[str] | None = None,
         predictor = build_predictor(args)
     except UntrainedModelError as err:
         print(f"error: {err}; or pass --allow-untrained to run it anyway (smoke tests only)", file=sys.stderr)
+        return 2
+    except Sam2UNetError as err:
+        print(f"error: cannot load model {args.model}: {flag_words(str(err), err.kind, err.field, err.value)}",
+              file=sys.stderr)
         return 2
     except (ValueError, OSError) as err:
         print(f"error: cannot load model {args.model}: {err}", file=sys.stderr)

@@ -16,7 +16,8 @@ __all__ = ["FLAGS", "Progress", "flag_words"]
 FLAGS = {"axis": "--axis", "planes": "--planes", "output_format": "--format",
          "part_id": "--part-id/--num-parts", "slice_range": "--slice-range",
          "postprocess": "--postprocess", "volume_index": "--volume-index", "series_uid": "--series-uid",
-         "batch_size": "--batch-size", "probabilities": "--save-probabilities"}
+         "batch_size": "--batch-size", "probabilities": "--save-probabilities", "backend": "--backend",
+         "precision": "--precision", "device": "--device"}
 
 
 def flag_words(message: str, kind: str | None = None, field: str | None = None, value: Any = None) -> str:

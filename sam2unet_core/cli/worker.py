@@ -6,7 +6,7 @@ Each request is one JSON line on stdin, ``{"argv": [...]}``, the arguments of
 ``--progress jsonl``: its JSON events on stdout) and then one line
 ``{"worker": "finished", "returncode": N}`` with the exit code the command would have had.
 The first run imports torch and loads the model; later runs with the same model file
-(unchanged on disk), device and precision reuse it. The worker exits with 0 when stdin
+(unchanged on disk), device, precision and backend reuse it. The worker exits with 0 when stdin
 closes (its parent is gone) or after ``--idle-timeout`` seconds without a request, saying
 so on stdout first (``{"worker": "idle_exit", ...}``).
 """
@@ -40,7 +40,7 @@ _RUN_ARGUMENTS = {"input", "output", "batch_size", "axis", "planes", "format", "
 
 class PredictorCache:
     """Builds the Predictor of a run as ``sam2unet-predict`` does, keeping the last model
-    (its runner) for the next run with the same model file, device and precision."""
+    (its runner) for the next run with the same model file, device, precision and backend."""
 
     def __init__(self) -> None:
         self._key: tuple | None = None
@@ -49,7 +49,7 @@ class PredictorCache:
     @staticmethod
     def key(args: argparse.Namespace) -> tuple:
         """The model file (path, size, modification time) and every argument that is not
-        about the run: a changed file on disk, device or precision gives a new model."""
+        about the run: a changed file on disk, device, precision or backend gives a new model."""
         model = Path(args.model)
         stat = model.stat()
         model_arguments = sorted((name, repr(value)) for name, value in vars(args).items()

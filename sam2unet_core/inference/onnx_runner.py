@@ -85,14 +85,17 @@ class OnnxRunner:
         path: a ``.onnx`` file written by ``sam2unet-export``.
         device: ``auto``, ``cpu`` or ``cuda`` (``onnxruntime-gpu``).
         threads: intra-op CPU threads (None: ONNX Runtime's default).
+        note: said at the end of ``description`` (e.g. why this backend runs).
 
     Attributes:
         metadata: the :class:`ModelMetadata` stored in the file.
-        description: one line for logs, e.g. ``onnxruntime cpu: CPUExecutionProvider, fp32``
-            (the precision from the file's ``PRECISION_KEY`` property; absent: fp32).
+        description: one line for logs and run summaries, e.g. ``onnxruntime cpu:
+            CPUExecutionProvider, fp32`` (the precision from the file's ``PRECISION_KEY``
+            property; absent: fp32), then ``; note`` when given.
     """
 
-    def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None,
+                 note: str = "") -> None:
         self.session = create_session(path, device, threads)
         self.metadata = session_metadata(self.session, str(path))
         self.metadata.validate()
@@ -105,7 +108,7 @@ class OnnxRunner:
         threads_text = f" ({threads} threads)" if threads else ""
         props = self.session.get_modelmeta().custom_metadata_map
         precision = props.get(PRECISION_KEY, "fp32")
-        self.description = f"onnxruntime {kind}: {provider}{threads_text}, {precision}"
+        self.description = f"onnxruntime {kind}: {provider}{threads_text}, {precision}" + (f"; {note}" if note else "")
         _log_int8_check(props, str(path))
 
     @property

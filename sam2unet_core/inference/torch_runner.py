@@ -66,23 +66,28 @@ class TorchRunner:
         precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (``acceleration.PRECISIONS``;
             ``auto``: fp16 autocast on CUDA, bf16 Hiera stages 3-4 on CPUs with native bf16,
             else fp32). ``description`` says what runs.
+        note: said at the end of ``description`` (e.g. why this backend runs).
+        native_bf16: whether the CPU has native bf16 (None: ask it; see
+            ``acceleration.prepare_model``).
     """
 
     def __init__(self, model: nn.Module | ForwardFn, metadata: ModelMetadata | None = None,
-                 device: str | torch.device = "auto", precision: str = "auto") -> None:
+                 device: str | torch.device = "auto", precision: str = "auto", note: str = "",
+                 native_bf16: bool | None = None) -> None:
         self.device = resolve_device(device)
         if isinstance(model, nn.Module):
             metadata = metadata or getattr(model, "metadata", None)
-            model, self.plan = acceleration.prepare_model(model, self.device, precision)
+            model, self.plan = acceleration.prepare_model(model, self.device, precision, native_bf16)
         else:
-            self.plan = acceleration.plan_precision(precision, self.device, sam2unet=False)
+            self.plan = acceleration.plan_precision(precision, self.device, sam2unet=False,
+                                                    native_bf16=native_bf16)
         if metadata is None:
             raise ValueError("TorchRunner needs the model's metadata: pass a loaded SAM2UNet "
                              "(it carries .metadata) or metadata= with a forward function")
         metadata.validate()
         self.model = model
         self.metadata = metadata
-        self.description = f"{describe_device(self.device)}, {self.plan.describe()}"
+        self.description = f"{describe_device(self.device)}, {self.plan.describe()}" + (f"; {note}" if note else "")
         self._label_dtype = model_label_dtype(metadata.architecture.num_classes)
         logger.info("TorchRunner on %s", self.description)
 
