@@ -212,3 +212,26 @@ def test_bench_io_compares_two_trees_and_checks_the_label_files(tmp_path: Path, 
         assert summary["ct"]["old"][figure] >= 0 and summary["ct"]["new"][figure] >= 0
     assert summary["io"]["new"]["decoded_mb"] == pytest.approx(40 * 32 * 6 * 2 / 2**20)
     assert "## io" in capsys.readouterr().out
+
+
+def test_bench_quality_trains_a_learning_curve_with_a_seed_spread(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path, capsys) -> None:
+    monkeypatch.syspath_prepend(str(REPO))
+    from benchmarks import bench_quality
+
+    out = tmp_path / "quality.json"
+    code = bench_quality.main([
+        "--models", "basicunet-small", "--steps", "1", "2", "--cnn-steps", "2", "3", "--seeds", "0", "1",
+        "--train-cases", "3", "--test-cases", "1", "--resolution-mm", "4", "--work", str(tmp_path / "work"),
+        "--json", str(out), "--cnn-set", "data.input_size=64", "augment.train_size=0", "augment.crop_size=0",
+        "data.samples_per_epoch=16"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    runs = [(r["budget_steps"], r["seed"], r["steps"]) for r in report["models"].values()]
+    # the first seed at every budget, the second at the middle one; each run stops at its box
+    assert runs == [(2, 0, 2), (3, 0, 3), (3, 1, 3)]
+    (spread,) = report["seed_spread"].values()
+    assert spread["seeds"] == [0, 1] and spread["Dice_1_range"] >= 0
+    assert "seeds [0, 1] at basicunet-small 3 steps" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # unpaired budgets are refused before any training
+        bench_quality.main(["--steps", "1", "2", "--cnn-steps", "2"])

@@ -45,6 +45,7 @@ def test_overrides_are_yaml_values() -> None:
         (["data.root="], "data.root is not set"),
         (["optim.schedule=budget"], "needs a time box"),
         (["optim.schedule=linear"], "optim.schedule must be"),
+        (["run.max_steps=-1"], "run.max_steps must be >= 0"),
         (["optim.warmup_steps=-1"], "optim.warmup_steps must be"),
         (["optim.aux_loss_weights=[1]"], "two weights"),
         (["optim.aux_loss_weights=[1, -1]"], "two weights"),

@@ -1,6 +1,7 @@
 """Learning-rate rule and time box of the trainer: the epoch cosine equals torch's
 ``CosineAnnealingLR`` (the paper), warm-up and the budget cosine have their stated values,
-and ``run.max_cpu_minutes`` stops a run on the process CPU clock."""
+and ``run.max_cpu_minutes`` / ``run.max_steps`` stop a run on the process CPU clock / the
+optimiser step count."""
 
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ def test_budget_used_is_the_larger_share_of_the_set_limits() -> None:
     assert budget_used(30.0, 600.0, 1.0, 0.0) == pytest.approx(0.5)  # CPU box only
     assert budget_used(30.0, 90.0, 1.0, 2.0) == pytest.approx(0.75)  # wall share larger
     assert budget_used(30.0, 90.0, 0.0, 0.0) == 0.0
+    assert budget_used(30.0, 90.0, 1.0, 2.0, 90, 100) == pytest.approx(0.9)  # step share larger
+    assert budget_used(30.0, 90.0, 0.0, 0.0, 25, 100) == pytest.approx(0.25)  # steps only: any machine
 
 
 def test_cpu_time_box_stops_the_run_and_counts_cpu_seconds(tmp_path: Path) -> None:
@@ -60,3 +63,15 @@ def test_cpu_time_box_stops_the_run_and_counts_cpu_seconds(tmp_path: Path) -> No
     # 6 ms of CPU time: the first step uses it up; the epoch ends, validates and saves.
     assert (result.steps, result.epochs_done) == (1, 1)
     assert result.cpu_seconds > 0.006 and (tmp_path / "run" / "best.safetensors").exists()
+
+
+def test_step_box_stops_the_run_after_its_steps(tmp_path: Path) -> None:
+    root = write_polyp_folder(tmp_path / "TrainDataset", 6)
+    config = load_config(None, [f"data.root={root}", f"run.output={tmp_path / 'run'}", "model.backbone=hiera_t",
+                                "data.input_size=64", "data.num_workers=0", "optim.batch_size=1",
+                                "optim.epochs=50", "data.val_fraction=0.5", "run.resume_every_minutes=0",
+                                "run.max_steps=4", "optim.schedule=budget", "run.log_every_steps=1"])
+    result = train(config, resume=False)
+    # 3 training samples per epoch: the box of 4 steps ends the second epoch after one step.
+    assert (result.steps, result.epochs_done) == (4, 2)
+    assert (tmp_path / "run" / "best.safetensors").exists()

@@ -7,8 +7,8 @@ end uses ``input_size``; 2D pictures are cached at ``input_size`` first), so the
 weights are the same whatever ``input_size`` is, and the best one can be chosen afterwards
 on the held-out cases of the demo data::
 
-    python benchmarks/bench_quality.py --models sam2unet --work runs/a
-    python benchmarks/bench_input_size.py runs/a/sam2unet/model/best.safetensors \\
+    python benchmarks/bench_quality.py --models sam2unet --steps 300 --seeds 0 --work runs/a
+    python benchmarks/bench_input_size.py runs/a/sam2unet-300steps-seed0/model/best.safetensors \\
         --data runs/a/Dataset001_MNIBrain_2mm_8_3 --sizes 192 224 256
 
 Prints one row per model and size (Dice and HD95 per class, inference CPU seconds per slice;

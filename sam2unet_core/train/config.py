@@ -148,6 +148,7 @@ class RunConfig:
     stop_after_steps: int = 0  # stop as if killed after N steps in this run (0 = off)
     max_minutes: float = 0.0  # time box: end the epoch early, validate, save and stop (0 = off)
     max_cpu_minutes: float = 0.0  # the same box in CPU time of the training process, all runs of it (0 = off)
+    max_steps: int = 0  # the same box in optimiser steps, all runs of it (0 = off); the first limit reached ends it
     val_batch_size: int = 16
     log_every_steps: int = 10  # TensorBoard scalars
 
@@ -207,8 +208,11 @@ class TrainConfig:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.optim.warmup_steps}")
         if self.optim.schedule not in ("epochs", "budget"):
             raise ValueError(f"optim.schedule must be epochs or budget, got {self.optim.schedule!r}")
-        if self.optim.schedule == "budget" and not (self.run.max_cpu_minutes or self.run.max_minutes):
-            raise ValueError("optim.schedule=budget needs a time box: set run.max_cpu_minutes or run.max_minutes")
+        if self.run.max_steps < 0:
+            raise ValueError(f"run.max_steps must be >= 0, got {self.run.max_steps}")
+        if self.optim.schedule == "budget" and not (self.run.max_cpu_minutes or self.run.max_minutes or self.run.max_steps):
+            raise ValueError("optim.schedule=budget needs a time box: set run.max_cpu_minutes, run.max_minutes "
+                             "or run.max_steps")
         if len(self.optim.aux_loss_weights) != 2 or min(self.optim.aux_loss_weights) < 0:
             raise ValueError(f"optim.aux_loss_weights must be two weights >= 0 (aux1, aux2), "
                              f"got {self.optim.aux_loss_weights}")

@@ -1,5 +1,5 @@
 """The learning-rate rule and the time box of a training run (``optim.schedule``,
-``run.max_minutes``, ``run.max_cpu_minutes``)."""
+``run.max_minutes``, ``run.max_cpu_minutes``, ``run.max_steps``)."""
 
 from __future__ import annotations
 
@@ -29,25 +29,30 @@ def lr_factor(optim: OptimConfig, step: int, epoch: int, budget: float) -> float
     return factor
 
 
-def budget_used(cpu_seconds: float, wall_seconds: float, max_cpu_minutes: float, max_minutes: float) -> float:
-    """Share of the time box used: the larger of CPU seconds over ``max_cpu_minutes`` and
-    wall seconds over ``max_minutes`` (a limit of 0 is off; 0.0 with no limit)."""
-    shares = [used / (60.0 * limit) for used, limit in ((cpu_seconds, max_cpu_minutes), (wall_seconds, max_minutes))
-              if limit > 0]
+def budget_used(cpu_seconds: float, wall_seconds: float, max_cpu_minutes: float, max_minutes: float,
+                steps: int = 0, max_steps: int = 0) -> float:
+    """Share of the time box used: the largest of CPU seconds over ``max_cpu_minutes``, wall
+    seconds over ``max_minutes`` and optimiser steps over ``max_steps`` (a limit of 0 is off;
+    0.0 with no limit)."""
+    shares = [used / limit for used, limit in ((cpu_seconds, 60.0 * max_cpu_minutes), (wall_seconds, 60.0 * max_minutes),
+                                               (steps, max_steps)) if limit > 0]
     return max(shares, default=0.0)
 
 
 class TimeBox:
     """The clocks of a run: process CPU seconds (counting earlier runs of a resumed training)
-    and wall seconds of this run, against ``run.max_cpu_minutes`` and ``run.max_minutes``."""
+    and wall seconds of this run, against ``run.max_cpu_minutes`` and ``run.max_minutes``; and
+    the optimiser steps of all runs, which the caller passes, against ``run.max_steps``."""
 
-    def __init__(self, max_cpu_minutes: float, max_minutes: float, cpu_before: float = 0.0) -> None:
+    def __init__(self, max_cpu_minutes: float, max_minutes: float, cpu_before: float = 0.0,
+                 max_steps: int = 0) -> None:
         self.max_cpu_minutes, self.max_minutes, self.cpu_before = max_cpu_minutes, max_minutes, cpu_before
+        self.max_steps = max_steps
         self.wall_started, self.cpu_started = time.monotonic(), time.process_time()
 
     @property
     def set(self) -> bool:
-        return bool(self.max_cpu_minutes or self.max_minutes)
+        return bool(self.max_cpu_minutes or self.max_minutes or self.max_steps)
 
     def cpu_seconds(self) -> float:
         return self.cpu_before + time.process_time() - self.cpu_started
@@ -55,10 +60,12 @@ class TimeBox:
     def wall_seconds(self) -> float:
         return time.monotonic() - self.wall_started
 
-    def used(self) -> float:
-        """Share of the box used so far (0 with no box), see :func:`budget_used`."""
-        return budget_used(self.cpu_seconds(), self.wall_seconds(), self.max_cpu_minutes, self.max_minutes)
+    def used(self, steps: int = 0) -> float:
+        """Share of the box used so far, ``steps`` optimiser steps done (0 with no box), see
+        :func:`budget_used`."""
+        return budget_used(self.cpu_seconds(), self.wall_seconds(), self.max_cpu_minutes, self.max_minutes,
+                           steps, self.max_steps)
 
     def budget_seconds(self) -> float | None:
         """Wall seconds of the box when only a wall limit is set, else None."""
-        return 60.0 * self.max_minutes if self.max_minutes and not self.max_cpu_minutes else None
+        return 60.0 * self.max_minutes if self.max_minutes and not (self.max_cpu_minutes or self.max_steps) else None

@@ -228,7 +228,7 @@ class Trainer:
         self.state = TrainState()
         self.resume_path = self.output / RESUME_FILE
         cpu_before = self._load_resume() if resume and self.resume_path.exists() else 0.0
-        self.clock = TimeBox(config.run.max_cpu_minutes, config.run.max_minutes, cpu_before)
+        self.clock = TimeBox(config.run.max_cpu_minutes, config.run.max_minutes, cpu_before, config.run.max_steps)
         self.net = self._distributed_net()
         self.callbacks: list[TrainerCallback] = []
         if self.dist.main:
@@ -348,9 +348,10 @@ class Trainer:
                     return "stopped"
                 self._save_resume_if_due()
                 if _agree(self.dist, self._box_reached(), self.device):
-                    logger.warning("time box reached (run.max_minutes=%s, run.max_cpu_minutes=%s; %.0f CPU "
-                                   "seconds) or stop requested: ending epoch %d early", config.run.max_minutes,
-                                   config.run.max_cpu_minutes, self.clock.cpu_seconds(), s.epoch + 1)
+                    logger.warning("time box reached (run.max_minutes=%s, run.max_cpu_minutes=%s, run.max_steps=%s; "
+                                   "%.0f CPU seconds, %d steps) or stop requested: ending epoch %d early",
+                                   config.run.max_minutes, config.run.max_cpu_minutes, config.run.max_steps,
+                                   self.clock.cpu_seconds(), s.global_step, s.epoch + 1)
                     return "time_box"
         finally:
             bar.close()
@@ -365,7 +366,7 @@ class Trainer:
             images, labels = _multiscale(images, labels, config.augment.multiscale, config.run.seed,
                                          self.state.epoch, self.state.batches_done)
         self.learning_rate = config.optim.lr * lr_factor(config.optim, self.state.global_step, self.state.epoch,
-                                                         self.clock.used())
+                                                         self.clock.used(self.state.global_step))
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
@@ -411,14 +412,14 @@ class Trainer:
         if self.steps_this_run == 0 or elapsed <= 0:
             return None
         if self.clock.set:
-            used = self.clock.used()
+            used = self.clock.used(self.state.global_step)
             return round(elapsed * max(0.0, 1.0 - used) / used, 1) if used > 0 else None
         per_epoch = max(1, len(self.data.train) // (self.config.optim.batch_size * self.dist.world))
         steps_left = self.config.optim.epochs * per_epoch - self.state.global_step
         return round(max(0, steps_left) * elapsed / self.steps_this_run, 1)
 
     def _box_reached(self) -> bool:
-        return self.stop_requested or (self.clock.set and self.clock.used() >= 1.0)
+        return self.stop_requested or (self.clock.set and self.clock.used(self.state.global_step) >= 1.0)
 
     def _save_resume_if_due(self) -> None:
         run = self.config.run
