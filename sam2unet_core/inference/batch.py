@@ -10,6 +10,8 @@ A case that fails is recorded (file and cause) and the run goes on.
 
 Progress is reported through ``on_event(event: dict)``, one dict per event with its name
 under ``"event"`` (see :data:`EVENTS`); the CLI turns them into tqdm bars or JSON lines.
+A ``case_error`` (and its summary record) carries the ``kind``, ``field`` and ``value`` of a
+typed error (:mod:`sam2unet_core.errors`), so callers decide without reading the message.
 Volumes are sliced along the model's plane (or ``options.axis``); PNG/JPG frames are
 predicted together (:meth:`Predictor.predict_images`).
 """
