@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sam2unet_core.train.config import load_config
+from sam2unet_core.train.config import load_config, read_recipe
 
 CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
 
@@ -25,6 +25,19 @@ def test_paper_recipe_is_the_default_and_in_the_polyp_config() -> None:
 def test_shipped_volume_configs_load(name: str) -> None:
     config = load_config(CONFIGS / name, ["data.root=somewhere"])
     assert config.data.kind == "volume" and config.data.context_slices == 1
+
+
+def test_a_config_extends_a_packaged_recipe_and_overrides_it(tmp_path: Path) -> None:
+    demo = load_config(CONFIGS / "demo_brain_cpu.yaml", ["data.root=x", "run.max_steps=50"])
+    recipe = read_recipe("volumes_from_scratch")
+    assert demo.model.window_spec == recipe["model"]["window_spec"] and demo.data.input_size == 224
+    assert recipe["augment"]["flip_prob"] == 0.0 and demo.augment.flip_prob == 0.5  # the file over the recipe
+    assert demo.run.max_steps == 50  # the overrides over the file
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("extends: volumes_from_scrach\ndata: {root: x}\n")
+    with pytest.raises(ValueError, match=r"no packaged recipe named 'volumes_from_scrach'; recipes: "
+                                         r"\['volumes_from_scratch', 'volumes_sam2_frozen'\]"):
+        load_config(wrong)
 
 
 def test_overrides_are_yaml_values() -> None:

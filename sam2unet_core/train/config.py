@@ -28,6 +28,7 @@ __all__ = [
     "load_config",
     "config_from_dict",
     "merge_sections",
+    "read_recipe",
     "apply_overrides",
 ]
 
@@ -268,19 +269,42 @@ def merge_sections(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+RECIPES = Path(__file__).with_name("recipes")  # packaged recipes: <name>.yaml
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"cannot read config {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path} must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def read_recipe(name: str) -> dict[str, Any]:
+    """The sections of the packaged recipe ``name`` (``recipes/<name>.yaml``)."""
+    path = RECIPES / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in RECIPES.glob("*.yaml"))
+        raise ValueError(f"extends: no packaged recipe named {name!r}; recipes: {known}")
+    return _read_yaml(path)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML config (or start from the defaults when ``path`` is None), apply the
-    overrides, validate and return it. With ``model.init_from``, the base model's settings
-    (:func:`.init_from.settings_of_model`) stand in for the keys neither sets."""
+    overrides, validate and return it.
+
+    Layers, each over the one before: the defaults; with ``model.init_from``, the base
+    model's settings (:func:`.init_from.settings_of_model`); the packaged recipe the file
+    names with a top-level ``extends: <name>`` (:func:`read_recipe`); the file; the overrides.
+    """
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise ValueError(f"cannot read config {path}: {err}") from err
-        if not isinstance(data, dict):
-            raise ValueError(f"config {path} must be a mapping of sections, got {type(data).__name__}")
+        data = _read_yaml(Path(path))
+        recipe = data.pop("extends", None)
+        if recipe is not None:
+            data = merge_sections(read_recipe(str(recipe)), data)
     data = apply_overrides(data, overrides or [])
     init_from = (data.get("model") or {}).get("init_from")
     if init_from:  # the base model's settings, under those the config sets

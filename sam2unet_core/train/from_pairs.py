@@ -27,13 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
 from sam2unet_core.io.atomic import atomic_write
 from sam2unet_core.io.orientation import check_planes
 from sam2unet_core.metadata import LabelInfo
 
-from .config import TrainConfig, config_from_dict, merge_sections
+from .config import TrainConfig, config_from_dict, merge_sections, read_recipe
 from .callbacks import ProgressEvents
 from .trainer import TrainResult, Trainer
 
@@ -43,7 +41,6 @@ logger = logging.getLogger(__name__)
 
 BASES = ("scratch", "sam2", "model")  # from scratch (Hiera-T), a SAM 2 checkpoint, one of our models
 MIN_PAIRS_TO_HOLD_OUT = 5  # from this many pairs on, one is held out for validation
-RECIPES = Path(__file__).with_name("recipes")
 Event = Callable[[dict[str, Any]], None]
 
 
@@ -173,8 +170,7 @@ def request_config(request: TrainingRequest, dataset: Path, run_folder: Path) ->
 
         base_meta = read_init_metadata(request.base_path)
     frozen = request.base == "sam2" or (base_meta is not None and base_meta.architecture.freeze_encoder)
-    recipe = yaml.safe_load((RECIPES / ("volumes_sam2_frozen.yaml" if frozen else "volumes_from_scratch.yaml"))
-                            .read_text())
+    recipe = read_recipe("volumes_sam2_frozen" if frozen else "volumes_from_scratch")
     n = len(request.pairs)
     settings: dict[str, Any] = {
         "data": {"root": str(dataset), "plane": request.plane,
