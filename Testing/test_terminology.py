@@ -23,6 +23,7 @@ from sam2unet_core.metadata import Architecture, Code, LabelInfo, ModelMetadata,
 from sam2unet_core.terminology import (
     PRIVATE_SCHEME,
     STANDARD_TERMS,
+    codes_from_slicer_terminology,
     label_codes,
     slicer_terminology_entry,
     slicer_terminology_string,
@@ -168,3 +169,12 @@ def test_slicer_tag_string_is_what_slicerio_writes_and_reads() -> None:
         text = slicer_terminology_string(label)
         assert text == slicerio.segmentation.terminology_entry_to_string(slicer_terminology_entry(label))
         assert slicerio.segmentation.terminology_entry_from_string(text)["type"] == label_codes(label)[1].to_list()
+
+
+def test_slicer_tag_reads_back_to_its_codes_and_slicers_default_says_nothing() -> None:
+    for label in default_labels(4, ["grey matter", "left kidney", "polyp"]):
+        assert codes_from_slicer_terminology(slicer_terminology_string(label)) == label_codes(label)
+    default = ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^85756007^Tissue~"
+               "SCT^85756007^Tissue~^^~Anatomic codes - DICOM master list~^^~^^")  # a new segment in Slicer
+    private = slicer_terminology_string(default_labels(2, ["blob"])[0])
+    assert [codes_from_slicer_terminology(text) for text in (default, private, "", "no tilde")] == [None] * 4

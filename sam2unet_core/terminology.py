@@ -25,6 +25,7 @@ __all__ = [
     "label_codes",
     "slicer_terminology_entry",
     "slicer_terminology_string",
+    "codes_from_slicer_terminology",
 ]
 
 PRIVATE_SCHEME = "99SAM2UNET"  # DICOM private coding schemes start with "99"
@@ -169,3 +170,24 @@ def slicer_terminology_string(label: LabelInfo) -> str:
         "^".join(empty),
         "^".join(empty),
     ])
+
+
+def codes_from_slicer_terminology(text: str) -> tuple[Code, Code, Code | None] | None:
+    """(category, type, modifier) of a ``TerminologyEntry`` segment tag (the format of
+    :func:`slicer_terminology_string`), or None when the tag says nothing specific: empty or
+    unreadable, Slicer's default for a new segment (category and type "Tissue"), or a
+    private code of ours (:data:`PRIVATE_SCHEME`, made from a label's name and value)."""
+    fields = text.split("~")
+    if len(fields) < 4:
+        return None
+
+    def code(field: str) -> Code | None:
+        parts = field.split("^")
+        return Code(*parts) if len(parts) == 3 and all(parts) else None
+
+    category, type_, modifier = code(fields[1]), code(fields[2]), code(fields[3])
+    if category is None or type_ is None or type_.scheme == PRIVATE_SCHEME:
+        return None
+    if category.value == TISSUE.value and type_.value == TISSUE.value:
+        return None
+    return category, type_, modifier
