@@ -1,4 +1,5 @@
-"""Run parameters of the Segment button and their mapping to ``sam2unet-predict`` flags.
+"""Run parameters of the Segment and Train buttons and their mapping to the command lines of
+``sam2unet-predict`` and ``sam2unet-train --request``.
 
 The enums are shared with the module's ``@parameterNodeWrapper`` (a ``QComboBox`` shows
 ``label()``; the parameter node stores ``.name``).
@@ -25,6 +26,10 @@ __all__ = [
     "buildPredictArgs",
     "sliceCountAlongAxis",
     "processEnvironment",
+    "TrainingBase",
+    "TrainingPlane",
+    "TrainingSettings",
+    "buildTrainArgs",
 ]
 
 
@@ -180,3 +185,62 @@ def sliceCountAlongAxis(ijkToRas: np.ndarray, dimensionsIjk: tuple[int, int, int
     shapeKji = tuple(int(d) for d in reversed(dimensionsIjk))
     plane = modelPlane if axis is SliceAxis.model else axis.value
     return shapeKji[planeView(directionLps, plane).slice_array_axis]
+
+
+class TrainingBase(enum.Enum):
+    """What a training starts from (``TrainingRequest.base`` of ``sam2unet_core.train.from_pairs``)."""
+
+    scratch = "scratch"
+    sam2 = "sam2"
+    model = "model"
+
+    def label(self) -> str:
+        return {"scratch": "From scratch (Hiera-T)", "sam2": "SAM 2 / 2.1 checkpoint (frozen trunk)",
+                "model": "Fine-tune a SAM2-UNet model"}[self.name]
+
+
+class TrainingPlane(enum.Enum):
+    """Anatomical plane of the 2D slices a new model learns from (a fine-tuned model keeps its own)."""
+
+    axial = "axial"
+    coronal = "coronal"
+    sagittal = "sagittal"
+
+    def label(self) -> str:
+        return self.name.capitalize()
+
+
+@dataclass
+class TrainingSettings:
+    """The Train section's settings besides the training pairs.
+
+    ``output`` is the model file to write (``.safetensors``); ``basePath`` the SAM 2 / 2.1
+    checkpoint (base ``sam2``) or the SAM2-UNet ``.safetensors`` model (base ``model``);
+    ``minutes`` the wall-clock budget of the training.
+    """
+
+    output: Path
+    base: TrainingBase = TrainingBase.scratch
+    basePath: Path | None = None
+    plane: TrainingPlane = TrainingPlane.axial
+    minutes: float = 10.0
+    device: Device = Device.auto
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first unusable value."""
+        if self.output.suffix.lower() != ".safetensors":
+            raise ValueError(f"the model file {self.output} must end in .safetensors")
+        if self.minutes <= 0:
+            raise ValueError(f"the time budget must be more than 0 minutes, got {self.minutes}")
+        if self.base is not TrainingBase.scratch:
+            if self.basePath is None or not self.basePath.is_file():
+                raise ValueError(f"{self.base.label()}: {self.basePath or 'no file chosen'} is not a file")
+        if self.base is TrainingBase.model and self.basePath.suffix.lower() != ".safetensors":
+            raise ValueError(f"{self.basePath.name}: a model to fine-tune is a .safetensors file written by "
+                             f"sam2unet-train or this module")
+
+
+def buildTrainArgs(python: str, requestPath: Path) -> list[str]:
+    """Command line that trains from a request file in Slicer's Python, with JSON-lines progress."""
+    return [python, "-m", "sam2unet_core.cli.train", "--request", str(requestPath), "--progress", "jsonl"]

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -30,6 +31,7 @@ __all__ = [
     "ProgressEvent",
     "parseProgressLine",
     "findPythonSlicer",
+    "waitForResult",
 ]
 
 logger = logging.getLogger(__name__)
@@ -186,3 +188,25 @@ def findPythonSlicer() -> str:
         f"PythonSlicer was not found on PATH nor next to {sys.executable}; "
         "is this module running inside 3D Slicer?"
     )
+
+
+def waitForResult(results: list, poll: Callable[[], Any], cancel: Callable[[], None], what: str,
+                  idle: Callable[[], None] = lambda: None, timeoutSeconds: float = 3600.0,
+                  cancelAfterSeconds: float | None = None) -> Any:
+    """Scripting and test helper of the logics' ``runAndWait``: call ``poll()`` and ``idle()``
+    (``slicer.app.processEvents``) until the run's ``onFinished`` appended to ``results``;
+    returns that result. Cancels after ``cancelAfterSeconds`` if given; raises
+    ``TimeoutError`` naming ``what`` (after cancelling) past ``timeoutSeconds``."""
+    startTime = time.monotonic()
+    while not results:
+        elapsed = time.monotonic() - startTime
+        if cancelAfterSeconds is not None and elapsed > cancelAfterSeconds:
+            cancel()
+        elif elapsed > timeoutSeconds:
+            cancel()
+            raise TimeoutError(f"{what} took more than {timeoutSeconds} s")
+        else:
+            poll()
+            idle()
+            time.sleep(0.02)
+    return results[0]

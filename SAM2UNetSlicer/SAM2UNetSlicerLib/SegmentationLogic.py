@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 from .LabelImport import importLabels
 from .ModelInfo import MetadataReader, describeCommand, modelProblem, parseDescribeOutput, readCheckpointMetadata
 from .Parameters import RunParameters, buildPredictArgs, processEnvironment
-from .ProcessRunner import ProcessRunnerProtocol, findPythonSlicer, parseProgressLine
+from .ProcessRunner import ProcessRunnerProtocol, findPythonSlicer, parseProgressLine, waitForResult
 
 __all__ = ["RunStatus", "RunResult", "SegmentationLogic"]
 
@@ -166,21 +166,10 @@ class SegmentationLogic:
         self.onFinished = results.append
         try:
             self.start(inputVolume, outputSegmentation, params, show3D)
-            startTime = time.monotonic()
-            while not results:
-                elapsed = time.monotonic() - startTime
-                if cancelAfterSeconds is not None and elapsed > cancelAfterSeconds:
-                    self.cancel()
-                elif elapsed > timeoutSeconds:
-                    self.cancel()
-                    raise TimeoutError(f"segmentation of {inputVolume.GetName()} took more than {timeoutSeconds} s")
-                else:
-                    self.poll()
-                    idle()
-                    time.sleep(0.02)
+            return waitForResult(results, self.poll, self.cancel, f"segmentation of {inputVolume.GetName()}",
+                                 idle, timeoutSeconds, cancelAfterSeconds)
         finally:
             self.onFinished = previous
-        return results[0]
 
     def poll(self) -> bool:
         """Deliver the process's output and completion; call from the main thread."""
