@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
@@ -42,14 +43,16 @@ from SAM2UNetSlicerLib.InstallLogic import (
 )
 from SAM2UNetSlicerLib.LabelImport import volumeIjkToRas
 from SAM2UNetSlicerLib.ModelInfo import CheckpointDescriber, describeMetadata, modelProblem, readCheckpointMetadata
-from SAM2UNetSlicerLib.Parameters import (Device, Precision, RunParameters, SliceAxis, offeredDevices,
-                                          sliceCountAlongAxis)
+from SAM2UNetSlicerLib.Parameters import (Device, Precision, RunParameters, SliceAxis, TrainingBase, TrainingPlane,
+                                          TrainingSettings, offeredDevices, sliceCountAlongAxis)
 from SAM2UNetSlicerLib.ProcessRunner import SubprocessRunner, findPythonSlicer
 from SAM2UNetSlicerLib.SegmentationLogic import RunResult, RunStatus, SegmentationLogic
+from SAM2UNetSlicerLib.TrainingLogic import TrainingLogic, TrainingPair, TrainingProgress, TrainingResult, segmentNames
 from SAM2UNetSlicerLib.WarmWorker import WarmPredictRunner
 
 SETTINGS_CHECKPOINT = "SAM2UNetSlicer/CheckpointPath"
 SETTINGS_CORE_SOURCE = "SAM2UNetSlicer/CoreSource"
+SETTINGS_SAM2_CHECKPOINT = "SAM2UNetSlicer/Sam2CheckpointPath"  # the base of "SAM 2 / 2.1 checkpoint" training
 LEGACY_CORE_SOURCE = "sam2unet-core"  # an index name earlier versions stored; no index has it
 MODULE_DIR = Path(__file__).resolve().parent  # the bundled sam2unet_core sits beside this file
 POLL_INTERVAL_MS = 100
@@ -72,7 +75,8 @@ class SAM2UNetSlicer(ScriptedLoadableModule):
             "Segment a volume slice by slice with a SAM2-UNet checkpoint (U-shaped decoder on the "
             "adapter-tuned Hiera encoder of Segment Anything 2), or with its ONNX export, which runs "
             "with ONNX Runtime and needs no PyTorch. Runs in the background with progress and "
-            "Cancel; segments are named and coloured from the model."
+            "Cancel; segments are named and coloured from the model. Train a model: a new model (or a "
+            "fine-tuned one) from volumes segmented in the scene, which then segments the next ones."
         )
         self.parent.acknowledgementText = _(
             "SAM2-UNet: Xiong et al. 2024 (arXiv 2408.08870). Segment Anything 2: Meta AI."
@@ -97,6 +101,10 @@ class SAM2UNetSlicerParameterNode:
     connected part. batchSize - slices per forward pass (lower it when the GPU runs out of
     memory). allowUntrained - run a SAM 2 checkpoint (untrained decoder), for smoke tests.
     precision - numeric precision of a PyTorch model (see SAM2UNetSlicerLib.Parameters).
+    trainVolume, trainSegmentation - the training pair that Add pair adds. trainBase,
+    trainBasePath, trainPlane, trainMinutes, trainDevice, trainOutputPath - the Train section's
+    settings (SAM2UNetSlicerLib.Parameters.TrainingSettings; an empty output path writes a new
+    file in the models folder under Slicer's settings folder).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -113,12 +121,29 @@ class SAM2UNetSlicerParameterNode:
     batchSize: Annotated[int, WithinRange(1, 512)] = 8
     allowUntrained: bool = False
     precision: Precision = Precision.auto
+    trainVolume: vtkMRMLScalarVolumeNode
+    trainSegmentation: vtkMRMLSegmentationNode
+    trainBase: TrainingBase = TrainingBase.scratch
+    trainBasePath: Path
+    trainPlane: TrainingPlane = TrainingPlane.axial
+    trainMinutes: Annotated[int, WithinRange(1, 1440)] = 10
+    trainDevice: Device = Device.auto
+    trainOutputPath: Path
+
+
+def _pathOrNone(path: Path) -> Optional[Path]:
+    """A Path parameter, or None when empty (an empty Path field reads back as ".")."""
+    return None if str(path) in ("", ".") else path
+
+
+def modelsFolder() -> Path:
+    """Where trained models go by default: ``SAM2UNet/models`` beside Slicer's settings file."""
+    return Path(qt.QSettings().fileName()).parent / "SAM2UNet" / "models"
 
 
 def _checkpointOf(parameterNode) -> Optional[Path]:
     """The chosen checkpoint, or None (an empty Path field reads back as ".")."""
-    path = parameterNode.checkpointPath
-    return None if str(path) in ("", ".") else path
+    return _pathOrNone(parameterNode.checkpointPath)
 
 
 #
@@ -140,6 +165,8 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._sliceLimitsFor = _UNSET  # (volume ID, axis) the slice spin boxes are limited for
         self._modelPlane: Optional[str] = None  # plane of the described model; None until it is read
         self._modelMetadata = None  # ModelMetadata of the described model; None until it is read
+        self._trainingPairIds: list[tuple[str, str]] = []  # (volume ID, segmentation ID) of each training pair
+        self._uncheckedSegments: set[str] = set()  # segment names the user unticked in "Segments to learn"
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -153,6 +180,10 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         segmentation.onLog = self._log
         segmentation.onProgress = self._onProgress
         segmentation.onFinished = self._onSegmentationFinished
+        training = self.logic.training
+        training.onLog = self._log
+        training.onProgress = self._onTrainingProgress
+        training.onFinished = self._onTrainingFinished
         self._probeRunner = SubprocessRunner()
         self._describer = CheckpointDescriber(SubprocessRunner())  # .pt/.pth/.onnx: read in a child process
         self.installer = DependencyInstaller(  # shares the logic's runner: never both at once
@@ -171,6 +202,16 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.show3DButton.connect("clicked(bool)", self.onShow3DButton)
         self.ui.installButton.connect("clicked(bool)", self.onInstallButton)
         self.ui.refreshDevicesButton.connect("clicked(bool)", self.probeDevices)
+        self.ui.addPairButton.connect("clicked(bool)", self.onAddPairButton)
+        self.ui.removePairButton.connect("clicked(bool)", self.onRemovePairButton)
+        self.ui.trainSegmentsList.connect("itemChanged(QListWidgetItem*)", self._onTrainSegmentTicked)
+        self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
+        self.ui.trainCancelButton.connect("clicked(bool)", self.onTrainCancelButton)
+        self.ui.trainDefaultsLabel.text = _(
+            "Defaults: from scratch, axial plane, 10 minutes, device auto; the model is saved in {folder} "
+            "unless a file is chosen. One pair in eight (at least one, with two pairs or more) checks "
+            "the model during training.").format(folder=modelsFolder())
+        self.ui.trainProgressBar.setValue(0)
         source = qt.QSettings().value(SETTINGS_CORE_SOURCE, "")
         self.ui.coreSourceLineEdit.text = "" if source == LEGACY_CORE_SOURCE else source
         self.ui.coreSourceLineEdit.connect("editingFinished()", self._saveCoreSource)
@@ -182,6 +223,7 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         self.logic.segmentation.cancel()
+        self.logic.training.cancel()
         self.logic.worker.stop()
         self._probeRunner.cancel()
         self._describer.cancel()
@@ -199,6 +241,8 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self.logic.segmentation.cancel()  # its nodes are about to disappear
+        self.logic.training.cancel()
+        self._trainingPairIds = []
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -217,6 +261,7 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             remembered = qt.QSettings().value(SETTINGS_CHECKPOINT, "")
             if remembered and Path(remembered).is_file():
                 self._parameterNode.checkpointPath = Path(remembered)
+        self._refreshTrainingLists()
 
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
@@ -251,13 +296,13 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return routeOf(_checkpointOf(self._parameterNode) if self._parameterNode else None)
 
     def _busy(self) -> bool:
-        return self.logic.segmentation.isRunning() or self.installer.isRunning()
+        return self.logic.segmentation.isRunning() or self.installer.isRunning() or self.logic.training.isRunning()
 
     def _checkCanApply(self) -> None:
         parameterNode = self._parameterNode
         reasons = []
         if self._busy():
-            reasons.append(_("a run or an installation is in progress"))
+            reasons.append(_("a run, a training or an installation is in progress"))
         if not parameterNode or not parameterNode.inputVolume:
             reasons.append(_("select an input volume"))
         checkpoint = _checkpointOf(parameterNode) if parameterNode else None
@@ -288,10 +333,11 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         output = parameterNode.outputSegmentation if parameterNode else None
         self.ui.show3DButton.enabled = bool(output and output.GetSegmentation().GetNumberOfSegments()
                                             and not self._busy())
-        self.ui.cancelButton.enabled = self._busy()
+        self.ui.cancelButton.enabled = self.logic.segmentation.isRunning() or self.installer.isRunning()
         self.ui.installButton.enabled = not self._busy()
         self.ui.sliceStartSpinBox.enabled = bool(parameterNode and parameterNode.useSliceRange)
         self.ui.sliceEndSpinBox.enabled = bool(parameterNode and parameterNode.useSliceRange)
+        self._checkCanTrain()
 
     def _showDeviceChoices(self, offered: list) -> None:
         """Grey out the Device entries the model's runtime cannot use (the combo lists the
@@ -408,12 +454,13 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _poll(self) -> None:
         self.logic.segmentation.poll()  # its runner also runs the pip steps
+        self.logic.training.poll()
         self._probeRunner.poll()
         self._describer.runner.poll()
         # Ask again after polling: a callback may have started the next process on a runner
         # whose poll() just reported its previous process finished (next pip step, then Segment).
         if not (self.logic.runner.isRunning() or self.logic.segmentation.isRunning() or self._probeRunner.isRunning()
-                or self._describer.runner.isRunning()):
+                or self._describer.runner.isRunning() or self.logic.training.isRunning()):
             self._timer.stop()
 
     # ------------------------------------------------------------------ devices
@@ -500,6 +547,144 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.segmentation.cancel()
         self._checkCanApply()
 
+    # ------------------------------------------------------------------ train
+    def _trainingPairs(self) -> list[TrainingPair]:
+        """The training pairs whose nodes are still in the scene."""
+        pairs = []
+        for volumeId, segmentationId in self._trainingPairIds:
+            volume, segmentation = slicer.mrmlScene.GetNodeByID(volumeId), slicer.mrmlScene.GetNodeByID(segmentationId)
+            if volume is not None and segmentation is not None:
+                pairs.append(TrainingPair(volume, segmentation))
+        return pairs
+
+    def onAddPairButton(self) -> None:
+        parameterNode = self._parameterNode
+        volume, segmentation = parameterNode.trainVolume, parameterNode.trainSegmentation
+        if volume is None or segmentation is None:
+            return
+        pair = (volume.GetID(), segmentation.GetID())
+        if pair not in self._trainingPairIds:
+            self._trainingPairIds.append(pair)
+        self._refreshTrainingLists()
+
+    def onRemovePairButton(self) -> None:
+        row = self.ui.trainPairsList.currentRow
+        pairs = self._trainingPairs()
+        if 0 <= row < len(pairs):
+            removed = pairs[row]
+            self._trainingPairIds.remove((removed.volumeNode.GetID(), removed.segmentationNode.GetID()))
+        self._refreshTrainingLists()
+
+    def _refreshTrainingLists(self) -> None:
+        """Show the pairs and the segment names they hold (ticked unless the user unticked them)."""
+        pairs = self._trainingPairs()
+        self.ui.trainPairsList.clear()
+        for pair in pairs:
+            self.ui.trainPairsList.addItem(pair.describe())
+        names: list[str] = []
+        for pair in pairs:
+            names += [name for name in segmentNames(pair.segmentationNode) if name not in names]
+        self.ui.trainSegmentsList.blockSignals(True)
+        self.ui.trainSegmentsList.clear()
+        for name in names:
+            item = qt.QListWidgetItem(name)
+            item.setFlags(qt.Qt.ItemIsUserCheckable | qt.Qt.ItemIsEnabled)
+            item.setCheckState(qt.Qt.Unchecked if name in self._uncheckedSegments else qt.Qt.Checked)
+            self.ui.trainSegmentsList.addItem(item)
+        self.ui.trainSegmentsList.blockSignals(False)
+        self._checkCanTrain()
+
+    def _onTrainSegmentTicked(self, item) -> None:
+        if item.checkState() == qt.Qt.Checked:
+            self._uncheckedSegments.discard(item.text())
+        else:
+            self._uncheckedSegments.add(item.text())
+        self._checkCanTrain()
+
+    def _chosenSegments(self) -> list[str]:
+        listWidget = self.ui.trainSegmentsList
+        items = [listWidget.item(row) for row in range(listWidget.count)]
+        return [item.text() for item in items if item.checkState() == qt.Qt.Checked]
+
+    def _trainingSettings(self) -> TrainingSettings:
+        parameterNode = self._parameterNode
+        output = _pathOrNone(parameterNode.trainOutputPath)
+        if output is None:
+            output = modelsFolder() / f"model-{time.strftime('%Y%m%d-%H%M%S')}.safetensors"
+        return TrainingSettings(output, parameterNode.trainBase, _pathOrNone(parameterNode.trainBasePath),
+                                parameterNode.trainPlane, float(parameterNode.trainMinutes), parameterNode.trainDevice)
+
+    def _checkCanTrain(self) -> None:
+        parameterNode = self._parameterNode
+        reasons = []
+        if self._busy():
+            reasons.append(_("a run, a training or an installation is in progress"))
+        if not self._trainingPairs():
+            reasons.append(_("add at least one training pair"))
+        elif not self._chosenSegments():
+            reasons.append(_("tick at least one segment to learn"))
+        if parameterNode and parameterNode.trainBase is not TrainingBase.scratch:
+            basePath = _pathOrNone(parameterNode.trainBasePath)
+            if basePath is None and parameterNode.trainBase is TrainingBase.sam2:
+                remembered = qt.QSettings().value(SETTINGS_SAM2_CHECKPOINT, "")
+                if remembered and Path(remembered).is_file():
+                    parameterNode.trainBasePath = basePath = Path(remembered)  # observers run this again
+            if basePath is None or not basePath.is_file():
+                reasons.append(_("choose the checkpoint or model to start from"))
+        self.ui.trainButton.enabled = not reasons
+        self.ui.trainCancelButton.enabled = self.logic.training.isRunning()
+        self.ui.addPairButton.enabled = bool(parameterNode and parameterNode.trainVolume and parameterNode.trainSegmentation)
+        self.ui.trainReasonLabel.text = "" if not reasons else _("Train is unavailable: {reasons}.").format(
+            reasons="; ".join(reasons))
+
+    def onTrainButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to prepare the dependencies.")):
+            if not self._ensureDependencies(then=self._startTraining):
+                return
+        self._startTraining()
+
+    def _startTraining(self) -> None:
+        self.ui.logTextEdit.clear()
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the training."), waitCursor=True):
+            settings = self._trainingSettings()
+            self.logic.training.start(self._trainingPairs(), self._chosenSegments(), settings)
+            if settings.base is TrainingBase.sam2:
+                qt.QSettings().setValue(SETTINGS_SAM2_CHECKPOINT, str(settings.basePath))
+            self.ui.trainStatusLabel.text = _("Exported the pairs; starting the training...")
+            self.ui.trainProgressBar.setRange(0, 0)  # busy until the first step
+            self._timer.start()
+        self._checkCanApply()
+
+    def _onTrainingProgress(self, progress: TrainingProgress) -> None:
+        if progress.remainingSeconds is None:
+            return
+        self.ui.trainProgressBar.setRange(0, 1000)
+        self.ui.trainProgressBar.setValue(int(1000 * progress.fraction()))
+        parts = [_("step {step}").format(step=progress.step)]
+        if progress.loss is not None:
+            parts.append(_("loss {loss:.3f}").format(loss=progress.loss))
+        if progress.dice is not None:
+            parts.append(_("validation Dice {dice:.3f}").format(dice=progress.dice))
+        parts.append(_("about {minutes:.1f} min left").format(minutes=progress.remainingSeconds / 60))
+        self.ui.trainStatusLabel.text = _("Training: ") + ", ".join(parts)
+
+    def _onTrainingFinished(self, result: TrainingResult) -> None:
+        succeeded = result.status is RunStatus.succeeded
+        self.ui.trainProgressBar.setRange(0, 1)
+        self.ui.trainProgressBar.setValue(1 if succeeded else 0)
+        self.ui.trainStatusLabel.text = result.message
+        self._log(f"{result.status.value}: {result.message} ({result.seconds:.0f} s)")
+        if succeeded:  # the Segment section's model (and its history) from now on
+            self._parameterNode.checkpointPath = result.modelPath
+            self._parameterNode.sliceAxis = SliceAxis.model
+        elif result.status is RunStatus.failed:
+            slicer.util.errorDisplay(result.message, detailedText=self.ui.logTextEdit.toPlainText())
+        self._checkCanApply()
+
+    def onTrainCancelButton(self) -> None:
+        self.logic.training.cancel()
+        self._checkCanApply()
+
     # ------------------------------------------------------------------ dependencies
     def onInstallButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to install the dependencies.")):
@@ -577,8 +762,10 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 class SAM2UNetSlicerLogic(ScriptedLoadableModuleLogic):
     """Holds the parameter node and a ``SegmentationLogic`` bound to Slicer's modules.
 
-    Scripting: ``SAM2UNetSlicerLogic().segmentation.runAndWait(volume, None, RunParameters(path))``.
-    ``worker`` keeps the model loaded between runs (``SAM2UNetSlicerLib.WarmWorker``).
+    Scripting: ``SAM2UNetSlicerLogic().segmentation.runAndWait(volume, None, RunParameters(path))``;
+    ``SAM2UNetSlicerLogic().training.runAndWait([TrainingPair(volume, segmentation)], ["liver"],
+    TrainingSettings(Path("liver.safetensors")))``. ``worker`` keeps the model loaded between
+    runs (``SAM2UNetSlicerLib.WarmWorker``).
     """
 
     def __init__(self) -> None:
@@ -586,6 +773,7 @@ class SAM2UNetSlicerLogic(ScriptedLoadableModuleLogic):
         self.runner = SubprocessRunner()
         self.worker = WarmPredictRunner()
         self.segmentation = SegmentationLogic(slicer, vtk, self.runner, predictRunner=self.worker)
+        self.training = TrainingLogic(slicer, vtk, SubprocessRunner())
 
     def getParameterNode(self):
         return SAM2UNetSlicerParameterNode(super().getParameterNode())

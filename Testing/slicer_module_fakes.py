@@ -33,6 +33,8 @@ class FakeWidget:
         self.lines: list[str] = []
         self.slots: dict[str, Callable] = {}
         self.historyAdds = 0
+        self.items: list = []  # a QListWidget's items
+        self.currentRow = -1
 
     def connect(self, signal: str, slot: Callable) -> None:
         self.slots[signal] = slot
@@ -59,6 +61,21 @@ class FakeWidget:
 
     def clear(self) -> None:
         self.lines = []
+        self.items = []
+
+    def addItem(self, item) -> None:
+        """QListWidget.addItem: a text or a ``FakeListItem``."""
+        self.items.append(item if isinstance(item, FakeListItem) else FakeListItem(item))
+
+    @property
+    def count(self) -> int:
+        return len(self.items)
+
+    def item(self, row: int) -> "FakeListItem":
+        return self.items[row]
+
+    def blockSignals(self, block: bool) -> bool:
+        return False
 
     def toPlainText(self) -> str:
         return "\n".join(self.lines)
@@ -75,6 +92,25 @@ class FakeWidget:
         if not hasattr(self, "_model"):
             self._model = FakeItemModel()
         return self._model
+
+
+class FakeListItem:
+    """A QListWidgetItem: its text and, for a checkable one, its check state."""
+
+    def __init__(self, text: str) -> None:
+        self._text, self.flags, self.state = text, 0, 0
+
+    def text(self) -> str:
+        return self._text
+
+    def setFlags(self, flags: int) -> None:
+        self.flags = flags
+
+    def setCheckState(self, state: int) -> None:
+        self.state = state
+
+    def checkState(self) -> int:
+        return self.state
 
 
 class FakeItem:
@@ -201,6 +237,10 @@ class FakeTimer:
 
 class FakeSettings:
     store: dict[str, str] = {}
+    path = "/nonexistent/slicer.org/Slicer.ini"
+
+    def fileName(self) -> str:
+        return self.path
 
     def value(self, key: str, default=None):
         return self.store.get(key, default)
@@ -293,8 +333,9 @@ def installFakeSlicerModules(monkeypatch, confirm: bool = True) -> SimpleNamespa
         module.__dict__.update(contents)
         monkeypatch.setitem(sys.modules, name, module)
     qtModule = types.ModuleType("qt")
-    qtModule.QTimer, qtModule.QSettings = FakeTimer, FakeSettings
-    qtModule.Qt = SimpleNamespace(WaitCursor="WaitCursor")
+    qtModule.QTimer, qtModule.QSettings, qtModule.QListWidgetItem = FakeTimer, FakeSettings, FakeListItem
+    qtModule.Qt = SimpleNamespace(WaitCursor="WaitCursor", Unchecked=0, Checked=2, ItemIsUserCheckable=16,
+                                  ItemIsEnabled=32)
     vtkModule = types.ModuleType("vtk")
     vtkModule.vtkMatrix4x4, vtkModule.vtkStringArray = FakeMatrix4x4, FakeStringArray
     vtkModule.vtkCommand = SimpleNamespace(ModifiedEvent="ModifiedEvent")

@@ -99,7 +99,8 @@ def test_log_and_advanced_start_collapsed_and_every_form_row_is_unique() -> None
                                           for prop in widget.findall("property"))
                  for widget in root.iter("widget") if widget.get("class") == "ctkCollapsibleButton"}
     assert collapsed == {"inputsCollapsibleButton": False, "modelCollapsibleButton": False,
-                         "logCollapsibleButton": True, "advancedCollapsibleButton": True}
+                         "trainCollapsibleButton": True, "logCollapsibleButton": True,
+                         "advancedCollapsibleButton": True}
     for layout in root.iter("layout"):
         if layout.get("class") == "QFormLayout":
             cells = [(item.get("row"), item.get("column")) for item in layout.findall("item")]
@@ -133,7 +134,8 @@ def test_custom_widgets_are_declared_and_node_selectors_get_the_scene() -> None:
                  if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
                  and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
     selectors = {name for name, widget in uiWidgets().items() if widget.get("class") == "qMRMLNodeComboBox"}
-    assert selectors == receivers == {"inputSelector", "outputSelector"}
+    assert selectors == receivers == {"inputSelector", "outputSelector", "trainVolumeSelector",
+                                      "trainSegmentationSelector"}
 
 
 # ---------------------------------------------------------------------------------- CMake

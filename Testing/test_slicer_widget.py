@@ -55,7 +55,7 @@ class Panel:
         self.widget = self.module.SAM2UNetSlicerWidget()
         self.widget.setup()
         self.ui = self.widget.ui
-        self.logicRunner, self.probeRunner, self.describeRunner = self.runners
+        self.logicRunner, self.trainRunner, self.probeRunner, self.describeRunner = self.runners
 
     @property
     def parameters(self):
