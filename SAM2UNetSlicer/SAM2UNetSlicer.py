@@ -209,8 +209,9 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.trainCancelButton.connect("clicked(bool)", self.onTrainCancelButton)
         self.ui.trainDefaultsLabel.text = _(
             "Defaults: from scratch, axial plane, 10 minutes, device auto; the model is saved in {folder} "
-            "unless a file is chosen. One pair in eight (at least one, with two pairs or more) checks "
-            "the model during training.").format(folder=modelsFolder())
+            "unless a file is chosen. With 5 pairs or more, one is held out to measure the validation "
+            "Dice; with fewer, it is measured on the training pairs (a check of the fit).").format(
+                folder=modelsFolder())
         self.ui.trainProgressBar.setValue(0)
         source = qt.QSettings().value(SETTINGS_CORE_SOURCE, "")
         self.ui.coreSourceLineEdit.text = "" if source == LEGACY_CORE_SOURCE else source

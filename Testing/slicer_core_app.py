@@ -101,6 +101,25 @@ class SlicerCore:
             node.SetAndObserveTransformNodeID(transform.GetID())
         return node
 
+    def loadSegmentedCase(self, imagePath: Path, labelPath: Path, names: list[str], name: str,
+                          colors: list[tuple[float, float, float]] | None = None):
+        """A training pair as a user has it: the volume of ``imagePath`` and a segmentation
+        whose segment ``names[n]`` holds the voxels of label ``n + 1`` of ``labelPath`` (a label
+        map on the image's grid, loaded the same way). Returns (volume, segmentation)."""
+        volume = self.loadVolume(imagePath, name)
+        labelVolume = self.loadVolume(labelPath, f"{name} labels")
+        labelsKji = slicer.util.arrayFromVolume(labelVolume).copy()
+        self.scene.RemoveNode(labelVolume)
+        segmentation = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{name} segmentation")
+        segmentation.CreateDefaultDisplayNodes()  # as the Segment Editor makes it
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        for value, segmentName in enumerate(names, start=1):
+            color = colors[value - 1] if colors else (0.2 * value, 0.6, 1.0 - 0.2 * value)
+            segmentId = segmentation.GetSegmentation().AddEmptySegment("", segmentName, color)
+            slicer.util.updateSegmentBinaryLabelmapFromArray((labelsKji == value).astype(np.uint8), segmentation,
+                                                             segmentId, volume)
+        return volume, segmentation
+
 
 _CORE: SlicerCore | None = None
 
