@@ -153,6 +153,9 @@ class FakeSegmentation:
     def GetNumberOfSegments(self) -> int:
         return len(self.segments)
 
+    def GetNthSegmentID(self, index: int) -> str:
+        return list(self.segments)[index]
+
 
 class FakeSegmentationNode(FakeNode):
     className = "vtkMRMLSegmentationNode"
@@ -187,6 +190,9 @@ class FakeScene:
 
     def RemoveNode(self, node: FakeNode) -> None:
         self.nodes.remove(node)
+
+    def GetNodeByID(self, nodeId: str) -> FakeNode | None:
+        return next((node for node in self.nodes if node.GetID() == nodeId), None)
 
     def addVolume(self, name: str, arrayKji: np.ndarray, ijkToRas: np.ndarray,
                   className: str = "vtkMRMLScalarVolumeNode") -> FakeVolumeNode:

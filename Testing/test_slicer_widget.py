@@ -629,3 +629,69 @@ def test_a_folder_of_wheels_makes_every_pip_call_offline(monkeypatch, checkpoint
     args, _ = panel.logicRunner.started[0]
     assert args[args.index("--find-links") + 1] == str(tmp_path) and "--no-index" in args
     assert str(REPO) in args  # no sam2unet_core wheel in the folder: the extension's copy
+
+
+# ------------------------------------------------------------------------------ Train section
+def addSegmentation(panel: Panel, name: str, segments: list[str]):
+    node = panel.slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    for segment in segments:
+        node.GetSegmentation().AddEmptySegment("", segment, (1.0, 0.0, 0.0))
+    return node
+
+
+def test_training_pairs_and_segments_to_learn_decide_when_train_is_enabled(panel: Panel) -> None:
+    assert not panel.ui.trainButton.enabled and "add at least one training pair" in panel.ui.trainReasonLabel.text
+    assert "SAM2UNet/models" in panel.ui.trainDefaultsLabel.text and "10 minutes" in panel.ui.trainDefaultsLabel.text
+    first, second = panel.addVolume("case 1"), panel.addVolume("case 2")
+    panel.parameters.trainVolume, panel.parameters.trainSegmentation = first, addSegmentation(panel, "seg 1", ["liver", "spleen"])
+    panel.ui.addPairButton.emit("clicked(bool)", False)
+    panel.parameters.trainVolume, panel.parameters.trainSegmentation = second, addSegmentation(panel, "seg 2", ["liver", "kidney"])
+    panel.ui.addPairButton.emit("clicked(bool)", False)
+    panel.ui.addPairButton.emit("clicked(bool)", False)  # the same pair twice is one pair
+    assert [item.text() for item in panel.ui.trainPairsList.items] == ["case 1 + seg 1", "case 2 + seg 2"]
+    segments = panel.ui.trainSegmentsList.items
+    assert [(item.text(), item.checkState()) for item in segments] == [("liver", 2), ("spleen", 2), ("kidney", 2)]
+    assert panel.ui.trainButton.enabled and panel.ui.trainReasonLabel.text == ""
+
+    for item in segments:  # the user unticks everything: nothing to learn
+        item.setCheckState(0)
+        panel.ui.trainSegmentsList.emit("itemChanged(QListWidgetItem*)", item)
+    assert not panel.ui.trainButton.enabled and "tick at least one segment" in panel.ui.trainReasonLabel.text
+    panel.ui.trainPairsList.currentRow = 1
+    panel.ui.removePairButton.emit("clicked(bool)", False)
+    assert [item.text() for item in panel.ui.trainSegmentsList.items] == ["liver", "spleen"]  # unticks remembered
+    assert all(item.checkState() == 0 for item in panel.ui.trainSegmentsList.items)
+
+    panel.parameters.trainBase = panel.module.TrainingBase.sam2  # a checkpoint is needed
+    panel.ui.trainSegmentsList.items[0].setCheckState(2)
+    panel.ui.trainSegmentsList.emit("itemChanged(QListWidgetItem*)", panel.ui.trainSegmentsList.items[0])
+    assert not panel.ui.trainButton.enabled and "checkpoint or model to start from" in panel.ui.trainReasonLabel.text
+
+
+def test_train_hands_the_panel_settings_to_the_logic_and_the_new_model_becomes_the_segment_model(
+        panel: Panel, checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    volume = panel.addVolume("case 1")
+    panel.parameters.trainVolume, panel.parameters.trainSegmentation = volume, addSegmentation(panel, "seg", ["liver"])
+    panel.ui.addPairButton.emit("clicked(bool)", False)
+    sam2 = tmp_path / "sam2.1_hiera_tiny.pt"
+    sam2.write_bytes(b"weights")
+    panel.parameters.trainBase, panel.parameters.trainBasePath = panel.module.TrainingBase.sam2, sam2
+    panel.parameters.trainMinutes = 25
+    started = []
+    monkeypatch.setattr(panel.widget.logic.training, "start", lambda pairs, names, settings: started.append(
+        (pairs, names, settings)))
+    monkeypatch.setattr(panel.widget, "_ensureDependencies", lambda then: True)
+    panel.ui.trainButton.emit("clicked(bool)", False)
+    pairs, names, settings = started[0]
+    assert [(p.volumeNode, p.segmentationNode.GetName()) for p in pairs] == [(volume, "seg")] and names == ["liver"]
+    assert (settings.base.value, settings.basePath, settings.minutes, settings.plane.value) == ("sam2", sam2, 25.0, "axial")
+    assert settings.output.parent == Path("/nonexistent/slicer.org/SAM2UNet/models")  # the default folder
+    assert settings.output.name.startswith("model-") and settings.output.suffix == ".safetensors"
+    assert panel.module.qt.QSettings.store[panel.module.SETTINGS_SAM2_CHECKPOINT] == str(sam2)  # remembered
+
+    from SAM2UNetSlicerLib.TrainingLogic import TrainingResult
+
+    panel.widget._onTrainingFinished(TrainingResult(panel.module.RunStatus.succeeded, "Model written", 60.0, checkpoint))
+    assert panel.parameters.checkpointPath == checkpoint  # the Segment section's model now
+    assert panel.ui.checkpointPathLineEdit.historyAdds == 1 and "liver, spleen" in panel.ui.modelInfoLabel.text
+    assert panel.ui.trainStatusLabel.text == "Model written"
