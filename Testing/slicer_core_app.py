@@ -12,6 +12,7 @@ Importing this module also imports ``slicer_fakes`` (for the ``SAM2UNetSlicer/``
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -124,10 +125,11 @@ class SlicerCore:
 _CORE: SlicerCore | None = None
 
 
-@pytest.fixture
-def slicerCore(monkeypatch: pytest.MonkeyPatch):
+@contextlib.contextmanager
+def installedCore(monkeypatch: pytest.MonkeyPatch):
     """A :class:`SlicerCore` with a fresh scene, installed as ``slicer.mrmlScene``,
-    ``slicer.modules`` and ``slicer.util.exportNode``; fails the test on any VTK error output."""
+    ``slicer.modules`` and ``slicer.util.exportNode`` until the block ends; fails on any VTK
+    error output."""
     global _CORE
     if _CORE is None:
         _CORE = SlicerCore()
@@ -142,3 +144,10 @@ def slicerCore(monkeypatch: pytest.MonkeyPatch):
     core.clearMessages()
     scene.Clear(1)
     assert messages == "", f"VTK printed errors or warnings:\n{messages}"
+
+
+@pytest.fixture
+def slicerCore(monkeypatch: pytest.MonkeyPatch):
+    """:func:`installedCore` for one test."""
+    with installedCore(monkeypatch) as core:
+        yield core
