@@ -18,6 +18,7 @@ from slicer_fakes import FakeRunner, obliqueIjkToRas
 from sam2unet_core.io import affine_ras, read_volume
 from sam2unet_core.metadata import LabelInfo
 from sam2unet_core.terminology import slicer_terminology_string
+from sam2unet_core.train.from_pairs import TrainingRequest
 from SAM2UNetSlicerLib.LabelImport import TERMINOLOGY_TAG
 from SAM2UNetSlicerLib.Parameters import Device, TrainingBase, TrainingSettings
 from SAM2UNetSlicerLib.SegmentationLogic import RunStatus
@@ -165,12 +166,15 @@ def test_run_reports_progress_and_moves_the_finished_model_to_the_output(slicerC
     request = json.loads(Path(args[4]).read_text())
     workDir = Path(args[4]).parent
     assert workDir.parent == output.parent and Path(env["TMPDIR"]).parent == workDir
-    assert env["CUDA_VISIBLE_DEVICES"] == ""  # CPU chosen
+    assert env["CUDA_VISIBLE_DEVICES"] == "" and env["TQDM_DISABLE"] == "1"  # CPU chosen; events alone on their lines
     assert [(label["name"], label["value"], label["color"]) for label in request["labels"]] == [
         ("white matter", 1, [0, 0, 255]), ("grey matter", 2, [255, 0, 0])]
     assert "type" not in request["labels"][0]  # Slicer's default terminology says nothing
     assert (request["base"], request["plane"], request["minutes"], request["device"]) == ("scratch", "axial", 2.0, "cpu")
     assert [pair["name"] for pair in request["pairs"]] == ["00_case_1", "01_case_2"]
+    parsed = TrainingRequest.from_json(Path(args[4]).read_text())  # the library reads what the module writes
+    parsed.validate()
+    assert [label.name for label in parsed.labels] == ["white matter", "grey matter"] and parsed.minutes == 2.0
     exportedLabels = read_volume(request["pairs"][1]["label"]).array_kji
     np.testing.assert_array_equal(exportedLabels, np.where(labels == 2, 1, np.where(labels == 1, 2, 0)))
 

@@ -347,6 +347,9 @@ class TrainingLogic:
             tmp = workDir / "tmp"
             tmp.mkdir()
             env.update(TMPDIR=str(tmp), TEMP=str(tmp), TMP=str(tmp))  # the library's temporary folders too
+            # No tqdm bars: they end in "\r", not a new line, so on the merged output stream the
+            # next JSON event would continue a bar's line; the panel shows the progress itself.
+            env["TQDM_DISABLE"] = "1"
             self._run = _Run(workDir, output, time.monotonic())
             self.onLog(f"Training {', '.join(label.name for label in labels)} on {len(pairs)} pair(s), "
                        f"{settings.base.label().lower()}, {settings.minutes:g} min on {settings.device.value}; "
@@ -395,9 +398,10 @@ class TrainingLogic:
             return
         data, progress = event.data, run.progress
         if event.event == "train_start":
+            validation = "a held-out pair" if data.get("held_out") else "the training pairs"
             self.onLog(f"Training started: {data.get('pairs')} pair(s), labels {', '.join(data.get('labels', []))}, "
-                       f"device {data.get('device')}, budget {float(data.get('budget_s', 0)) / 60:.1f} min, "
-                       f"base {data.get('base')}")
+                       f"device {data.get('device')}, budget {float(data.get('budget_s') or 0) / 60:.1f} min, "
+                       f"base {data.get('base')}; validation Dice on {validation}")
         elif event.event == "train_step":
             progress.step = int(data.get("step", progress.step))
             progress.loss = data.get("loss")
