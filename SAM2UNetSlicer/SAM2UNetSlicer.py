@@ -640,7 +640,7 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onTrainButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to prepare the dependencies.")):
-            if not self._ensureDependencies(then=self._startTraining):
+            if not self._ensureDependencies(then=self._startTraining, route=ModelRoute.torch, training=True):
                 return
         self._startTraining()
 
@@ -692,13 +692,16 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self._ensureDependencies(then=None):
                 slicer.util.infoDisplay(_("All dependencies are already installed."))
 
-    def _ensureDependencies(self, then) -> bool:
+    def _ensureDependencies(self, then, route: Optional[ModelRoute] = None, training: bool = False) -> bool:
         """True when everything is installed; else asks, installs in the background and calls
-        ``then`` afterwards (if given). Returns False whenever ``then`` is not called now."""
+        ``then`` afterwards (if given). Returns False whenever ``then`` is not called now.
+        ``route``: the packages of that route (default: the chosen model's); ``training``: also
+        MONAI (the training's data pipeline), which the PyTorch route otherwise installs only
+        for keeping the largest component."""
         core, wheelhouse = resolvePackageSource(self.ui.coreSourceLineEdit.text, MODULE_DIR)  # ValueError: shown
-        keepLargest = bool(self._parameterNode and self._parameterNode.keepLargestComponent)
+        keepLargest = training or bool(self._parameterNode and self._parameterNode.keepLargestComponent)
         outcome = self.installer.ensure(core, self._confirmInstall, self._installTorch, self._log,
-                                        lambda ok, message: self._onInstallDone(ok, message, then), self._route(),
+                                        lambda ok, message: self._onInstallDone(ok, message, then), route or self._route(),
                                         wheelhouse, keepLargest)
         if outcome is EnsureOutcome.needPyTorchExtension:
             found = installedVersions().get("torch")

@@ -680,9 +680,11 @@ def test_train_hands_the_panel_settings_to_the_logic_and_the_new_model_becomes_t
     started = []
     monkeypatch.setattr(panel.widget.logic.training, "start", lambda pairs, names, settings: started.append(
         (pairs, names, settings)))
-    monkeypatch.setattr(panel.widget, "_ensureDependencies", lambda then: True)
+    routes = []
+    monkeypatch.setattr(panel.widget, "_ensureDependencies", lambda then, route=None, training=False: routes.append((route, training)) or True)
     panel.ui.trainButton.emit("clicked(bool)", False)
     pairs, names, settings = started[0]
+    assert routes == [(panel.module.ModelRoute.torch, True)]  # PyTorch and MONAI, whatever the Segment model
     assert [(p.volumeNode, p.segmentationNode.GetName()) for p in pairs] == [(volume, "seg")] and names == ["liver"]
     assert (settings.base.value, settings.basePath, settings.minutes, settings.plane.value) == ("sam2", sam2, 25.0, "axial")
     assert settings.output.parent == Path("/nonexistent/slicer.org/SAM2UNet/models")  # the default folder
