@@ -186,7 +186,9 @@ def validate(model: torch.nn.Module, loader: DataLoader, num_classes: int, devic
     was_training = model.training
     model.eval()
     scores = DiceAccumulator(num_classes)
-    for batch in tqdm(loader, desc="validation", unit="batch", leave=False, dynamic_ncols=True):
+    # disable=None: bars on a terminal only; a piped stderr (a GUI's child process, whose
+    # output may share one pipe with JSON events) gets none
+    for batch in tqdm(loader, desc="validation", unit="batch", leave=False, dynamic_ncols=True, disable=None):
         images = batch["image"].to(device)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             logits = model(images).float()
@@ -333,7 +335,7 @@ class Trainer:
                             num_workers=config.data.num_workers, drop_last=per_rank >= batch,
                             pin_memory=self.device.type == "cuda", generator=generator)
         bar = tqdm(loader, total=per_rank // batch if per_rank >= batch else 1, initial=s.batches_done,
-                   disable=not self.dist.main, desc=f"epoch {s.epoch + 1}/{config.optim.epochs}", unit="batch",
+                   disable=None if self.dist.main else True, desc=f"epoch {s.epoch + 1}/{config.optim.epochs}", unit="batch",
                    dynamic_ncols=True)
         try:
             for sample in bar:
