@@ -166,7 +166,7 @@ def test_run_reports_progress_and_moves_the_finished_model_to_the_output(slicerC
     request = json.loads(Path(args[4]).read_text())
     workDir = Path(args[4]).parent
     assert workDir.parent == output.parent and Path(env["TMPDIR"]).parent == workDir
-    assert env["CUDA_VISIBLE_DEVICES"] == "" and env["TQDM_DISABLE"] == "1"  # CPU chosen; events alone on their lines
+    assert env["CUDA_VISIBLE_DEVICES"] == ""  # CPU chosen
     assert [(label["name"], label["value"], label["color"]) for label in request["labels"]] == [
         ("white matter", 1, [0, 0, 255]), ("grey matter", 2, [255, 0, 0])]
     assert "type" not in request["labels"][0]  # Slicer's default terminology says nothing

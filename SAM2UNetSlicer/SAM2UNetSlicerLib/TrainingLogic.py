@@ -347,9 +347,6 @@ class TrainingLogic:
             tmp = workDir / "tmp"
             tmp.mkdir()
             env.update(TMPDIR=str(tmp), TEMP=str(tmp), TMP=str(tmp))  # the library's temporary folders too
-            # No tqdm bars: they end in "\r", not a new line, so on the merged output stream the
-            # next JSON event would continue a bar's line; the panel shows the progress itself.
-            env["TQDM_DISABLE"] = "1"
             self._run = _Run(workDir, output, time.monotonic())
             self.onLog(f"Training {', '.join(label.name for label in labels)} on {len(pairs)} pair(s), "
                        f"{settings.base.label().lower()}, {settings.minutes:g} min on {settings.device.value}; "
