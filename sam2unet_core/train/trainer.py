@@ -335,8 +335,8 @@ class Trainer:
                             num_workers=config.data.num_workers, drop_last=per_rank >= batch,
                             pin_memory=self.device.type == "cuda", generator=generator)
         bar = tqdm(loader, total=per_rank // batch if per_rank >= batch else 1, initial=s.batches_done,
-                   disable=None if self.dist.main else True, desc=f"epoch {s.epoch + 1}/{config.optim.epochs}", unit="batch",
-                   dynamic_ncols=True)
+                   disable=None if self.dist.main else True,  # None: on a terminal only (as validation)
+                   desc=f"epoch {s.epoch + 1}/{config.optim.epochs}", unit="batch", dynamic_ncols=True)
         try:
             for sample in bar:
                 loss = self.train_step(sample)
