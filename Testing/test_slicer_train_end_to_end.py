@@ -17,7 +17,7 @@ import pytest
 
 from slicer_core_app import installedCore, slicer, slicerCore, vtk  # noqa: F401 - slicerCore is a fixture
 
-from sam2unet_core.demo import build_brain_dataset
+from benchmarks.brain_data import build_brain_dataset
 from sam2unet_core.metadata import LabelInfo, read_metadata
 from sam2unet_core.terminology import slicer_terminology_string
 from SAM2UNetSlicerLib.LabelImport import TERMINOLOGY_TAG

@@ -1,7 +1,7 @@
 """Dice on held-out volumes after training in the Slicer module's Train section with 1, 2 and 4
 labelled volumes at the same time budget, side by side.
 
-Cases: the demo's brain volumes (``sam2unet_core.demo.build_brain_dataset``: variants of
+Cases: the demo's brain volumes (``benchmarks.brain_data.build_brain_dataset``: variants of
 nilearn's MNI152 template, grey and white matter). Each run starts a fresh scene of Slicer's
 real core (slicer-core): the first N training cases are loaded (``AddArchetypeVolume``), each
 with a segmentation of two segments, "grey matter" and "white matter", made from its label
@@ -35,7 +35,7 @@ sys.path[:0] = [str(REPO), str(REPO / "Testing"), str(REPO / "SAM2UNetSlicer")]
 
 from slicer_core_app import SlicerCore, exportNode, slicer, vtk  # noqa: E402
 
-from sam2unet_core.demo import build_brain_dataset  # noqa: E402
+from benchmarks.brain_data import build_brain_dataset  # noqa: E402
 from SAM2UNetSlicerLib.Parameters import Device, RunParameters, SliceAxis, TrainingBase, TrainingSettings  # noqa: E402
 from SAM2UNetSlicerLib.ProcessRunner import SubprocessRunner  # noqa: E402
 from SAM2UNetSlicerLib.SegmentationLogic import RunStatus, SegmentationLogic  # noqa: E402
