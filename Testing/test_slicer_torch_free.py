@@ -44,7 +44,7 @@ import SAM2UNetSlicerLib.SegmentationLogic as segmentationLogic
 segmentationLogic.findPythonSlicer = lambda: sys.executable
 widget = module.SAM2UNetSlicerWidget()
 widget.setup()
-logicRunner, probeRunner, describeRunner = runners
+logicRunner, trainingRunner, probeRunner, describeRunner = runners  # the logic builds the first two
 parameters = widget._parameterNode
 parameters.inputVolume = fake.mrmlScene.addVolume("CT", np.zeros((4, 8, 10), np.int16), obliqueIjkToRas())
 
