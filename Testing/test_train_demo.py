@@ -14,10 +14,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from sam2unet_core import read_metadata
+from sam2unet_core.train.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "training" / "demo.py"
@@ -51,10 +51,10 @@ def test_demo_runs_end_to_end_and_reports_true_dice(tmp_path: Path, capsys) -> N
             assert f"{dice:.4f}" in printed
         overlay = Image.open(out / f"overlay_{row['case']}.png")
         assert overlay.mode == "RGB" and overlay.width > 3 * 40
-    recipe = yaml.safe_load(DEFAULT_CONFIG.read_text())["model"]
+    recipe = load_config(DEFAULT_CONFIG, ["data.root=x"]).model  # the demo's config with its packaged recipe
     meta = read_metadata(out / "model" / "best.safetensors")
-    assert recipe["window_spec"] and list(meta.architecture.window_spec) == recipe["window_spec"]
-    assert recipe["full_res_channels"] and meta.architecture.full_res_channels == recipe["full_res_channels"]
+    assert recipe.window_spec and list(meta.architecture.window_spec) == recipe.window_spec
+    assert recipe.full_res_channels and meta.architecture.full_res_channels == recipe.full_res_channels
     # trained on 56 px slices (augment.train_size), predicts at 64 px (data.input_size)
     assert meta.input_size == 64 and meta.provenance["config"]["augment"]["train_size"] == 56
 
