@@ -241,6 +241,7 @@ class Trainer:
         self.learning_rate = config.optim.lr
         self.steps_this_run = 0
         self.stop_requested = False  # a callback may set it: the epoch ends, validates and saves
+        self._box_used_at_start = 0.0  # share of the time box used by earlier runs (resume)
         self._last_resume_save = time.monotonic()
 
     # ------------------------------------------------------------------ set-up
@@ -299,6 +300,7 @@ class Trainer:
         """Train until ``optim.epochs``, the time box, ``run.stop_after_steps`` or a stop
         request; returns where the results are and the best validation Dice."""
         self._call("on_train_start")
+        self._box_used_at_start = self.clock.used(self.state.global_step)
         self.net.train()
         stopped = False
         while self.state.epoch < self.config.optim.epochs:
@@ -413,9 +415,10 @@ class Trainer:
         elapsed = self.clock.wall_seconds()
         if self.steps_this_run == 0 or elapsed <= 0:
             return None
-        if self.clock.set:
+        if self.clock.set:  # the share used by this run (a resumed run starts part-way)
             used = self.clock.used(self.state.global_step)
-            return round(elapsed * max(0.0, 1.0 - used) / used, 1) if used > 0 else None
+            this_run = used - self._box_used_at_start
+            return round(elapsed * max(0.0, 1.0 - used) / this_run, 1) if this_run > 0 else None
         per_epoch = max(1, len(self.data.train) // (self.config.optim.batch_size * self.dist.world))
         steps_left = self.config.optim.epochs * per_epoch - self.state.global_step
         return round(max(0, steps_left) * elapsed / self.steps_this_run, 1)
