@@ -225,6 +225,7 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         self.logic.segmentation.cancel()
         self.logic.training.cancel()
+        self.installer.cancel()  # pip stopped, its constraints folder removed
         self.logic.worker.stop()
         self._probeRunner.cancel()
         self._describer.cancel()

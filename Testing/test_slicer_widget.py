@@ -541,6 +541,7 @@ def test_sam2_checkpoint_is_refused_next_to_the_model_unless_allowed(panel: Pane
     panel.logicRunner.finish(0)
     panel.widget._poll()
     assert panel.logicRunner.args[2] == "sam2unet_core.cli.predict" and "--allow-untrained" in panel.logicRunner.args
+    panel.closeMidRun()
 
 
 def test_rgb_picture_model_is_refused_for_a_volume_even_when_untrained_models_are_allowed(
@@ -600,6 +601,7 @@ def test_another_installed_sam2unet_core_is_reported_with_an_upgrade_path(monkey
     assert kind == "confirm" and "sam2unet_core 0.1.0 from this extension, replacing 0.0.9" in text
     args, _ = panel.logicRunner.started[0]
     assert args[3:8] == ["install", "--no-deps", "--no-build-isolation", "--force-reinstall", str(REPO)]
+    closeMidInstall(panel)
 
 
 def test_same_version_installed_is_stated_and_a_legacy_index_name_setting_is_ignored(monkeypatch) -> None:
@@ -629,6 +631,16 @@ def test_a_folder_of_wheels_makes_every_pip_call_offline(monkeypatch, checkpoint
     args, _ = panel.logicRunner.started[0]
     assert args[args.index("--find-links") + 1] == str(tmp_path) and "--no-index" in args
     assert str(REPO) in args  # no sam2unet_core wheel in the folder: the extension's copy
+    closeMidInstall(panel)
+
+
+def closeMidInstall(panel: Panel) -> None:
+    """Close the module during an install, as quitting Slicer does: pip is stopped and its
+    temporary constraints folder removed."""
+    folder = panel.widget.installer._folder
+    assert folder is not None and folder.is_dir()
+    panel.widget.cleanup()
+    assert not panel.widget.installer.isRunning() and not folder.exists()
 
 
 # ------------------------------------------------------------------------------ Train section
