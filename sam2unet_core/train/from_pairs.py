@@ -192,7 +192,6 @@ def request_config(request: TrainingRequest, dataset: Path, run_folder: Path) ->
 
         recipe = merge_sections(recipe, settings_of_model(base_meta))
         settings["model"]["init_from"] = request.base_path
-        settings["data"]["plane"] = request.plane
     return config_from_dict(merge_sections(recipe, settings))
 
 
