@@ -177,7 +177,9 @@ def _cli(args: list[str], env: dict[str, str], **kwargs) -> subprocess.Popen:
 def test_cli_request_jsonl_bad_request_and_sigterm(tmp_path: Path) -> None:
     temp = tmp_path / "tmp"
     temp.mkdir()
-    env = {**os.environ, "TMPDIR": str(temp), "OMP_NUM_THREADS": "1"}
+    # torch keeps its compile cache under TMPDIR unless told otherwise: a cache, not a leftover
+    env = {**os.environ, "TMPDIR": str(temp), "OMP_NUM_THREADS": "1",
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "torch-cache")}
     bad = tmp_path / "bad.json"
     bad.write_text(TrainingRequest([], [LIVER], tmp_path / "m.safetensors").to_json())
     out, err = _cli(["--request", str(bad), "--progress", "jsonl"], env).communicate(timeout=120)

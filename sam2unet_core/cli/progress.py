@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from typing import Any
 
 from ..errors import OUT_OF_MEMORY
 
-__all__ = ["FLAGS", "Progress", "flag_words"]
+__all__ = ["FLAGS", "Progress", "flag_words", "write_json_line"]
 
 # library option (the ``field`` of a sam2unet_core.errors error) -> the flag that sets it
 FLAGS = {"axis": "--axis", "planes": "--planes", "output_format": "--format",
@@ -36,6 +37,19 @@ def flag_words(message: str, kind: str | None = None, field: str | None = None, 
     return f"{message} ({flag})" if value is None or value is True else f"{message} ({flag} {value})"
 
 
+_STDOUT_LOCK = threading.Lock()
+
+
+def write_json_line(record: dict[str, Any]) -> None:
+    """``record`` as one JSON line on stdout, written whole: the text and its newline go in
+    one write, under a lock, so neither another thread nor a signal handler that raises
+    (SIGTERM in the CLIs) can leave a line without its end or split one in two."""
+    line = json.dumps(record) + "\n"
+    with _STDOUT_LOCK:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+
+
 class Progress:
     """Turns library events into JSON lines on stdout, or tqdm bars and a line per case on
     stderr, or plain lines (``none``)."""
@@ -50,7 +64,7 @@ class Progress:
             event = {**event, "error": flag_words(event["error"], event.get("kind"), event.get("field"),
                                                   event.get("value"))}
         if self.mode == "jsonl":  # every event of inference.batch.EVENTS
-            print(json.dumps(event), flush=True)
+            write_json_line(event)
             return
         if self.mode == "bar":
             self._bars(event)

@@ -23,13 +23,14 @@ run then leaves no model file and no temporary folder).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable
+
+from .progress import write_json_line
 
 __all__ = ["main"]
 
@@ -44,7 +45,7 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 def _events(mode: str) -> Callable[[dict[str, Any]], None] | None:
     if mode == "jsonl":
-        return lambda event: print(json.dumps(event), flush=True)
+        return write_json_line
     return None
 
 

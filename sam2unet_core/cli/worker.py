@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import predict
+from .progress import write_json_line
 from ..inference.engine import Predictor
 
 __all__ = ["FINISHED", "IDLE_EXIT", "PredictorCache", "main"]
@@ -73,7 +74,7 @@ def _read_requests(stream: Any, requests: "queue.Queue[str | None]") -> None:
 
 
 def _say(**fields: Any) -> None:
-    print(json.dumps({"worker": fields.pop("worker"), **fields}), flush=True)
+    write_json_line({"worker": fields.pop("worker"), **fields})
 
 
 def _run(line: str, cache: PredictorCache) -> int:
