@@ -18,7 +18,7 @@ from slicer_fakes import FakeRunner, obliqueIjkToRas
 from sam2unet_core.io import affine_ras, read_volume
 from sam2unet_core.metadata import LabelInfo
 from sam2unet_core.terminology import slicer_terminology_string
-from sam2unet_core.train.from_pairs import TrainingRequest
+from sam2unet_core.training_request import TrainingRequest
 from SAM2UNetSlicerLib.LabelImport import TERMINOLOGY_TAG
 from SAM2UNetSlicerLib.Parameters import Device, TrainingBase, TrainingSettings
 from SAM2UNetSlicerLib.SegmentationLogic import RunStatus

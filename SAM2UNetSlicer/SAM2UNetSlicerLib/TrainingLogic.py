@@ -29,7 +29,6 @@ Threading as in ``SegmentationLogic``: a child process on a ``ProcessRunnerProto
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -55,7 +54,7 @@ __all__ = [
     "missingSegments",
     "trainingLabels",
     "exportPair",
-    "requestDict",
+    "trainingRequest",
     "TrainingLogic",
 ]
 
@@ -241,22 +240,21 @@ def exportPair(slicer: Any, vtk: Any, pair: TrainingPair, segmentIds: Sequence[s
                 scene.RemoveNode(node)
 
 
-def requestDict(pairs: Sequence[tuple[Path, Path, str]], labels: Sequence[Any], output: Path,
-                settings: TrainingSettings) -> dict[str, Any]:
-    """The ``TrainingRequest`` of ``sam2unet_core.train.from_pairs`` as its JSON object
-    (``TrainingRequest.to_json``'s layout): written here because that package imports torch,
-    which Slicer's own process never does. ``pairs`` are (image, label, name)."""
-    return {
-        "pairs": [{"image": str(image), "label": str(label), "name": name} for image, label, name in pairs],
-        "labels": [label.to_dict() for label in labels],
-        "output": str(output),
-        "base": settings.base.value,
-        "base_path": str(settings.basePath) if settings.base is not TrainingBase.scratch else "",
-        "plane": settings.plane.value,
-        "minutes": float(settings.minutes),
-        "device": settings.device.value,
-        "seed": int(settings.seed),
-    }
+def trainingRequest(pairs: Sequence[tuple[Path, Path, str]], labels: Sequence[Any], output: Path,
+                    settings: TrainingSettings) -> Any:
+    """The ``sam2unet_core.training_request.TrainingRequest`` (torch-free) that
+    ``sam2unet-train --request`` carries out, checked by its own validator. ``pairs`` are
+    (image, label, name)."""
+    from sam2unet_core.training_request import TrainingPair as RequestPair, TrainingRequest
+
+    request = TrainingRequest(
+        pairs=[RequestPair(image, label, name) for image, label, name in pairs],
+        labels=list(labels), output=output, base=settings.base.value,
+        base_path=str(settings.basePath) if settings.base is not TrainingBase.scratch else "",
+        plane=settings.plane.value, minutes=float(settings.minutes), device=settings.device.value,
+        seed=int(settings.seed))
+    request.validate()
+    return request
 
 
 def _fileStem(index: int, name: str) -> str:
@@ -341,8 +339,8 @@ class TrainingLogic:
                 exportPair(self._slicer, self._vtk, pair, segmentIds, image, label)
                 exported.append((image, label, stem))
             requestPath = workDir / "request.json"
-            request = requestDict(exported, labels, workDir / output.name, settings)
-            requestPath.write_text(json.dumps(request, indent=2), encoding="utf-8")
+            request = trainingRequest(exported, labels, workDir / output.name, settings)
+            requestPath.write_text(request.to_json(), encoding="utf-8")
             env = processEnvironment(dict(self._baseEnvironment or os.environ), settings.device)
             tmp = workDir / "tmp"
             tmp.mkdir()

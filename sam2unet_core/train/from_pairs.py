@@ -2,9 +2,9 @@
 folder: the library call behind the 3D Slicer module's Train section and
 ``sam2unet-train --request``.
 
-A :class:`TrainingRequest` names the pairs, the labels (names, colours, codes), the base
-(from scratch, a SAM 2 checkpoint, or one of our models to fine-tune), the plane and a
-wall-clock budget. :func:`train_from_pairs` checks every pair (readable, label map on the
+A :class:`~sam2unet_core.training_request.TrainingRequest` names the pairs, the labels
+(names, colours, codes), the base (from scratch, a SAM 2 checkpoint, or one of our models to
+fine-tune), the plane and a wall-clock budget. :func:`train_from_pairs` checks every pair (readable, label map on the
 image's grid, label values declared), writes a dataset description into a temporary folder
 (the volumes are not copied), trains with a packaged recipe (``recipes/*.yaml``), reports
 events through ``on_event`` and writes the model to ``request.output`` only when training
@@ -23,13 +23,11 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from sam2unet_core.io.atomic import atomic_write
-from sam2unet_core.io.orientation import check_planes
-from sam2unet_core.metadata import LabelInfo
+from sam2unet_core.training_request import BASES, TrainingPair, TrainingRequest
 
 from .config import TrainConfig, config_from_dict, merge_sections, read_recipe
 from .callbacks import ProgressEvents
@@ -39,87 +37,8 @@ __all__ = ["TrainingPair", "TrainingRequest", "train_from_pairs", "BASES", "MIN_
 
 logger = logging.getLogger(__name__)
 
-BASES = ("scratch", "sam2", "model")  # from scratch (Hiera-T), a SAM 2 checkpoint, one of our models
 MIN_PAIRS_TO_HOLD_OUT = 5  # from this many pairs on, one is held out for validation
 Event = Callable[[dict[str, Any]], None]
-
-
-@dataclass(frozen=True)
-class TrainingPair:
-    """A scalar volume and its label map (0 background, 1..K the request's label values) on
-    the same voxel grid; ``name`` identifies the pair in messages and the model's provenance."""
-
-    image: Path
-    label: Path
-    name: str
-
-    def __post_init__(self) -> None:  # strings accepted
-        object.__setattr__(self, "image", Path(self.image))
-        object.__setattr__(self, "label", Path(self.label))
-
-
-@dataclass
-class TrainingRequest:
-    """What to train: see the module docstring. ``minutes`` is the wall-clock budget of the
-    training itself (reading the volumes and the final validation come on top)."""
-
-    pairs: list[TrainingPair]
-    labels: list[LabelInfo]
-    output: Path
-    base: str = "scratch"
-    base_path: str = ""
-    plane: str = "axial"
-    minutes: float = 10.0
-    device: str = "auto"
-    seed: int = 0
-
-    def __post_init__(self) -> None:  # strings accepted
-        self.output = Path(self.output)
-
-    def validate(self) -> None:
-        """``ValueError`` naming the first bad field."""
-        if not self.pairs:
-            raise ValueError("pairs: no training pairs given")
-        names = [pair.name for pair in self.pairs]
-        if len(set(names)) != len(names):
-            raise ValueError(f"pairs: names must differ, got {names}")
-        values = [label.value for label in self.labels]
-        if values != list(range(1, len(values) + 1)):
-            raise ValueError(f"labels: values must be 1..K in order, got {values}")
-        label_names = [label.name for label in self.labels]
-        if len(set(label_names)) != len(label_names) or not all(label_names):
-            raise ValueError(f"labels: names must be non-empty and differ, got {label_names}")
-        if self.base not in BASES:
-            raise ValueError(f"base must be one of {BASES}, got {self.base!r}")
-        if self.base != "scratch" and not Path(self.base_path).is_file():
-            raise ValueError(f"base_path: {self.base_path or '(empty)'}: file not found (needed for base {self.base!r})")
-        check_planes([self.plane])
-        if self.minutes <= 0:
-            raise ValueError(f"minutes must be > 0, got {self.minutes}")
-        if Path(self.output).suffix != ".safetensors":
-            raise ValueError(f"output: {self.output}: a model file ends in .safetensors")
-
-    def to_json(self) -> str:
-        data = dataclasses.asdict(self)
-        data["pairs"] = [{"image": str(p.image), "label": str(p.label), "name": p.name} for p in self.pairs]
-        data["labels"] = [label.to_dict() for label in self.labels]
-        data["output"] = str(self.output)
-        return json.dumps(data, indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> "TrainingRequest":
-        """Read :meth:`to_json`'s form; ``ValueError`` naming what is missing or malformed."""
-        try:
-            data = json.loads(text)
-            pairs = [TrainingPair(Path(p["image"]), Path(p["label"]), str(p["name"])) for p in data.pop("pairs")]
-            labels = [LabelInfo.from_dict(item) for item in data.pop("labels")]
-            output = Path(data.pop("output"))
-            unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-            if unknown:
-                raise ValueError(f"unknown keys {unknown}")
-            return cls(pairs=pairs, labels=labels, output=output, **data)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"not a training request: {err!r}") from err
 
 
 def _check_pair(pair: TrainingPair, num_labels: int) -> None:
