@@ -313,7 +313,7 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if parameterNode and parameterNode.useSliceRange and parameterNode.sliceEnd < parameterNode.sliceStart:
             reasons.append(_("the last slice must not come before the first"))
         offered = offeredDevices(self._route(), self._deviceReport)
-        self._showDeviceChoices(offered)
+        self._showDeviceChoices(self.ui.deviceComboBox, offered)
         if parameterNode and parameterNode.device not in offered:
             reasons.append(_("{device} is not available here (see Device)").format(device=parameterNode.device.label()))
         problem = None
@@ -341,10 +341,11 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.sliceEndSpinBox.enabled = bool(parameterNode and parameterNode.useSliceRange)
         self._checkCanTrain()
 
-    def _showDeviceChoices(self, offered: list) -> None:
-        """Grey out the Device entries the model's runtime cannot use (the combo lists the
-        ``Device`` members in order, as the parameter node wrapper fills it)."""
-        model = self.ui.deviceComboBox.model()
+    @staticmethod
+    def _showDeviceChoices(comboBox, offered: list) -> None:
+        """Grey out the entries of a device combo box that are not ``offered`` (the combo
+        lists the ``Device`` members in order, as the parameter node wrapper fills it)."""
+        model = comboBox.model()
         for row, device in enumerate(Device):
             item = model.item(row)
             if item is not None:
@@ -633,6 +634,11 @@ class SAM2UNetSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     parameterNode.trainBasePath = basePath = Path(remembered)  # observers run this again
             if basePath is None or not basePath.is_file():
                 reasons.append(_("choose the checkpoint or model to start from"))
+        offered = offeredDevices(ModelRoute.torch, self._deviceReport)  # training always runs on PyTorch
+        self._showDeviceChoices(self.ui.trainDeviceComboBox, offered)
+        if parameterNode and parameterNode.trainDevice not in offered:
+            reasons.append(_("{device} is not available here (see Device)").format(
+                device=parameterNode.trainDevice.label()))
         self.ui.trainButton.enabled = not reasons
         self.ui.trainCancelButton.enabled = self.logic.training.isRunning()
         self.ui.addPairButton.enabled = bool(parameterNode and parameterNode.trainVolume and parameterNode.trainSegmentation)

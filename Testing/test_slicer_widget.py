@@ -680,6 +680,20 @@ def test_training_pairs_and_segments_to_learn_decide_when_train_is_enabled(panel
     assert not panel.ui.trainButton.enabled and "checkpoint or model to start from" in panel.ui.trainReasonLabel.text
 
 
+def test_train_offers_only_the_devices_pytorch_found(panel: Panel) -> None:
+    panel.parameters.trainVolume, panel.parameters.trainSegmentation = (
+        panel.addVolume("case 1"), addSegmentation(panel, "seg", ["liver"]))
+    panel.ui.addPairButton.emit("clicked(bool)", False)
+    panel.answerProbe(cuda=[])  # torch found no GPU
+    model = panel.ui.trainDeviceComboBox.model()
+    assert [device.name for row, device in enumerate(panel.module.Device)
+            if model.item(row).isEnabled()] == ["auto", "cpu"]
+    panel.parameters.trainDevice = panel.module.Device.cuda
+    assert not panel.ui.trainButton.enabled and "CUDA GPU is not available" in panel.ui.trainReasonLabel.text
+    panel.parameters.trainDevice = panel.module.Device.cpu
+    assert panel.ui.trainButton.enabled and panel.ui.trainReasonLabel.text == ""
+
+
 def test_train_hands_the_panel_settings_to_the_logic_and_the_new_model_becomes_the_segment_model(
         panel: Panel, checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     volume = panel.addVolume("case 1")
