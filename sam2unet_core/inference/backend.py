@@ -58,8 +58,7 @@ def choose_backend(requested: str, device_type: str, precision: str, native_bf16
     ``native_bf16``: the CPU has native bf16 (``acceleration.cpu_has_native_bf16``);
     ``onnx_installed``: onnxruntime and onnx can be imported. ``ValueError`` for an unknown
     backend, or ``onnxruntime`` with a precision, device or installation it cannot run."""
-    if requested not in BACKENDS:
-        raise OptionError(f"backend {requested!r} is not one of {BACKENDS}", "backend", requested)
+    _check_backend(requested)
     if requested == "torch":
         return BackendChoice("torch", "asked")
     if requested == "onnxruntime":
@@ -81,6 +80,11 @@ def choose_backend(requested: str, device_type: str, precision: str, native_bf16
         return BackendChoice("torch", "auto: onnxruntime or onnx not installed")
     why = "fp32 asked" if precision == "fp32" else "CPU without native bf16"
     return BackendChoice("onnxruntime", f"auto: {why}, ONNX Runtime fp32 runs it faster than torch fp32")
+
+
+def _check_backend(requested: str) -> None:
+    if requested not in BACKENDS:
+        raise OptionError(f"backend {requested!r} is not one of {BACKENDS}", "backend", requested)
 
 
 def _onnx_installed() -> bool:
@@ -106,8 +110,7 @@ def load_predictor(model_path: str | os.PathLike, *, device: str = "auto", preci
     ``metadata.UntrainedModelError`` for an untrained model without ``allow_untrained``.
     """
     model_path = Path(model_path)
-    if backend not in BACKENDS:
-        raise OptionError(f"backend {backend!r} is not one of {BACKENDS}", "backend", backend)
+    _check_backend(backend)  # also for an .onnx file, which never reaches choose_backend
     if file_kind(model_path) == "onnx":
         if precision != "auto":
             raise OptionError(f"precision {precision}: an ONNX file runs at the precision it was written "

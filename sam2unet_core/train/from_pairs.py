@@ -4,11 +4,12 @@ folder: the library call behind the 3D Slicer module's Train section and
 
 A :class:`~sam2unet_core.training_request.TrainingRequest` names the pairs, the labels
 (names, colours, codes), the base (from scratch, a SAM 2 checkpoint, or one of our models to
-fine-tune), the plane and a wall-clock budget. :func:`train_from_pairs` checks every pair (readable, label map on the
-image's grid, label values declared), writes a dataset description into a temporary folder
-(the volumes are not copied), trains with a packaged recipe (``recipes/*.yaml``), reports
-events through ``on_event`` and writes the model to ``request.output`` only when training
-has ended: a failed or cancelled run leaves no model file and no temporary folder.
+fine-tune), the plane and a wall-clock budget. :func:`train_from_pairs` checks every pair
+(readable, label map on the image's grid, label values declared), writes a dataset
+description into a temporary folder (the volumes are not copied), trains with a packaged
+recipe (``recipes/*.yaml``), reports events through ``on_event`` and writes the model to
+``request.output`` only when training has ended: a failed or cancelled run leaves no model
+file and no temporary folder.
 
 Validation: with 5 or more pairs one pair is held out and its Dice reported; with fewer,
 every pair trains and the validation Dice is measured on the training pairs (a check of the
