@@ -113,13 +113,21 @@ class SlicerCore:
         self.scene.RemoveNode(labelVolume)
         segmentation = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{name} segmentation")
         segmentation.CreateDefaultDisplayNodes()  # as the Segment Editor makes it
-        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-        for value, segmentName in enumerate(names, start=1):
-            color = colors[value - 1] if colors else (0.2 * value, 0.6, 1.0 - 0.2 * value)
-            segmentId = segmentation.GetSegmentation().AddEmptySegment("", segmentName, color)
-            slicer.util.updateSegmentBinaryLabelmapFromArray((labelsKji == value).astype(np.uint8), segmentation,
-                                                             segmentId, volume)
+        addSegmentsFromLabels(segmentation, labelsKji, names, volume, colors)
         return volume, segmentation
+
+
+def addSegmentsFromLabels(segmentation, labelsKji: np.ndarray, names: list[str], referenceVolume,
+                          colors: list[tuple[float, float, float]] | None = None) -> None:
+    """Draw segment ``names[n]`` of ``segmentation`` as the voxels of label ``n + 1`` of
+    ``labelsKji``, an array on the voxel grid of ``referenceVolume`` (which becomes the
+    segmentation's reference geometry); ``colors`` in 0..1, or a distinct default each."""
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolume)
+    for value, segmentName in enumerate(names, start=1):
+        color = colors[value - 1] if colors else (0.2 * value, 0.6, 1.0 - 0.2 * value)
+        segmentId = segmentation.GetSegmentation().AddEmptySegment("", segmentName, color)
+        slicer.util.updateSegmentBinaryLabelmapFromArray((labelsKji == value).astype(np.uint8), segmentation,
+                                                         segmentId, referenceVolume)
 
 
 _CORE: SlicerCore | None = None

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from slicer_core_app import slicer, slicerCore, vtk  # noqa: F401 - slicerCore is a fixture
+from slicer_core_app import addSegmentsFromLabels, slicer, slicerCore, vtk  # noqa: F401 - slicerCore is a fixture
 from slicer_fakes import FakeRunner, obliqueIjkToRas
 
 from sam2unet_core.io import affine_ras, read_volume
@@ -75,12 +75,7 @@ def addPair(core, imageKji: np.ndarray, labelsKji: np.ndarray, ijkToRas: np.ndar
     drawingGrid = slicer.util.addVolumeFromArray(np.zeros_like(labelsKji), name="drawing grid",
                                                  ijkToRAS=np.linalg.inv(segmentationWorld) @ volumeWorld @ ijkToRas)
     drawingGrid.SetAndObserveTransformNodeID(segmentation.GetTransformNodeID())
-    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(drawingGrid)
-    for value, segmentName in enumerate(names, start=1):
-        color = colors[value - 1] if colors else (0.1 * value, 0.5, 0.9 - 0.1 * value)
-        segmentId = segmentation.GetSegmentation().AddEmptySegment("", segmentName, color)
-        slicer.util.updateSegmentBinaryLabelmapFromArray((labelsKji == value).astype(np.uint8), segmentation,
-                                                         segmentId, drawingGrid)
+    addSegmentsFromLabels(segmentation, labelsKji, names, drawingGrid, colors)
     slicer.mrmlScene.RemoveNode(drawingGrid)
     return TrainingPair(volume, segmentation)
 
