@@ -28,25 +28,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "Testing"), str(REPO / "SAM2UNetSlicer")]
 
 from slicer_core_app import SlicerCore, exportNode, slicer, vtk  # noqa: E402
 
 from benchmarks.brain_data import build_brain_dataset  # noqa: E402
+from sam2unet_core.metrics import mask_dice  # noqa: E402
 from SAM2UNetSlicerLib.Parameters import Device, RunParameters, SliceAxis, TrainingBase, TrainingSettings  # noqa: E402
 from SAM2UNetSlicerLib.ProcessRunner import SubprocessRunner  # noqa: E402
 from SAM2UNetSlicerLib.SegmentationLogic import RunStatus, SegmentationLogic  # noqa: E402
 from SAM2UNetSlicerLib.TrainingLogic import TrainingLogic, TrainingPair  # noqa: E402
 
 NAMES = ["grey matter", "white matter"]
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 2.0 * int((a & b).sum()) / total if total else 1.0
 
 
 def run(core: SlicerCore, data: Path, labelled: int, held_out: list[str], args: argparse.Namespace,
@@ -82,7 +76,7 @@ def run(core: SlicerCore, data: Path, labelled: int, held_out: list[str], args: 
             truthId = truth.GetSegmentation().GetSegmentIdBySegmentName(name)
             predicted = slicer.util.arrayFromSegmentBinaryLabelmap(segmented.segmentationNode, segmentId, volume) > 0
             expected = slicer.util.arrayFromSegmentBinaryLabelmap(truth, truthId, volume) > 0
-            scores[name].append(dice(predicted, expected))
+            scores[name].append(mask_dice(predicted, expected))
     return {"labelled": labelled, "base": base.value, "steps": result.steps, "train_seconds": round(train_seconds, 1),
             "validation_dice": result.bestDice,
             **{f"dice_{name.replace(' ', '_')}": round(statistics.median(values), 4) for name, values in scores.items()},
@@ -120,7 +114,7 @@ def main() -> int:
             rows.append(row)
             print(f"{labelled} labelled volume(s): {row['steps']} steps in {row['train_seconds']:.0f} s, held-out Dice "
                   f"grey matter {row['dice_grey_matter']:.4f}, white matter {row['dice_white_matter']:.4f}", flush=True)
-    print(f"\n| labelled volumes | base | steps | train + export s | held-out Dice grey matter | white matter |")
+    print("\n| labelled volumes | base | steps | train + export s | held-out Dice grey matter | white matter |")
     print("|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['labelled']} | {row['base']} | {row['steps']} | {row['train_seconds']:.0f} | "
